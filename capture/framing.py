@@ -1,0 +1,257 @@
+"""Sans-IO v1 wire framing: networks and magics, frame decoding and encoding.
+
+A :class:`FrameDecoder` owns no socket. Bytes go in with :meth:`FrameDecoder.receive_data`,
+events come out of :meth:`FrameDecoder.next_event`: a :class:`Frame` (valid, to be
+captured), an :class:`InvalidFrame` (Core drops it and keeps the connection), or
+``NEED_DATA``. Conditions on which Bitcoin Core disconnects (wrong magic, oversize
+length) raise a :class:`StreamError`; the stream cannot be resynchronised after them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+HEADER_SIZE: Final = 24
+MAX_PROTOCOL_MESSAGE_LENGTH: Final = 4_000_000
+"""Core's MAX_PROTOCOL_MESSAGE_LENGTH: longer payloads make it disconnect."""
+MSGTYPE_SIZE: Final = 12
+
+_HEADER = struct.Struct("<4s12sI4s")
+
+
+class Network(enum.Enum):
+    """Networks Bitcoin Core knows, by the name used in configs and on the command line."""
+
+    MAIN = "main"
+    TESTNET3 = "testnet3"
+    TESTNET4 = "testnet4"
+    SIGNET = "signet"
+    REGTEST = "regtest"
+
+    @property
+    def magic(self) -> bytes:
+        return MAGICS[self]
+
+    @property
+    def default_port(self) -> int:
+        return DEFAULT_PORTS[self]
+
+
+MAGICS: Final[dict[Network, bytes]] = {
+    Network.MAIN: bytes.fromhex("f9beb4d9"),
+    Network.TESTNET3: bytes.fromhex("0b110907"),
+    Network.TESTNET4: bytes.fromhex("1c163f28"),
+    Network.SIGNET: bytes.fromhex("0a03cf40"),  # default signet challenge
+    Network.REGTEST: bytes.fromhex("fabfb5da"),
+}
+
+DEFAULT_PORTS: Final[dict[Network, int]] = {
+    Network.MAIN: 8333,
+    Network.TESTNET3: 18333,
+    Network.TESTNET4: 48333,
+    Network.SIGNET: 38333,
+    Network.REGTEST: 18444,
+}
+
+
+def parse_magic(text: str) -> bytes:
+    """A network name or 8 hex digits (wire order) to the 4 magic bytes."""
+    try:
+        return Network(text).magic
+    except ValueError:
+        pass
+    try:
+        magic = bytes.fromhex(text)
+    except ValueError:
+        magic = b""
+    if len(magic) != 4:
+        names = ", ".join(n.value for n in Network)
+        raise ValueError(f"unknown network {text!r}: use one of {names} or 8 hex digits")
+    return magic
+
+
+def checksum(payload: bytes | bytearray | memoryview) -> bytes:
+    """First 4 bytes of SHA256(SHA256(payload))."""
+    return hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
+
+
+def msgtype_is_valid(raw: bytes) -> bool:
+    """Core's CMessageHeader::IsMessageTypeValid on the 12 raw bytes.
+
+    Printable ASCII (0x20-0x7e) up to the first NUL, and only NULs after it.
+    """
+    text, _, rest = raw.partition(b"\0")
+    if rest.strip(b"\0"):
+        return False
+    return all(0x20 <= c <= 0x7E for c in text)
+
+
+def encode_msgtype(msgtype: str) -> bytes:
+    raw = msgtype.encode("ascii")
+    if len(raw) > MSGTYPE_SIZE:
+        raise ValueError(f"message type {msgtype!r} is longer than {MSGTYPE_SIZE} bytes")
+    return raw.ljust(MSGTYPE_SIZE, b"\0")
+
+
+def encode_frame(magic: bytes, msgtype: str, payload: bytes) -> bytes:
+    """A complete v1 wire message: header (with checksum) followed by the payload."""
+    return _HEADER.pack(magic, encode_msgtype(msgtype), len(payload), checksum(payload)) + payload
+
+
+def v1_version_prefix(magic: bytes) -> bytes:
+    """The first 16 bytes every v1 initiator sends: magic and the ``version`` type."""
+    return magic + encode_msgtype("version")
+
+
+# --- events -------------------------------------------------------------------------
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData.NEED_DATA
+"""Returned by :meth:`FrameDecoder.next_event` when more bytes are needed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A well-formed frame: valid message type and matching checksum."""
+
+    msgtype: str
+    payload: bytes
+    offset: int
+    """Stream offset of the frame's first header byte."""
+
+    @property
+    def wire_size(self) -> int:
+        return HEADER_SIZE + len(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidFrame:
+    """A complete frame Core would drop without disconnecting (bad checksum or type)."""
+
+    reason: str
+    raw_msgtype: bytes
+    length: int
+    offset: int
+    expected_checksum: bytes
+    actual_checksum: bytes
+
+    @property
+    def wire_size(self) -> int:
+        return HEADER_SIZE + self.length
+
+    def describe(self) -> str:
+        if self.reason == "bad checksum":
+            return (
+                f"bad checksum at offset {self.offset}: type {self.raw_msgtype!r} length "
+                f"{self.length}, header says {self.expected_checksum.hex()}, payload hashes to "
+                f"{self.actual_checksum.hex()}"
+            )
+        return f"invalid message type {self.raw_msgtype!r} at offset {self.offset}"
+
+
+Event = Frame | InvalidFrame | _NeedData
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class StreamError(Exception):
+    """A framing error on which Core disconnects: nothing after it can be framed."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class BadMagic(StreamError):
+    def __init__(self, expected: bytes, actual: bytes, offset: int) -> None:
+        super().__init__(
+            f"wrong magic at offset {offset}: expected {expected.hex()}, got {actual.hex()}", offset
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class Oversize(StreamError):
+    def __init__(self, length: int, limit: int, raw_msgtype: bytes, offset: int) -> None:
+        super().__init__(
+            f"oversize message at offset {offset}: type {raw_msgtype!r} declares {length} "
+            f"bytes, limit {limit}",
+            offset,
+        )
+        self.length = length
+        self.limit = limit
+
+
+# --- decoder --------------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """Incremental v1 frame decoder for one direction of one connection."""
+
+    def __init__(self, magic: bytes, max_length: int = MAX_PROTOCOL_MESSAGE_LENGTH) -> None:
+        if len(magic) != 4:
+            raise ValueError("magic must be 4 bytes")
+        self.magic = magic
+        self.max_length = max_length
+        self._buf = bytearray()
+        self._pos = 0  # read position inside _buf
+        self._base = 0  # stream offset of _buf[0]
+        self._failed: StreamError | None = None
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the first byte not yet returned as part of an event."""
+        return self._base + self._pos
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet framed."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Event:
+        if self._failed is not None:
+            raise self._failed
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            # Reject a wrong magic as soon as its bytes are in, not a whole header later.
+            have = min(len(buf) - pos, 4)
+            if have and buf[pos : pos + have] != self.magic[:have]:
+                self._fail(BadMagic(self.magic, bytes(buf[pos : pos + 4]), self.offset))
+            return NEED_DATA
+        magic, raw_type, length, expected = _HEADER.unpack_from(buf, pos)
+        if magic != self.magic:
+            self._fail(BadMagic(self.magic, magic, self.offset))
+        if length > self.max_length:
+            self._fail(Oversize(length, self.max_length, raw_type, self.offset))
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
+            return NEED_DATA
+        payload = bytes(buf[pos + HEADER_SIZE : end])
+        offset = self.offset
+        self._pos = end
+        actual = checksum(payload)
+        if actual != expected:
+            return InvalidFrame("bad checksum", raw_type, length, offset, expected, actual)
+        if not msgtype_is_valid(raw_type):
+            return InvalidFrame("invalid message type", raw_type, length, offset, expected, actual)
+        return Frame(raw_type.rstrip(b"\0").decode("ascii"), payload, offset)
+
+    def _fail(self, error: StreamError) -> None:
+        self._failed = error
+        raise error

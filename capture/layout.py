@@ -1,0 +1,102 @@
+"""Where captures go: Core's peer folder names and the ``core`` and ``session`` layouts.
+
+Core names a peer's folder ``CService::ToStringAddrPort()`` with every ``:`` replaced by
+``_``. Names that did not come from an IP address (hostnames from SOCKS5 requests) are
+escaped so that no name can leave the capture directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import ipaddress
+import re
+from pathlib import Path
+from typing import Final
+
+RECV_FILE: Final = "msgs_recv.dat"
+SENT_FILE: Final = "msgs_sent.dat"
+
+_SAFE_NAME_CHAR = re.compile(r"[A-Za-z0-9.\-]")
+_MAX_NAME = 255
+SESSION_DIR = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_\d+$")
+
+
+class Layout(enum.Enum):
+    CORE = "core"
+    """``<dir>/<peer>/msgs_{recv,sent}.dat``, appended to across sessions, as Core does."""
+    SESSION = "session"
+    """``<dir>/<peer>/<UTC start>_<connection id>/msgs_{recv,sent}.dat``, one per session."""
+
+
+def addr_port_string(host: str, port: int) -> str:
+    """Core's ``CService::ToStringAddrPort()`` for an IP literal or a name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return f"{host}:{port}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"{ip.ipv4_mapped}:{port}"
+        return f"[{ip.compressed}]:{port}"
+    return f"{ip}:{port}"
+
+
+def peer_folder_name(host: str, port: int) -> str:
+    """The capture folder name for a peer, as Core names it, safe as one path component.
+
+    IP literals are canonicalised like Core does (``[2001_db8__1]_8333``). Anything else
+    is a name (from a SOCKS5 request or a config): characters outside ``[A-Za-z0-9.-]``
+    and a leading dot are written as ``%XX``, and the name is cut to 255 bytes.
+    """
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return addr_port_string(host, port).replace(":", "_")
+    except ValueError:
+        pass
+    escaped = []
+    for i, ch in enumerate(host):
+        if _SAFE_NAME_CHAR.fullmatch(ch) and not (i == 0 and ch == "."):
+            escaped.append(ch)
+        else:
+            escaped.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    name = "".join(escaped) or "%00"
+    suffix = f"_{port}"
+    return name[: _MAX_NAME - len(suffix)] + suffix
+
+
+def session_folder_name(start: dt.datetime, connection_id: int) -> str:
+    """``<UTC start time>_<connection id>``, sortable and free of ``:``."""
+    utc = start.astimezone(dt.UTC)
+    return f"{utc:%Y%m%dT%H%M%S.%f}Z_{connection_id}"
+
+
+def capture_folder(
+    capture_dir: Path,
+    peer: str,
+    layout: Layout,
+    *,
+    start: dt.datetime | None = None,
+    connection_id: int = 0,
+) -> Path:
+    """The folder that holds one connection's ``msgs_recv.dat`` and ``msgs_sent.dat``.
+
+    Raises ValueError if the result would not be inside ``capture_dir``.
+    """
+    if not peer or "/" in peer or "\\" in peer or peer in (".", "..") or "\0" in peer:
+        raise ValueError(f"unsafe peer folder name {peer!r}")
+    folder = capture_dir / peer
+    if layout is Layout.SESSION:
+        folder = folder / session_folder_name(start or dt.datetime.now(dt.UTC), connection_id)
+    root = capture_dir.resolve()
+    if not folder.resolve().is_relative_to(root):
+        raise ValueError(f"peer folder {peer!r} leaves the capture directory")
+    return folder
+
+
+def peer_of_capture_file(path: Path) -> str:
+    """The peer folder name a capture file belongs to, in either layout."""
+    parent = path.parent
+    if SESSION_DIR.match(parent.name):
+        return parent.parent.name
+    return parent.name

@@ -1,0 +1,75 @@
+"""Writing one connection's capture: the per-connection clock and the two files.
+
+Each record goes out in a single ``write()`` on a file opened with ``O_APPEND``, so a file
+is valid up to its last complete record after a crash, and two connections to the same
+peer can share files without tearing each other's records.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Final
+
+from capture.layout import RECV_FILE, SENT_FILE
+from capture.records import encode_record
+
+_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+
+
+class Clock:
+    """Microsecond timestamps, strictly increasing across both directions of a connection.
+
+    ``t = max(now_us, last_t + 1)``: merging recv and sent by time gives the exact order
+    in which the messages were completed.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def now(self) -> int:
+        t = time.time_ns() // 1000
+        if t <= self._last:
+            t = self._last + 1
+        self._last = t
+        return t
+
+
+class CaptureWriter:
+    """The two capture files of one connection, open for its whole life."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._recv_fd = os.open(folder / RECV_FILE, _FLAGS, 0o644)
+        try:
+            self._sent_fd = os.open(folder / SENT_FILE, _FLAGS, 0o644)
+        except OSError:
+            os.close(self._recv_fd)
+            raise
+        self.bytes_written = 0
+        self.closed = False
+
+    def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
+        """Append one record; ``recv`` is from the node's point of view. Returns its size."""
+        record = encode_record(time_us, msgtype, payload)
+        fd = self._recv_fd if recv else self._sent_fd
+        view = memoryview(record)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        self.bytes_written += len(record)
+        return len(record)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self._recv_fd, self._sent_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

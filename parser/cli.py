@@ -1,0 +1,253 @@
+"""``msgcap parse`` and ``msgcap stats``.
+
+``parse`` prints the JSON array Core's message-capture-parser.py prints, streamed in time
+order with bounded memory; ``--jsonl`` gives one object per line. Damaged files produce
+one warning each, naming the file and byte offset, and everything readable is output.
+Exit status: 0 when all input was valid, 1 when anything was skipped or undecodable,
+2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import orjson
+
+from capture.records import RECORD_HEADER_SIZE, Damage
+from parser.render import Problem, render
+from parser.sources import CaptureFile, Item, UsageError, expand_paths, merged
+from parser.wire import display_hash, wire_hash
+
+_MAX_WARNINGS_PER_KIND = 10
+
+
+def parse_time(text: str) -> int:
+    """Microseconds since the epoch from an integer or an ISO 8601 time (UTC if naive)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither microseconds since the epoch nor an ISO 8601 time"
+        ) from e
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1_000_000)
+
+
+def _split_list(values: list[str] | None) -> set[str] | None:
+    if not values:
+        return None
+    return {v.strip() for value in values for v in value.split(",") if v.strip()}
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="FILE", help="capture files or folders of them")
+    p.add_argument("--type", action="append", metavar="T[,T...]", help="only these types")
+    p.add_argument("--direction", choices=("recv", "sent"), help="only this direction")
+    p.add_argument(
+        "--peer", action="append", metavar="NAME", help="only these peer folders (glob patterns)"
+    )
+    p.add_argument("--since", type=parse_time, metavar="TIME", help="µs since epoch or ISO time")
+    p.add_argument("--until", type=parse_time, metavar="TIME", help="µs since epoch or ISO time")
+
+
+def add_parse_args(p: argparse.ArgumentParser) -> None:
+    add_selection_args(p)
+    p.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    p.add_argument("--jsonl", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--display-hashes", action="store_true", help="hashes in RPC byte order, not wire order"
+    )
+    p.add_argument(
+        "--with-peer", action="store_true", help='add "peer" (the capture folder) to each message'
+    )
+    p.add_argument("-n", "--no-progress-bar", action="store_true", help="never show progress")
+
+
+class Warnings:
+    """Per-file warnings on stderr, at most a few per kind and file, then a count."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.skipped = 0
+        self.invalid = 0
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def damage(self, source: CaptureFile, d: Damage) -> None:
+        self.skipped += 1
+        self.emit(source, "damage", f"offset {d.offset}: {d.reason} ({d.skipped} bytes skipped)")
+
+    def problem(self, item: Item, p: Problem) -> None:
+        if not p.valid_input:
+            self.invalid += 1
+        self.emit(item.source, p.kind, f"offset {item.record.offset}: {p.detail}")
+
+    def emit(self, source: CaptureFile, kind: str, text: str) -> None:
+        key = (str(source.path), kind)
+        self._counts[key] += 1
+        if self._counts[key] <= _MAX_WARNINGS_PER_KIND:
+            print(f"msgcap: warning: {source.path}: {text}", file=self.stream)
+
+    def summary(self) -> None:
+        for (path, kind), n in self._counts.items():
+            if n > _MAX_WARNINGS_PER_KIND:
+                print(
+                    f"msgcap: warning: {path}: {n - _MAX_WARNINGS_PER_KIND} more like the above "
+                    f"({kind})",
+                    file=self.stream,
+                )
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.skipped or self.invalid else 0
+
+
+def select(args: argparse.Namespace, files: list[CaptureFile], warn: Warnings) -> Iterator[Item]:
+    """The merged records that pass the filters."""
+    patterns = _split_list(args.peer)
+    if patterns is not None:
+        files = [f for f in files if any(fnmatch.fnmatchcase(f.peer, p) for p in patterns)]
+    if args.direction is not None:
+        files = [f for f in files if f.recv == (args.direction == "recv")]
+    types = _split_list(args.type)
+    wanted = None if types is None else {t.encode("utf-8", "surrogateescape") for t in types}
+    since, until = args.since, args.until
+    for item in merged(files, warn.damage):
+        rec = item.record
+        if since is not None and rec.time < since:
+            continue
+        if until is not None and rec.time > until:
+            continue
+        if wanted is not None and rec.raw_msgtype.split(b"\0", 1)[0] not in wanted:
+            continue
+        yield item
+
+
+class Progress:
+    """A one-line progress bar on a terminal, by bytes of input consumed."""
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream
+        self._next = 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + 0.1
+            self.draw()
+
+    def draw(self) -> None:
+        cols = shutil.get_terminal_size().columns
+        width = max(cols - 10, 10)
+        frac = min(self.done / self.total, 1.0)
+        filled = int(width * frac)
+        self.stream.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {frac * 100:3.0f}%")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.done = self.total
+        self.draw()
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def run_parse(args: argparse.Namespace) -> int:
+    files = expand_paths(args.paths)
+    warn = Warnings(sys.stderr)
+    hx = display_hash if args.display_hashes else wire_hash
+    out: IO[bytes]
+    if args.output:
+        try:
+            out = open(args.output, "wb")
+        except OSError as e:
+            raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
+    else:
+        out = sys.stdout.buffer
+    progress = None
+    if args.output and not args.no_progress_bar and sys.stderr.isatty():
+        progress = Progress(sum(os.path.getsize(f.path) for f in files), sys.stderr)
+    dumps: Callable[[Any], bytes] = orjson.dumps
+    buffered: list[bytes] = []
+    first = True
+    try:
+        if not args.jsonl:
+            out.write(b"[")
+        for item in select(args, files, warn):
+            obj, problem = render(item.record, item.source.recv, hx)
+            if problem is not None:
+                warn.problem(item, problem)
+            if args.with_peer:
+                obj["peer"] = item.source.peer
+            if args.jsonl:
+                buffered.append(dumps(obj) + b"\n")
+            elif first:
+                buffered.append(dumps(obj))
+                first = False
+            else:
+                buffered.append(b"," + dumps(obj))
+            if len(buffered) >= 256:
+                out.write(b"".join(buffered))
+                buffered.clear()
+            if progress is not None:
+                progress.advance(RECORD_HEADER_SIZE + len(item.record.payload))
+        out.write(b"".join(buffered))
+        if not args.jsonl:
+            out.write(b"]\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        if args.output:
+            out.close()
+    if progress is not None:
+        progress.finish()
+    warn.summary()
+    return warn.exit_status
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    files = expand_paths(args.paths)
+    warn = Warnings(sys.stderr)
+    counts: Counter[tuple[str, str, str]] = Counter()
+    sizes: Counter[tuple[str, str, str]] = Counter()
+    for item in select(args, files, warn):
+        name = item.record.raw_msgtype.split(b"\0", 1)[0]
+        msgtype = name.decode("utf-8", "backslashreplace")
+        key = (item.source.peer, "recv" if item.source.recv else "sent", msgtype)
+        counts[key] += 1
+        sizes[key] += len(item.record.payload)
+    rows: list[tuple[str, ...]] = [("peer", "direction", "msgtype", "messages", "bytes")]
+    totals: Counter[tuple[str, str]] = Counter()
+    total_sizes: Counter[tuple[str, str]] = Counter()
+    for key in sorted(counts, key=lambda k: (k[0], k[1], -sizes[k], k[2])):
+        rows.append((*key, str(counts[key]), str(sizes[key])))
+        totals[key[:2]] += counts[key]
+        total_sizes[key[:2]] += sizes[key]
+    for pd in sorted(totals):
+        rows.append((*pd, "(all)", str(totals[pd]), str(total_sizes[pd])))
+    rows.append(("(all)", "", "", str(sum(counts.values())), str(sum(sizes.values()))))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        left = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths[:3], strict=True))
+        right = "  ".join(c.rjust(w) for c, w in zip(r[3:], widths[3:], strict=True))
+        print(f"{left}  {right}")
+    print("(bytes are payload bytes; each message adds a 24-byte header on the wire)")
+    warn.summary()
+    return 1 if warn.skipped else 0

@@ -1,0 +1,73 @@
+"""Capture records to JSON-ready dicts, exactly as Core's message-capture-parser.py
+shapes them (see the project's DESIGN.md §6 for where we deliberately differ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from capture.records import Record
+from parser.messages import MESSAGES
+from parser.wire import DecodeError, HashHex, Reader, wire_hash
+
+UNRECOGNIZED: Final = "Unrecognized message type."
+UNDECODABLE: Final = "Unable to deserialize message."
+
+_BY_BYTES: Final[dict[bytes, tuple[str, type[Any]]]] = {
+    name.encode("ascii"): (name, cls) for name, cls in MESSAGES.items()
+}
+
+
+def msgtype_text(name: bytes) -> str | None:
+    """The type as text if Core's parser would print it, else None (``UNREADABLE``)."""
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a record's body is printed as hex instead of decoded."""
+
+    kind: str
+    """``UNRECOGNIZED`` or ``UNDECODABLE``"""
+    detail: str
+    valid_input: bool
+    """False when the input itself is invalid (bad payload, unreadable type)."""
+
+
+def render(
+    rec: Record, recv: bool, hx: HashHex = wire_hash
+) -> tuple[dict[str, Any], Problem | None]:
+    """One record as Core's parser renders it, and what went wrong with it, if anything."""
+    payload = rec.payload
+    out: dict[str, Any] = {
+        "direction": "recv" if recv else "sent",
+        "time": rec.time,
+        "size": len(payload),
+    }
+    name = rec.raw_msgtype.split(b"\0", 1)[0]
+    known = _BY_BYTES.get(name)
+    if known is None:
+        text = msgtype_text(name)
+        out["msgtype"] = "UNREADABLE" if text is None else text
+        out["body"] = payload.hex()
+        out["error"] = UNRECOGNIZED
+        if text is None:
+            return out, Problem(UNRECOGNIZED, f"unreadable message type {name!r}", False)
+        return out, Problem(UNRECOGNIZED, f"unrecognized message type {text!r}", True)
+    msgtype, cls = known
+    out["msgtype"] = msgtype
+    r = Reader(payload, msgtype)
+    try:
+        msg = cls.read(r)
+        r.finish()
+    except DecodeError as e:
+        out["body"] = payload.hex()
+        out["error"] = UNDECODABLE
+        return out, Problem(UNDECODABLE, str(e), False)
+    if payload:
+        out["body"] = msg.json(hx)
+    return out, None

@@ -1,0 +1,109 @@
+"""Capture files as one time-ordered stream of records, read with bounded memory.
+
+The order is Core's parser's: a stable sort by time over the files in the order given.
+Files Core wrote are in time order already, so they are merged as streams; a file whose
+clock went backwards is indexed (offset and time per record) and read in sorted order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from capture.layout import peer_of_capture_file
+from capture.records import Damage, Record, is_recv_file, read_record_at, read_record_headers
+from capture.records import read_records as _read_records
+
+
+class UsageError(Exception):
+    """Bad paths or options: exit status 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureFile:
+    path: Path
+    recv: bool
+    peer: str
+
+    @classmethod
+    def at(cls, path: Path) -> CaptureFile:
+        return cls(path, is_recv_file(path), peer_of_capture_file(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A record with the file it came from."""
+
+    record: Record
+    source: CaptureFile
+
+
+DamageReport = Callable[[CaptureFile, Damage], None]
+
+
+def expand_paths(paths: Iterable[str]) -> list[CaptureFile]:
+    """Files as given; folders become their ``*.dat`` files, recursively, sorted by path."""
+    files: list[CaptureFile] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(q for q in path.rglob("*.dat") if q.is_file())
+            if not found:
+                raise UsageError(f"{p}: no .dat capture files in this folder")
+            files.extend(CaptureFile.at(q) for q in found)
+        elif path.exists():
+            files.append(CaptureFile.at(path))
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return files
+
+
+def _is_time_ordered(f: os.PathLike[str] | str) -> bool:
+    last = -1
+    with open(f, "rb") as fh:
+        for item in read_record_headers(fh):
+            if isinstance(item, Damage):
+                break
+            if item[1] < last:
+                return False
+            last = item[1]
+    return True
+
+
+def file_records(source: CaptureFile, on_damage: DamageReport) -> Iterator[Item]:
+    """The records of one file in time order; damage goes to ``on_damage``."""
+    try:
+        ordered = _is_time_ordered(source.path)
+        with open(source.path, "rb") as f:
+            if ordered:
+                for rec in _read_records(f):
+                    if isinstance(rec, Damage):
+                        on_damage(source, rec)
+                    else:
+                        yield Item(rec, source)
+                return
+            index: list[tuple[int, int]] = []
+            damage = None
+            for entry in read_record_headers(f):
+                if isinstance(entry, Damage):
+                    damage = entry
+                else:
+                    index.append((entry[1], entry[0]))
+            index.sort(key=lambda e: e[0])  # stable: equal times keep file order
+            for _, offset in index:
+                yield Item(read_record_at(f, offset), source)
+            if damage is not None:
+                on_damage(source, damage)
+    except OSError as e:
+        on_damage(source, Damage(0, f"cannot read file: {e.strerror or e}", 0))
+
+
+def merged(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Item]:
+    """All records of all files, stably sorted by time (ties: earlier file first)."""
+    streams = [file_records(f, on_damage) for f in files]
+    if len(streams) == 1:
+        return streams[0]
+    return heapq.merge(*streams, key=lambda item: item.record.time)
