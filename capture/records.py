@@ -138,16 +138,21 @@ def read_records(f: BinaryIO) -> Iterator[Record | Damage]:
         pos = end
 
 
-def _remaining(f: BinaryIO) -> int:
+def _size(f: BinaryIO) -> int:
     here = f.tell()
-    size = os.fstat(f.fileno()).st_size
-    return max(size - here, 0)
+    size = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return size
+
+
+def _remaining(f: BinaryIO) -> int:
+    return max(_size(f) - f.tell(), 0)
 
 
 def read_record_headers(f: BinaryIO) -> Iterator[tuple[int, int] | Damage]:
     """Yield ``(offset, time)`` per complete record from the start of the file, seeking
     over payloads; damage is reported as by :func:`read_records`."""
-    size = os.fstat(f.fileno()).st_size
+    size = _size(f)
     offset = 0
     f.seek(0)
     while offset < size:

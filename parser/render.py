@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from capture.records import Record
+from parser.fastjson import FAST_BODIES, fast_body
 from parser.messages import MESSAGES
-from parser.wire import DecodeError, HashHex, Reader, wire_hash
+from parser.wire import DecodeError, Reader, display_hash, wire_hash
 
 UNRECOGNIZED: Final = "Unrecognized message type."
 UNDECODABLE: Final = "Unable to deserialize message."
@@ -39,9 +40,12 @@ class Problem:
 
 
 def render(
-    rec: Record, recv: bool, hx: HashHex = wire_hash
+    rec: Record, recv: bool, display_hashes: bool = False
 ) -> tuple[dict[str, Any], Problem | None]:
-    """One record as Core's parser renders it, and what went wrong with it, if anything."""
+    """One record as Core's parser renders it, and what went wrong with it, if anything.
+
+    ``display_hashes`` renders hashes in RPC byte order instead of Core's wire order.
+    """
     payload = rec.payload
     out: dict[str, Any] = {
         "direction": "recv" if recv else "sent",
@@ -60,14 +64,18 @@ def render(
         return out, Problem(UNRECOGNIZED, f"unrecognized message type {text!r}", True)
     msgtype, cls = known
     out["msgtype"] = msgtype
-    r = Reader(payload, msgtype)
     try:
-        msg = cls.read(r)
-        r.finish()
+        if msgtype in FAST_BODIES:
+            body = fast_body(msgtype, payload, display_hashes)
+        else:
+            r = Reader(payload, msgtype)
+            msg = cls.read(r)
+            r.finish()
+            body = msg.json(display_hash if display_hashes else wire_hash)
     except DecodeError as e:
         out["body"] = payload.hex()
         out["error"] = UNDECODABLE
         return out, Problem(UNDECODABLE, str(e), False)
     if payload:
-        out["body"] = msg.json(hx)
+        out["body"] = body
     return out, None

@@ -1,0 +1,270 @@
+"""``msgcap parse`` and ``msgcap stats`` against Core's own parser output and bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capture.records import Record, encode_record, encode_record_raw, read_records
+from proxy.cli import main
+from tests.core_reference import parse_files
+from tests.oracle import correct_message
+from tests.vectors import VECTORS
+
+DATA = Path(__file__).parent / "data" / "core-v30-pair"
+FOLDERS = [DATA / "a" / "127.0.0.1_39912", DATA / "b" / "127.0.0.1_28444"]
+
+
+def run(tmp_path: Path, *args: str) -> tuple[int, Any, str]:
+    """Run msgcap in-process with -o; return (status, parsed output, stderr)."""
+    out = tmp_path / "out.json"
+    err = tmp_path / "err.txt"
+    old = sys.stderr
+    with open(err, "w") as e:
+        sys.stderr = e
+        try:
+            status = main([*args, "-o", str(out)])
+        finally:
+            sys.stderr = old
+    text = out.read_text() if out.exists() else ""
+    parsed: Any
+    if "--jsonl" in args:
+        parsed = [json.loads(line) for line in text.splitlines()]
+    else:
+        parsed = json.loads(text) if text else None
+    return status, parsed, err.read_text()
+
+
+def payloads_by_time(folder: Path) -> dict[tuple[str, int], bytes]:
+    out = {}
+    for name, direction in (("msgs_recv.dat", "recv"), ("msgs_sent.dat", "sent")):
+        with open(folder / name, "rb") as f:
+            for r in read_records(f):
+                assert isinstance(r, Record)
+                out[(direction, r.time)] = r.payload
+    return out
+
+
+def corrected_reference(ref_path: Path, folder: Path) -> list[dict[str, Any]]:
+    payloads = payloads_by_time(folder)
+    return [
+        correct_message(m, payloads[(m["direction"], m["time"])])
+        for m in json.loads(ref_path.read_text())
+    ]
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.parent.name)
+def test_oracle_reimplementation_reproduces_core_output(folder: Path) -> None:
+    """Our copy of Core's parser loop gives exactly the JSON Core's parser gave."""
+    files = [str(folder / "msgs_recv.dat"), str(folder / "msgs_sent.dat")]
+    assert json.loads(parse_files(files)) == json.loads(
+        (folder.parent / f"{folder.name}.json").read_text()
+    )
+    for f in files:
+        assert json.loads(parse_files([f])) == json.loads(Path(f[:-4] + ".json").read_text())
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.parent.name)
+def test_folder_matches_core_parser(tmp_path: Path, folder: Path) -> None:
+    status, ours, err = run(tmp_path, "parse", str(folder))
+    assert status == 0, err
+    expected = corrected_reference(folder.parent / f"{folder.name}.json", folder)
+    assert ours == expected
+    # The only differences from Core's literal output are the documented ones.
+    literal = json.loads((folder.parent / f"{folder.name}.json").read_text())
+    differing = {m["msgtype"] for m, r in zip(ours, literal, strict=True) if m != r}
+    assert differing <= {"getheaders", "getblocks", "filteradd"}
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("name", ["msgs_recv", "msgs_sent"])
+def test_single_files_match_core_parser(tmp_path: Path, folder: Path, name: str) -> None:
+    status, ours, _ = run(tmp_path, "parse", str(folder / f"{name}.dat"))
+    assert status == 0
+    assert ours == corrected_reference(folder / f"{name}.json", folder)
+
+
+def test_parent_folder_and_explicit_files_agree(tmp_path: Path) -> None:
+    folder = FOLDERS[0]
+    _, by_parent, _ = run(tmp_path, "parse", str(folder.parent))
+    _, by_files, _ = run(
+        tmp_path, "parse", str(folder / "msgs_recv.dat"), str(folder / "msgs_sent.dat")
+    )
+    assert by_parent == by_files and len(by_parent) == 145
+
+
+def test_jsonl_equals_array(tmp_path: Path) -> None:
+    _, array, _ = run(tmp_path, "parse", str(FOLDERS[1]))
+    _, lines, _ = run(tmp_path, "parse", "--jsonl", str(FOLDERS[1]))
+    assert lines == array
+
+
+def test_filters(tmp_path: Path) -> None:
+    folder = FOLDERS[0]
+    _, everything, _ = run(tmp_path, "parse", str(folder))
+    _, blocks, _ = run(tmp_path, "parse", "--type", "block,inv", str(folder))
+    assert blocks == [m for m in everything if m["msgtype"] in ("block", "inv")]
+    _, recv, _ = run(tmp_path, "parse", "--direction", "recv", str(folder))
+    assert recv == [m for m in everything if m["direction"] == "recv"]
+    t0, t1 = everything[10]["time"], everything[20]["time"]
+    _, window, _ = run(tmp_path, "parse", "--since", str(t0), "--until", str(t1), str(folder))
+    assert window == everything[10:21]
+    _, none, _ = run(tmp_path, "parse", "--peer", "10.*", str(folder))
+    assert none == []
+    _, peer, _ = run(tmp_path, "parse", "--peer", "127.0.0.1_*", "--with-peer", str(folder))
+    assert [m.pop("peer") for m in peer] == ["127.0.0.1_39912"] * len(everything)
+    assert peer == everything
+
+
+def test_iso_time_filter(tmp_path: Path) -> None:
+    _, everything, _ = run(tmp_path, "parse", str(FOLDERS[0]))
+    status, late, _ = run(tmp_path, "parse", "--since", "2100-01-01T00:00:00Z", str(FOLDERS[0]))
+    assert status == 0 and late == [] and everything
+
+
+def test_display_hashes(tmp_path: Path) -> None:
+    _, wire, _ = run(tmp_path, "parse", "--type", "inv", str(FOLDERS[0]))
+    _, shown, _ = run(tmp_path, "parse", "--type", "inv", "--display-hashes", str(FOLDERS[0]))
+    h = wire[0]["body"]["inv"][0]["hash"]
+    assert shown[0]["body"]["inv"][0]["hash"] == bytes.fromhex(h)[::-1].hex()
+
+
+def test_merging_two_peers_keeps_peer_names(tmp_path: Path) -> None:
+    _, merged, _ = run(tmp_path, "parse", "--with-peer", str(DATA))
+    assert len(merged) == 290
+    assert {m["peer"] for m in merged} == {"127.0.0.1_39912", "127.0.0.1_28444"}
+    times = [m["time"] for m in merged]
+    assert times == sorted(times)
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+PING = bytes.fromhex(VECTORS["ping"])
+
+
+def test_bad_files_warn_with_offsets_and_keep_the_rest(tmp_path: Path) -> None:
+    good = encode_record(1, "ping", PING) + encode_record(2, "verack", b"")
+    peer = tmp_path / "cap" / "10.0.0.1_8333"
+    write(peer / "msgs_recv.dat", good + encode_record(3, "pong", PING)[:-3])
+    write(peer / "msgs_sent.dat", b"")
+    other = tmp_path / "cap" / "10.0.0.2_8333"
+    garbage = (9).to_bytes(8, "little") + b"x" * 12 + (10**9).to_bytes(4, "little") + b"zz"
+    write(other / "msgs_sent.dat", good + garbage)
+    weird = tmp_path / "cap" / "10.0.0.3_8333"
+    write(
+        weird / "msgs_recv.dat",
+        encode_record_raw(4, b"\x01bad", b"ab")
+        + encode_record_raw(5, b"\xc3\x28", b"")
+        + encode_record(6, "ping", b"\x01\x02\x03")
+        + encode_record(7, "newthing", b"\x00"),
+    )
+    status, out, err = run(tmp_path, "parse", "--with-peer", str(tmp_path / "cap"))
+    assert status == 1
+    assert f"{peer / 'msgs_recv.dat'}: offset {len(good)}: truncated record" in err
+    assert f"{other / 'msgs_sent.dat'}: offset {len(good)}: implausible payload length" in err
+    assert "unreadable message type" in err and "need 8 bytes" in err
+    summary = [(m["peer"], m["time"], m["msgtype"], m.get("error")) for m in out]
+    assert summary == [
+        ("10.0.0.1_8333", 1, "ping", None),
+        ("10.0.0.2_8333", 1, "ping", None),
+        ("10.0.0.1_8333", 2, "verack", None),
+        ("10.0.0.2_8333", 2, "verack", None),
+        ("10.0.0.3_8333", 4, "UNREADABLE", "Unrecognized message type."),
+        ("10.0.0.3_8333", 5, "UNREADABLE", "Unrecognized message type."),
+        ("10.0.0.3_8333", 6, "ping", "Unable to deserialize message."),
+        ("10.0.0.3_8333", 7, "newthing", "Unrecognized message type."),
+    ]
+    assert out[6]["body"] == "010203" and out[7]["body"] == "00"
+
+
+def test_unknown_types_alone_exit_zero(tmp_path: Path) -> None:
+    f = write(tmp_path / "p" / "msgs_recv.dat", encode_record(1, "newthing", b""))
+    status, out, err = run(tmp_path, "parse", str(f))
+    assert status == 0
+    assert out == [
+        {
+            "direction": "recv",
+            "time": 1,
+            "size": 0,
+            "msgtype": "newthing",
+            "body": "",
+            "error": "Unrecognized message type.",
+        }
+    ]
+    assert "unrecognized message type 'newthing'" in err
+
+
+def test_unsorted_file_is_ordered_like_core(tmp_path: Path) -> None:
+    data = b"".join(
+        encode_record(t, "ping", t.to_bytes(8, "little")) for t in (5, 3, 9, 3, 1, 7, 5)
+    )
+    recv = write(tmp_path / "p" / "msgs_recv.dat", data)
+    sent = write(tmp_path / "p" / "msgs_sent.dat", encode_record(3, "verack", b""))
+    status, ours, _ = run(tmp_path, "parse", str(recv), str(sent))
+    assert status == 0
+    assert ours == json.loads(parse_files([str(recv), str(sent)]))
+
+
+def test_missing_path_is_usage_error(tmp_path: Path) -> None:
+    status, _, err = run(tmp_path, "parse", str(tmp_path / "nope.dat"))
+    assert status == 2 and "no such file" in err
+
+
+def test_stats_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", str(FOLDERS[0])]) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines()]
+    cmpct = next(r for r in rows if r[1:3] == ["sent", "cmpctblock"])
+    literal = json.loads((DATA / "a" / "127.0.0.1_39912.json").read_text())
+    sent_cmpct = [m for m in literal if m["direction"] == "sent" and m["msgtype"] == "cmpctblock"]
+    assert cmpct[0] == "127.0.0.1_39912"
+    assert int(cmpct[3]) == len(sent_cmpct)
+    assert int(cmpct[4]) == sum(m["size"] for m in sent_cmpct)
+    total = next(r for r in rows if r[0] == "(all)")
+    assert int(total[1]) == 145
+
+
+def test_console_script_prints_to_stdout() -> None:
+    exe = shutil.which("msgcap") or ""
+    cmd = [exe] if exe else [sys.executable, "-m", "proxy.cli"]
+    res = subprocess.run(
+        [*cmd, "parse", str(FOLDERS[0] / "msgs_recv.dat")], capture_output=True, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == corrected_reference(FOLDERS[0] / "msgs_recv.json", FOLDERS[0])
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=80),
+            st.builds(
+                encode_record,
+                st.integers(0, 2**64 - 1),
+                st.sampled_from(sorted(VECTORS)),
+                st.binary(max_size=120),
+            ),
+        ),
+        max_size=8,
+    )
+)
+def test_arbitrary_files_never_crash(tmp_path: Path, chunks: list[bytes]) -> None:
+    f = write(tmp_path / "fz" / "msgs_recv.dat", b"".join(chunks))
+    status, out, _ = run(tmp_path, "parse", str(f))
+    assert status in (0, 1)
+    assert isinstance(out, list)
