@@ -28,6 +28,7 @@ from parser.render import Problem, render
 from parser.sources import CaptureFile, Item, UsageError, expand_paths, merged
 
 _MAX_WARNINGS_PER_KIND = 10
+_WRITE_CHUNK = 1 << 20
 
 
 def parse_time(text: str) -> int:
@@ -181,6 +182,7 @@ def run_parse(args: argparse.Namespace) -> int:
         progress = Progress(sum(os.path.getsize(f.path) for f in files), sys.stderr)
     dumps: Callable[[Any], bytes] = orjson.dumps
     buffered: list[bytes] = []
+    pending = 0
     first = True
     # Rendering builds many short-lived, acyclic containers: the cycle collector would
     # only rescan them (about a third of the run time), so it is paused.
@@ -196,15 +198,18 @@ def run_parse(args: argparse.Namespace) -> int:
             if args.with_peer:
                 obj["peer"] = item.source.peer
             if args.jsonl:
-                buffered.append(dumps(obj) + b"\n")
+                chunk = dumps(obj) + b"\n"
             elif first:
-                buffered.append(dumps(obj))
+                chunk = dumps(obj)
                 first = False
             else:
-                buffered.append(b"," + dumps(obj))
-            if len(buffered) >= 256:
+                chunk = b"," + dumps(obj)
+            buffered.append(chunk)
+            pending += len(chunk)
+            if pending >= _WRITE_CHUNK:
                 out.write(b"".join(buffered))
                 buffered.clear()
+                pending = 0
             if progress is not None:
                 progress.advance(RECORD_HEADER_SIZE + len(item.record.payload))
         out.write(b"".join(buffered))

@@ -1,14 +1,17 @@
-"""The direct payload-to-JSON path agrees with the typed classes, value for value."""
+"""The direct payload-to-JSON renderers (Python and native) agree with the typed classes,
+value for value and on which payloads they reject."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parser.fastjson import FAST_BODIES, fast_body
+from parser.fastjson import FAST_BODIES, NATIVE, native_body, python_body
 from parser.messages import decode_message
 from parser.wire import DecodeError, display_hash, wire_hash
 from tests.vectors import VECTORS
@@ -23,10 +26,23 @@ def typed(msgtype: str, payload: bytes, reverse: bool) -> Any:
 
 
 def fast(msgtype: str, payload: bytes, reverse: bool) -> Any:
+    """The Python renderer's body; the native one's too, which must be the same."""
     try:
-        return fast_body(msgtype, payload, reverse)
+        body = python_body(msgtype, payload, reverse)
     except DecodeError:
-        return "error"
+        body = "error"
+    if NATIVE:
+        try:
+            native = json.loads(native_body(msgtype, payload, reverse))
+        except DecodeError:
+            native = "error"
+        assert native == body
+    return body
+
+
+def test_native_renderer_is_built_where_required() -> None:
+    if os.environ.get("MSGCAP_REQUIRE_NATIVE"):
+        assert NATIVE, "parser/_fastjson.c was not compiled"
 
 
 @pytest.mark.parametrize("msgtype", sorted(FAST_BODIES))
