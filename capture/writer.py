@@ -55,14 +55,18 @@ class CaptureWriter:
 
     def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
         """Append one record; ``recv`` is from the node's point of view. Returns its size."""
-        record = encode_record(time_us, msgtype, payload)
+        return self.write_encoded(recv, encode_record(time_us, msgtype, payload))
+
+    def write_encoded(self, recv: bool, records: bytes) -> int:
+        """Append complete encoded records with one ``write()`` (a short write, which
+        regular files only do when the disk is full, is completed or raises)."""
         fd = self._recv_fd if recv else self._sent_fd
-        view = memoryview(record)
+        view = memoryview(records)
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        self.bytes_written += len(record)
-        return len(record)
+        self.bytes_written += len(records)
+        return len(records)
 
     def close(self) -> None:
         if self.closed:

@@ -109,9 +109,16 @@ class Version:
         start_height = r.i32()
         relay = r.u8() if r.remaining() else None
         return cls(
-            version, services, timestamp, addr_recv, addr_from, nonce, user_agent,
-            start_height, relay,
-        )  # fmt: skip
+            version,
+            services,
+            timestamp,
+            addr_recv,
+            addr_from,
+            nonce,
+            user_agent,
+            start_height,
+            relay,
+        )
 
     def encode(self) -> bytes:
         return b"".join(

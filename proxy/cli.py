@@ -6,15 +6,167 @@ Exit status: 0 on success, 2 on bad usage or config (with a one-line reason), 1 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
 from parser.sources import UsageError
+from proxy.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_toml
 
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"msgcap: error: {message}\n")
+
+
+def add_proxy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config (default: the built-in one)")
+    g = p.add_argument_group("config keys (override the file)")
+    g.add_argument("--network", help="main, testnet3, testnet4, signet or regtest")
+    g.add_argument("--magic", help="custom network magic, 8 hex digits in wire order")
+    g.add_argument("--capture-dir", help="where capture folders go")
+    g.add_argument("--layout", choices=("core", "session"))
+    g.add_argument("--v2", choices=("downgrade", "passthrough"), help="BIP324 policy")
+    g.add_argument("--on-capture-error", choices=("continue", "stop"))
+    g.add_argument("--event-log", help="JSON lines event log (default: CAPTURE_DIR/events.jsonl)")
+    g.add_argument("--live", action="store_true", default=None, help="print every message")
+    g.add_argument(
+        "--route",
+        action="append",
+        metavar="LISTEN=PEER",
+        help="outbound route: the node dials LISTEN, we dial PEER (replaces the file's routes)",
+    )
+    g.add_argument(
+        "--inbound",
+        action="append",
+        metavar="LISTEN=NODE",
+        help="inbound route: peers dial LISTEN, we dial NODE",
+    )
+    g.add_argument("--socks5", metavar="LISTEN", help="SOCKS5 listener ('off' to disable)")
+    g.add_argument("--socks5-username")
+    g.add_argument("--socks5-password")
+    g.add_argument("--socks5-allow", action="append", metavar="HOST:PORT-GLOB")
+    for name in ("max-connections", "capture-bytes-per-peer", "capture-bytes-total"):
+        g.add_argument(f"--{name}", type=int)
+    for name in ("handshake-timeout", "idle-timeout"):
+        g.add_argument(f"--{name}", type=float)
+
+
+def proxy_config(args: argparse.Namespace) -> Config:
+    data: dict[str, Any] = load_toml(args.config) if args.config else dict(DEFAULT_CONFIG)
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key in (
+        "network",
+        "magic",
+        "capture_dir",
+        "layout",
+        "v2",
+        "on_capture_error",
+        "event_log",
+        "live",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            data[key] = value
+    if args.network is not None and args.magic is None:
+        data.pop("magic", None)
+    if args.route or args.inbound:
+        routes = []
+        for spec, key in [(s, "peer") for s in args.route or []] + [
+            (s, "node") for s in args.inbound or []
+        ]:
+            listen, sep, target = spec.partition("=")
+            if not sep:
+                raise ConfigError(f"route {spec!r}: expected LISTEN=HOST:PORT")
+            routes.append({"listen": listen, key: target})
+        data["route"] = routes
+    if args.socks5 == "off":
+        data.pop("socks5", None)
+    elif args.socks5 is not None:
+        data["socks5"] = {**data.get("socks5", {}), "listen": args.socks5}
+    for flag, key in (
+        ("socks5_username", "username"),
+        ("socks5_password", "password"),
+        ("socks5_allow", "allow"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            if "socks5" not in data:
+                raise ConfigError(f"--{flag.replace('_', '-')} needs a SOCKS5 listener")
+            data["socks5"][key] = value
+    limits = dict(data.get("limits", {}))
+    for key in (
+        "max_connections",
+        "capture_bytes_per_peer",
+        "capture_bytes_total",
+        "handshake_timeout",
+        "idle_timeout",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            limits[key] = value
+    if limits:
+        data["limits"] = limits
+    return config_from_dict(data)
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    try:
+        config = proxy_config(args)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s msgcap %(levelname)s %(message)s")
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return int(runner(_serve(config)))
+    except OSError as e:
+        print(f"msgcap: error: cannot listen: {e}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: Config) -> int:
+    from proxy.server import Proxy
+
+    proxy = Proxy(config)
+    await proxy.start()
+    print(describe(config, proxy.addresses), flush=True)
+    await proxy.run_until_signal()
+    return 0
+
+
+def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
+    lines = [
+        f"msgcap proxy on {config.network}: captures in {config.capture_dir}/, "
+        f"events in {config.event_log_path}"
+    ]
+    net = "" if config.network == "main" else f"-{config.network} "
+    for route, (host, port) in zip(config.routes, addresses, strict=False):
+        if route.peer is not None:
+            lines.append(
+                f"  outbound route {host}:{port} -> {route.peer}: "
+                f"bitcoind {net}-connect={host}:{port}  (or -addnode=)"
+            )
+        else:
+            lines.append(
+                f"  inbound route {host}:{port} -> node {route.node}: peers dial {host}:{port}"
+            )
+    if config.socks5 is not None:
+        host, port = addresses[len(config.routes)]
+        lines.append(
+            f"  SOCKS5 {host}:{port}: bitcoind {net}-proxy={host}:{port} captures every "
+            "outbound peer it reaches through the proxy (Core dials loopback and "
+            "private addresses directly: name them, e.g. -connect=localhost:18444)"
+        )
+    lines.append("  Ctrl-C or SIGTERM stops it cleanly.")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-capturemessages format.",
     )
     sub = top.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    x = sub.add_parser("proxy", help="run the capturing proxy")
+    add_proxy_args(x)
+    x.set_defaults(run=run_proxy)
     p = sub.add_parser("parse", help="decode capture files to JSON (Core's parser, faster)")
     add_parse_args(p)
     p.set_defaults(run=run_parse)

@@ -1,0 +1,262 @@
+"""The proxy's configuration: one typed object, loaded from TOML, overridden by flags.
+
+The TOML keys are the contract of DESIGN.md §8; ``config.example.toml`` documents every
+key. Errors name the key and say what is wrong (exit status 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capture.framing import parse_magic
+from capture.layout import Layout
+
+
+class ConfigError(ValueError):
+    """A bad config file or flag: exit status 2 with this one-line reason."""
+
+
+class V2Policy(enum.Enum):
+    DOWNGRADE = "downgrade"
+    """Close a BIP324 attempt before sending a byte; Core reconnects with v1."""
+    PASSTHROUGH = "passthrough"
+    """Relay the encrypted bytes untouched; the event log records the session."""
+
+
+class CaptureErrorPolicy(enum.Enum):
+    CONTINUE = "continue"
+    """Keep forwarding without capture, logging the failure loudly."""
+    STOP = "stop"
+    """Close the connection: nothing crosses the proxy uncaptured."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> HostPort:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        p = int(port)
+        if not 0 <= p <= 65535:
+            raise ConfigError(f"{key}: port {p} is out of range")
+        return cls(host, p)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A forward route: ``peer`` set for outbound (the node dials us), ``node`` for inbound."""
+
+    listen: HostPort
+    peer: HostPort | None = None
+    node: HostPort | None = None
+
+    @property
+    def kind(self) -> str:
+        return "outbound" if self.peer is not None else "inbound"
+
+    @property
+    def upstream(self) -> HostPort:
+        target = self.peer or self.node
+        assert target is not None
+        return target
+
+
+@dataclass(frozen=True, slots=True)
+class Socks5:
+    listen: HostPort
+    username: str | None = None
+    password: str | None = None
+    allow: tuple[str, ...] = ()
+    """Destination patterns (``host:port`` globs) allowed; empty allows all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int = 256
+    capture_bytes_per_peer: int = 1 << 30
+    capture_bytes_total: int = 16 << 30
+    handshake_timeout: float = 30.0
+    """Seconds for SOCKS5 negotiation, the upstream connect and the first bytes."""
+    idle_timeout: float = 1200.0
+    """Seconds without traffic in either direction (Core's own timeout is 20 minutes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    magic: bytes
+    network: str
+    capture_dir: Path = Path("message_capture")
+    layout: Layout = Layout.CORE
+    v2: V2Policy = V2Policy.DOWNGRADE
+    on_capture_error: CaptureErrorPolicy = CaptureErrorPolicy.CONTINUE
+    routes: tuple[Route, ...] = ()
+    socks5: Socks5 | None = None
+    limits: Limits = field(default_factory=Limits)
+    event_log: Path | None = None
+    """Default: ``<capture_dir>/events.jsonl``."""
+    live: bool = False
+
+    @property
+    def event_log_path(self) -> Path:
+        return self.event_log or self.capture_dir / "events.jsonl"
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "network": "regtest",
+    "route": [{"listen": "127.0.0.1:18555", "peer": "127.0.0.1:18444"}],
+    "socks5": {"listen": "127.0.0.1:9050"},
+}
+"""The built-in default: regtest on loopback, a SOCKS5 listener and one outbound route."""
+
+
+_TOP_KEYS = {
+    "network",
+    "magic",
+    "capture_dir",
+    "layout",
+    "v2",
+    "on_capture_error",
+    "event_log",
+    "live",
+    "route",
+    "socks5",
+    "limits",
+}
+
+
+def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]!r}")
+    network = _typed(data.get("network", "regtest"), str, "network")
+    try:
+        magic = parse_magic(_typed(data.get("magic", network), str, "magic"))
+    except ValueError as e:
+        raise ConfigError(f"network: {e}") from None
+    routes = []
+    for i, r in enumerate(_typed(data.get("route", []), list, "route")):
+        key = f"route[{i}]"
+        r = _typed(r, dict, key)
+        extra = set(r) - {"listen", "peer", "node"}
+        if extra:
+            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
+        if "listen" not in r or ("peer" in r) == ("node" in r):
+            raise ConfigError(f"{key}: needs 'listen' and exactly one of 'peer' or 'node'")
+        listen = HostPort.parse(_typed(r["listen"], str, f"{key}.listen"), f"{key}.listen")
+        peer = HostPort.parse(r["peer"], f"{key}.peer") if "peer" in r else None
+        node = HostPort.parse(r["node"], f"{key}.node") if "node" in r else None
+        routes.append(Route(listen, peer, node))
+    socks5 = None
+    if "socks5" in data:
+        s = _typed(data["socks5"], dict, "socks5")
+        extra = set(s) - {"listen", "username", "password", "allow"}
+        if extra:
+            raise ConfigError(f"socks5: unknown key {sorted(extra)[0]!r}")
+        if "listen" not in s:
+            raise ConfigError("socks5: needs 'listen'")
+        if ("username" in s) != ("password" in s):
+            raise ConfigError("socks5: set both 'username' and 'password', or neither")
+        allow = tuple(
+            _typed(a, str, "socks5.allow[]")
+            for a in _typed(s.get("allow", []), list, "socks5.allow")
+        )
+        socks5 = Socks5(
+            HostPort.parse(_typed(s["listen"], str, "socks5.listen"), "socks5.listen"),
+            s.get("username"),
+            s.get("password"),
+            allow,
+        )
+    limits = Limits()
+    if "limits" in data:
+        lim = _typed(data["limits"], dict, "limits")
+        names = {f.name: f.type for f in dataclasses.fields(Limits)}
+        values: dict[str, Any] = {}
+        for k, v in lim.items():
+            if k not in names:
+                raise ConfigError(f"limits: unknown key {k!r}")
+            kind: type | tuple[type, ...] = (int, float) if "timeout" in k else int
+            values[k] = _typed(v, kind, f"limits.{k}")
+            if values[k] < 0:
+                raise ConfigError(f"limits.{k}: must not be negative")
+        limits = Limits(**values)
+    cfg = Config(
+        magic=magic,
+        network=network,
+        capture_dir=Path(_typed(data.get("capture_dir", "message_capture"), str, "capture_dir")),
+        layout=_enum(Layout, data.get("layout", "core"), "layout"),
+        v2=_enum(V2Policy, data.get("v2", "downgrade"), "v2"),
+        on_capture_error=_enum(
+            CaptureErrorPolicy, data.get("on_capture_error", "continue"), "on_capture_error"
+        ),
+        routes=tuple(routes),
+        socks5=socks5,
+        limits=limits,
+        event_log=Path(_typed(data["event_log"], str, "event_log"))
+        if "event_log" in data
+        else None,
+        live=_typed(data.get("live", False), bool, "live"),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not cfg.routes and cfg.socks5 is None:
+        raise ConfigError("nothing to listen on: add a [[route]] or a [socks5] section")
+    listens = [r.listen for r in cfg.routes] + ([cfg.socks5.listen] if cfg.socks5 else [])
+    if len(set(listens)) != len(listens):
+        raise ConfigError("two listeners share one address")
+    s = cfg.socks5
+    if s is not None and not s.listen.is_loopback and s.username is None and not s.allow:
+        raise ConfigError(
+            f"socks5.listen {s.listen} is not loopback: set username/password or an allow "
+            "list, or anyone who reaches it can use it as an open proxy"
+        )
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None

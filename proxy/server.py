@@ -1,0 +1,373 @@
+"""The proxy: listeners for routes and SOCKS5, connection setup, v2 policy, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from capture.framing import v1_version_prefix
+from capture.layout import peer_folder_name
+from proxy import socks5
+from proxy.config import Config, HostPort, Route, V2Policy
+from proxy.events import EventLog, LiveView
+from proxy.relay import READ_SIZE, DirectionStats, Pipe, Relay
+from proxy.store import CaptureStopped, CaptureStore
+
+log = logging.getLogger("msgcap")
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def connect_any(host: str, port: int, timeout: float) -> Streams:
+    """Connect to the first address of ``host`` that accepts; raise the first error."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout or None):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        first: OSError | None = None
+        for family, _type, proto, _name, addr in infos:
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            except OSError as e:
+                first = first or e
+                continue
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                first = first or e
+                continue
+            return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        raise first or OSError(f"no address for {host}")
+
+
+async def read_initial(reader: asyncio.StreamReader, magic: bytes, timeout: float) -> bytes:
+    """The initiator's first bytes: at least 16, or fewer once they stop matching v1."""
+    prefix = v1_version_prefix(magic)
+    buf = b""
+    async with asyncio.timeout(timeout or None):
+        while len(buf) < len(prefix) and prefix.startswith(buf):
+            chunk = await reader.read(READ_SIZE)
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def _close(writer: asyncio.StreamWriter | None) -> None:
+    if writer is not None and not writer.is_closing():
+        writer.close()
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.events = EventLog(config.event_log_path)
+        self.store = CaptureStore(config, self.events)
+        self.live = LiveView() if config.live else None
+        self.servers: list[asyncio.Server] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ids = itertools.count(1)
+        self.active = 0
+        self._stopped = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            for route in self.config.routes:
+                await self._listen(route.listen, functools.partial(self._on_route, route))
+                self.events.emit(
+                    "listen",
+                    route=route.kind,
+                    listen=str(route.listen),
+                    upstream=str(route.upstream),
+                )
+            if self.config.socks5 is not None:
+                await self._listen(self.config.socks5.listen, self._on_socks)
+                self.events.emit("listen", route="socks5", listen=str(self.config.socks5.listen))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _listen(
+        self,
+        at: HostPort,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
+        async def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
+            try:
+                await handler(r, w)
+            finally:
+                self.tasks.discard(task)
+
+        server = await asyncio.start_server(spawn, at.host, at.port, limit=READ_SIZE)
+        self.servers.append(server)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of each listener, routes first, in config order."""
+        out = []
+        for s in self.servers:
+            host, port = s.sockets[0].getsockname()[:2]
+            out.append((host, port))
+        return out
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, flush and close files."""
+        for s in self.servers:
+            s.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+        self.events.emit("stop", captured_bytes=self.store.total)
+        self.events.close()
+        self._stopped.set()
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
+
+    # --- connections ----------------------------------------------------------------
+
+    def _admit(self, writer: asyncio.StreamWriter, kind: str) -> int | None:
+        conn_id = next(self.ids)
+        if self.active >= self.config.limits.max_connections:
+            self.events.emit(
+                "connection_limit",
+                conn=conn_id,
+                route=kind,
+                client=_peername(writer),
+                limit=self.config.limits.max_connections,
+            )
+            writer.transport.abort()
+            return None
+        self.active += 1
+        return conn_id
+
+    async def _on_route(
+        self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn_id = self._admit(writer, route.kind)
+        if conn_id is None:
+            return
+        client = _peername(writer)
+        if route.peer is not None:
+            peer = peer_folder_name(route.peer.host, route.peer.port)
+        else:
+            peer = peer_folder_name(*_peer_tuple(writer))
+        upstream: Streams | None = None
+        try:
+            first = await self._initial(conn_id, reader, peer)
+            if first is None:
+                return
+            upstream = await self._connect(conn_id, peer, route.upstream)
+            if upstream is None:
+                return
+            await self._relay(
+                conn_id,
+                route.kind,
+                client,
+                peer,
+                route.peer is not None,
+                (reader, writer),
+                upstream,
+                first,
+            )
+        finally:
+            self.active -= 1
+            _close(writer)
+            _close(upstream[1] if upstream else None)
+
+    async def _on_socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_id = self._admit(writer, "socks5")
+        if conn_id is None:
+            return
+        cfg = self.config.socks5
+        assert cfg is not None
+        client = _peername(writer)
+        upstream: Streams | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.config.limits.handshake_timeout or None):
+                    req = await socks5.negotiate(reader, writer, cfg)
+            except socks5.SocksError as e:
+                self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+                if e.reply is not None:
+                    socks5.reply(writer, e.reply)
+                    with contextlib.suppress(ConnectionError):
+                        await writer.drain()
+                return
+            except TimeoutError:
+                self.events.emit(
+                    "socks_error", conn=conn_id, client=client, error="timeout during negotiation"
+                )
+                return
+            except (ConnectionError, OSError) as e:
+                self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+                return
+            peer = peer_folder_name(req.host, req.port)
+            dest = HostPort(req.host, req.port)
+            try:
+                upstream = await connect_any(
+                    dest.host, dest.port, self.config.limits.handshake_timeout
+                )
+            except (OSError, TimeoutError) as e:
+                code = socks5.reply_for(e)
+                self.events.emit(
+                    "socks_error",
+                    conn=conn_id,
+                    client=client,
+                    peer=peer,
+                    destination=str(dest),
+                    error=str(e) or type(e).__name__,
+                    reply=code.name,
+                )
+                socks5.reply(writer, code)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                return
+            socks5.reply(writer, socks5.Reply.SUCCEEDED)
+            await writer.drain()
+            first = await self._initial(conn_id, reader, peer)
+            if first is None:
+                return
+            await self._relay(
+                conn_id, "socks5", client, peer, True, (reader, writer), upstream, first
+            )
+        except (ConnectionError, OSError) as e:
+            self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+        finally:
+            self.active -= 1
+            _close(writer)
+            _close(upstream[1] if upstream else None)
+
+    async def _initial(self, conn_id: int, reader: asyncio.StreamReader, peer: str) -> bytes | None:
+        """The initiator's first bytes if the connection should be relayed (v1, or v2
+        under ``passthrough``, marked by a leading ``None`` check); None to close."""
+        try:
+            first = await read_initial(
+                reader, self.config.magic, self.config.limits.handshake_timeout
+            )
+        except TimeoutError:
+            self.events.emit("timeout", conn=conn_id, peer=peer, during="first bytes")
+            return None
+        except (ConnectionError, OSError):
+            return None
+        prefix = v1_version_prefix(self.config.magic)
+        if first[: len(prefix)] == prefix:
+            return first
+        if not first or (len(first) < len(prefix) and prefix.startswith(first)):
+            self.events.emit("close", conn=conn_id, peer=peer, reason="closed before handshake")
+            return None
+        if self.config.v2 is V2Policy.DOWNGRADE:
+            self.events.emit(
+                "v2_downgrade",
+                conn=conn_id,
+                peer=peer,
+                first_bytes=first[:16].hex(),
+                note="closed before sending a byte",
+            )
+            return None
+        self.events.emit("v2_passthrough", conn=conn_id, peer=peer, first_bytes=first[:16].hex())
+        return first
+
+    async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Streams | None:
+        try:
+            return await connect_any(to.host, to.port, self.config.limits.handshake_timeout)
+        except (OSError, TimeoutError) as e:
+            self.events.emit(
+                "upstream_error",
+                conn=conn_id,
+                peer=peer,
+                upstream=str(to),
+                error=str(e) or type(e).__name__,
+            )
+            return None
+
+    async def _relay(
+        self,
+        conn_id: int,
+        route: str,
+        client: str,
+        peer: str,
+        node_is_client: bool,
+        client_side: Streams,
+        upstream: Streams,
+        first: bytes,
+    ) -> None:
+        try:
+            capture = self.store.open(peer, conn_id)
+        except CaptureStopped:
+            return
+        raw = first[:16] != v1_version_prefix(self.config.magic)
+        relay = Relay(
+            conn_id,
+            peer,
+            self.config.magic,
+            capture,
+            self.events,
+            self.live,
+            self.config.limits.idle_timeout,
+            raw=raw,
+        )
+        a = Pipe(*client_side, recv=not node_is_client)
+        b = Pipe(*upstream, recv=node_is_client)
+        self.events.emit(
+            "open",
+            conn=conn_id,
+            route=route,
+            client=client,
+            peer=peer,
+            node="client" if node_is_client else "upstream",
+            capture=str(capture.writer.folder) if capture.writer else None,
+        )
+        try:
+            await relay.run(a, b, first)
+        finally:
+            capture.close()
+            recv, sent = (a.stats, b.stats) if a.recv else (b.stats, a.stats)
+            self.events.emit(
+                "close",
+                conn=conn_id,
+                route=route,
+                peer=peer,
+                reason=relay.close_reason,
+                recv=_stats(recv),
+                sent=_stats(sent),
+                captured_bytes=capture.bytes,
+            )
+
+
+def _stats(s: DirectionStats) -> dict[str, int]:
+    return {"bytes": s.bytes, "messages": s.messages, "captured": s.captured, "invalid": s.invalid}
+
+
+def _peer_tuple(writer: asyncio.StreamWriter) -> tuple[str, int]:
+    addr = writer.get_extra_info("peername")
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return "unknown", 0
+
+
+def _peername(writer: asyncio.StreamWriter) -> str:
+    host, port = _peer_tuple(writer)
+    return str(HostPort(host, port))

@@ -1,0 +1,122 @@
+"""Capture files for live connections, with quotas and the capture-error policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from pathlib import Path
+
+from capture.layout import Layout, capture_folder
+from capture.records import RECORD_HEADER_SIZE, encode_record
+from capture.writer import CaptureWriter
+from proxy.config import CaptureErrorPolicy, Config
+from proxy.events import EventLog
+
+
+class CaptureStopped(Exception):
+    """Capture failed under the ``stop`` policy: the connection must close."""
+
+
+class ConnectionCapture:
+    """One connection's capture: writes records, counts them, enforces quotas."""
+
+    def __init__(self, store: CaptureStore, peer: str, conn_id: int) -> None:
+        self.store = store
+        self.peer = peer
+        self.conn_id = conn_id
+        self.writer: CaptureWriter | None = None
+        self.active = True
+        self.bytes = 0
+        self.records = 0
+        try:
+            folder = capture_folder(
+                store.root,
+                peer,
+                store.layout,
+                start=dt.datetime.now(dt.UTC),
+                connection_id=conn_id,
+            )
+            self.writer = CaptureWriter(folder)
+        except (OSError, ValueError) as e:
+            self._failed(f"cannot open capture files: {e}")
+
+    def write(self, recv: bool, frames: list[tuple[int, str, bytes]]) -> int:
+        """Capture messages of one direction with one write; returns how many were
+        captured (fewer when a quota is hit or the disk fails)."""
+        if not self.active or self.writer is None:
+            return 0
+        records = []
+        size = 0
+        for time_us, msgtype, payload in frames:
+            n = RECORD_HEADER_SIZE + len(payload)
+            quota = self.store.reserve(self.peer, n)
+            if quota is not None:
+                self.active = False
+                self.store.events.emit(
+                    "capture_limit",
+                    conn=self.conn_id,
+                    peer=self.peer,
+                    limit=quota,
+                    note="capture stopped, forwarding continues",
+                )
+                break
+            records.append(encode_record(time_us, msgtype, payload))
+            size += n
+        if not records:
+            return 0
+        try:
+            self.writer.write_encoded(recv, b"".join(records))
+        except OSError as e:
+            self.store.release(self.peer, size)
+            self._failed(f"cannot write capture: {e}")
+            return 0
+        self.bytes += size
+        self.records += len(records)
+        return len(records)
+
+    def _failed(self, reason: str) -> None:
+        self.active = False
+        policy = self.store.on_error
+        self.store.events.emit(
+            "capture_error", conn=self.conn_id, peer=self.peer, error=reason, policy=policy.value
+        )
+        if policy is CaptureErrorPolicy.STOP:
+            raise CaptureStopped(reason)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class CaptureStore:
+    def __init__(self, config: Config, events: EventLog) -> None:
+        self.root = config.capture_dir
+        self.layout: Layout = config.layout
+        self.on_error = config.on_capture_error
+        self.per_peer_limit = config.limits.capture_bytes_per_peer
+        self.total_limit = config.limits.capture_bytes_total
+        self.events = events
+        self.per_peer: Counter[str] = Counter()
+        self.total = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def open(self, peer: str, conn_id: int) -> ConnectionCapture:
+        return ConnectionCapture(self, peer, conn_id)
+
+    def reserve(self, peer: str, size: int) -> str | None:
+        """Count ``size`` bytes against the quotas; the name of the quota hit, if any."""
+        if self.per_peer[peer] + size > self.per_peer_limit:
+            return f"capture_bytes_per_peer={self.per_peer_limit}"
+        if self.total + size > self.total_limit:
+            return f"capture_bytes_total={self.total_limit}"
+        self.per_peer[peer] += size
+        self.total += size
+        return None
+
+    def release(self, peer: str, size: int) -> None:
+        self.per_peer[peer] -= size
+        self.total -= size
+
+    @property
+    def path(self) -> Path:
+        return self.root

@@ -1,0 +1,221 @@
+"""Real regtest nodes (bcoin) through the real ``msgcap proxy`` process, over loopback.
+
+Node A mines; node B reaches A only through the proxy (outbound route, inbound route,
+SOCKS5). After B has A's blocks, the captures are checked against what the nodes report
+over RPC: block hashes, heights, peer counts; and for internal consistency: every payload
+decodes, recv/sent are on the node's side, timestamps strictly increase, the event log
+agrees with the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capture.records import Record, read_records
+from parser.messages import BlockMsg, CmpctBlock, Headers, Version, decode_message
+from parser.wire import display_hash
+from tests.bcoin import BcoinNode, free_port, require_bcoin
+
+pytestmark = pytest.mark.e2e
+
+PRE_MINED = 5
+MINED = 60
+
+
+class ProxyProcess:
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.capture_dir = tmp / "capture"
+        cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--capture-dir", str(self.capture_dir),
+               "--network", "regtest", *flags]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=open(tmp / "proxy.log", "wb"), text=True
+        )
+        assert self.proc.stdout is not None
+        self.banner = self.proc.stdout.readline()
+        assert self.banner.startswith("msgcap proxy on regtest"), self.banner
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def events(self) -> list[dict[str, object]]:
+        lines = (self.capture_dir / "events.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+
+def wait_listening(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def miner(tmp_path: Path) -> Iterator[BcoinNode]:
+    require_bcoin()
+    node = BcoinNode(tmp_path, "a")
+    try:
+        node.mine(PRE_MINED)
+        wait_listening(node.port)
+        yield node
+    finally:
+        node.stop()
+
+
+def records(path: Path) -> list[Record]:
+    with open(path, "rb") as f:
+        out = list(read_records(f))
+    assert all(isinstance(r, Record) for r in out), f"damage in {path}"
+    return out  # type: ignore[return-value]
+
+
+def check_capture(
+    folder: Path, miner: BcoinNode, node_is_b: bool, events: list[dict[str, object]]
+) -> None:
+    """Check one connection's capture against the nodes and the event log."""
+    recv = records(folder / "msgs_recv.dat")
+    sent = records(folder / "msgs_sent.dat")
+    decoded = {}
+    for r in recv + sent:
+        msgtype = r.msgtype_bytes.decode()
+        decoded[(id(r))] = decode_message(msgtype, r.payload)  # raises if it does not decode
+    # Handshake, from the node's point of view.
+    assert recv[0].msgtype_bytes == b"version" and sent[0].msgtype_bytes == b"version"
+    assert b"verack" in {r.msgtype_bytes for r in recv}
+    assert b"verack" in {r.msgtype_bytes for r in sent}
+    v_recv, v_sent = decoded[id(recv[0])], decoded[id(sent[0])]
+    assert isinstance(v_recv, Version) and isinstance(v_sent, Version)
+    # B starts empty, A had PRE_MINED blocks: the heights say who sent which version.
+    b_version, a_version = (v_sent, v_recv) if node_is_b else (v_recv, v_sent)
+    assert b_version.start_height == 0 and a_version.start_height == PRE_MINED
+    # Every block hash A reports is in a block, cmpctblock or headers message that went
+    # from A to B.
+    from_a = recv if node_is_b else sent
+    seen = set()
+    for r in from_a:
+        m = decoded[id(r)]
+        if isinstance(m, BlockMsg):
+            seen.add(display_hash(m.block.hash))
+        elif isinstance(m, CmpctBlock):
+            seen.add(display_hash(m.header_and_shortids.header.hash))
+        elif isinstance(m, Headers):
+            seen.update(display_hash(h.hash) for h in m.headers)
+    reported = {miner.rpc("getblockhash", h) for h in range(1, PRE_MINED + MINED + 1)}
+    assert reported <= seen, f"{len(reported - seen)} block hashes missing"
+    # Timestamps strictly increase across both directions.
+    times = sorted(r.time for r in recv + sent)
+    assert len(set(times)) == len(times)
+    assert [r.time for r in recv] == sorted(r.time for r in recv)
+    assert [r.time for r in sent] == sorted(r.time for r in sent)
+    # The event log agrees with the files.
+    closes = [e for e in events if e["event"] == "close" and e.get("peer") == folder.name]
+    assert len(closes) == 1, closes
+    close = closes[0]
+    for direction, recs in (("recv", recv), ("sent", sent)):
+        stats = close[direction]
+        assert isinstance(stats, dict)
+        assert stats["captured"] == stats["messages"] == len(recs)
+        assert stats["bytes"] == sum(24 + len(r.payload) for r in recs)
+        assert stats["invalid"] == 0
+
+
+def sync_through_proxy(miner: BcoinNode, b: BcoinNode) -> None:
+    b.wait_height(PRE_MINED, timeout=60)
+    miner.mine(MINED)
+    b.wait_height(PRE_MINED + MINED, timeout=90)
+    assert b.rpc("getbestblockhash") == miner.rpc("getbestblockhash")
+    assert len(b.rpc("getpeerinfo")) == 1
+    assert len(miner.rpc("getpeerinfo")) == 1
+
+
+def test_outbound_route(tmp_path: Path, miner: BcoinNode) -> None:
+    listen = free_port()
+    proxy = ProxyProcess(tmp_path, "--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
+                         "--socks5", "off")  # fmt: skip
+    b = BcoinNode(tmp_path, "b", f"--only=127.0.0.1:{listen}", listen=False)
+    try:
+        sync_through_proxy(miner, b)
+    finally:
+        b.stop()
+        assert proxy.stop() == 0
+    folder = proxy.capture_dir / f"127.0.0.1_{miner.port}"
+    check_capture(folder, miner, node_is_b=True, events=proxy.events())
+
+
+def test_inbound_route(tmp_path: Path, miner: BcoinNode) -> None:
+    listen = free_port()
+    proxy = ProxyProcess(tmp_path, "--inbound", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
+                         "--socks5", "off")  # fmt: skip
+    b = BcoinNode(tmp_path, "b", f"--only=127.0.0.1:{listen}", listen=False)
+    try:
+        sync_through_proxy(miner, b)
+    finally:
+        b.stop()
+        assert proxy.stop() == 0
+    # The node is A; the folder is named after the connecting peer, B.
+    events = proxy.events()
+    opens = [e for e in events if e["event"] == "open"]
+    assert len(opens) == 1 and opens[0]["node"] == "upstream"
+    folder = proxy.capture_dir / str(opens[0]["peer"])
+    assert folder.name.startswith("127.0.0.1_") and folder.name != f"127.0.0.1_{listen}"
+    check_capture(folder, miner, node_is_b=False, events=events)
+
+
+def test_socks5(tmp_path: Path, miner: BcoinNode) -> None:
+    socks = free_port()
+    proxy = ProxyProcess(tmp_path, "--socks5", f"127.0.0.1:{socks}", "--route",
+                         f"127.0.0.1:{free_port()}=127.0.0.1:1")  # fmt: skip
+    b = BcoinNode(tmp_path, "b", f"--proxy=127.0.0.1:{socks}",
+                  f"--only=127.0.0.1:{miner.port}", listen=False)  # fmt: skip
+    try:
+        sync_through_proxy(miner, b)
+    finally:
+        b.stop()
+        assert proxy.stop() == 0
+    events = proxy.events()
+    opens = [e for e in events if e["event"] == "open"]
+    assert len(opens) == 1 and opens[0]["route"] == "socks5"
+    folder = proxy.capture_dir / f"127.0.0.1_{miner.port}"
+    check_capture(folder, miner, node_is_b=True, events=events)
+
+
+def test_default_config_banner(tmp_path: Path) -> None:
+    """`msgcap proxy` with no config listens on loopback and says how to use it."""
+    if any(_in_use(p) for p in (9050, 18555)):
+        pytest.skip("default ports 9050/18555 are taken on this machine")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "proxy"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert proc.stdout is not None
+    banner = [proc.stdout.readline() for _ in range(4)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0
+    text = "".join(banner)
+    assert "127.0.0.1:18555 -> 127.0.0.1:18444" in text
+    assert "-proxy=127.0.0.1:9050" in text
+    assert (tmp_path / "message_capture" / "events.jsonl").exists()
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
