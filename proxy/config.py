@@ -242,7 +242,8 @@ def validate(cfg: Config) -> None:
     if not cfg.routes and cfg.socks5 is None:
         raise ConfigError("nothing to listen on: add a [[route]] or a [socks5] section")
     listens = [r.listen for r in cfg.routes] + ([cfg.socks5.listen] if cfg.socks5 else [])
-    if len(set(listens)) != len(listens):
+    fixed = [a for a in listens if a.port != 0]  # port 0: any free port
+    if len(set(fixed)) != len(fixed):
         raise ConfigError("two listeners share one address")
     s = cfg.socks5
     if s is not None and not s.listen.is_loopback and s.username is None and not s.allow:

@@ -108,6 +108,8 @@ class Proxy:
             self.tasks.add(task)
             try:
                 await handler(r, w)
+            except asyncio.CancelledError:
+                pass  # shutdown; finishing normally keeps asyncio from logging it
             finally:
                 self.tasks.discard(task)
 

@@ -1,0 +1,417 @@
+"""The proxy over real loopback sockets, with scripted peers on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capture.framing import Network, checksum, encode_frame
+from capture.records import Record, read_records
+from proxy.config import config_from_dict
+from proxy.server import Proxy
+
+MAGIC = Network.REGTEST.magic
+VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Upstream:
+    """A scripted peer: runs ``handler`` for each connection and remembers them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Upstream:
+        async def on(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(r, w)
+            finally:
+                w.close()
+
+        self.server = await asyncio.start_server(on, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(tmp: Path, **overrides: Any) -> AsyncIterator[Proxy]:
+    data: dict[str, Any] = {"network": "regtest", "capture_dir": str(tmp / "cap"), **overrides}
+    proxy = Proxy(config_from_dict(data))
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+def route_to(port: int) -> list[dict[str, str]]:
+    return [{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{port}"}]
+
+
+def capture(tmp: Path, port: int, name: str) -> list[tuple[str, bytes]]:
+    path = tmp / "cap" / f"127.0.0.1_{port}" / name
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        recs = [r for r in read_records(f) if isinstance(r, Record)]
+    return [(r.msgtype_bytes.decode(), r.payload) for r in recs]
+
+
+def events(tmp: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (tmp / "cap" / "events.jsonl").read_text().splitlines()]
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    out = bytearray()
+    while chunk := await reader.read(1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+def random_frames(rng: random.Random, n: int) -> list[tuple[str, bytes]]:
+    sizes = [rng.choice((0, 8, 36, 100, 300, 1000)) for _ in range(n)]
+    sizes[rng.randrange(n)] = 1_000_000  # one big message
+    return [(rng.choice(("inv", "tx", "ping", "block", "xyz")), rng.randbytes(s)) for s in sizes]
+
+
+async def send_chunked(w: asyncio.StreamWriter, data: bytes, rng: random.Random) -> None:
+    pos = 0
+    while pos < len(data):
+        n = rng.choice((1, 7, 100, 4096, 65536, 300_000))
+        w.write(data[pos : pos + n])
+        pos += n
+        await w.drain()
+        if rng.random() < 0.05:
+            await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_bit_exact_forwarding_both_directions(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    up_frames = [("version", b"\x02" * 100), *random_frames(rng, 150)]
+    down_frames = [("version", b"\x01" * 100), *random_frames(rng, 150)]
+    up_bytes = b"".join(encode_frame(MAGIC, t, p) for t, p in up_frames)
+    down_bytes = b"".join(encode_frame(MAGIC, t, p) for t, p in down_frames)
+    got_upstream = bytearray()
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def rx() -> None:
+            got_upstream.extend(await read_all(r))
+
+        t = asyncio.create_task(rx())
+        await send_chunked(w, up_bytes, random.Random(seed + 100))
+        w.write_eof()
+        await t
+
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        rx = asyncio.create_task(read_all(r))
+        await send_chunked(w, down_bytes, random.Random(seed + 200))
+        w.write_eof()
+        got_node = await asyncio.wait_for(rx, 30)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert bytes(got_upstream) == down_bytes  # node -> peer, byte for byte
+    assert got_node == up_bytes  # peer -> node, byte for byte
+    assert capture(tmp_path, up.port, "msgs_sent.dat") == down_frames
+    assert capture(tmp_path, up.port, "msgs_recv.dat") == up_frames
+    close = next(e for e in events(tmp_path) if e["event"] == "close")
+    assert close["sent"]["bytes"] == len(down_bytes) and close["recv"]["bytes"] == len(up_bytes)
+
+
+async def echo_then_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(encode_frame(MAGIC, "version", b"\x02" * 100))
+    await w.drain()
+    await read_all(r)
+
+
+def corrupt_checksum(frame: bytes) -> bytes:
+    return frame[:20] + bytes(b ^ 0xFF for b in frame[20:24]) + frame[24:]
+
+
+PING = encode_frame(MAGIC, "ping", b"12345678")
+BAD_TYPE = MAGIC + b"pi\x01g\0\0\0\0\0\0\0\0" + (8).to_bytes(4, "little") + checksum(b"1" * 8)
+
+
+@pytest.mark.parametrize(
+    "bad,event,forwarded,fatal",
+    [
+        (corrupt_checksum(PING), "bad_checksum", True, False),
+        (BAD_TYPE + b"1" * 8, "invalid_type", True, False),
+        (b"\xf9\xbe\xb4\xd9" + PING[4:], "bad_magic", False, True),
+        (PING[:16] + (4_000_001).to_bytes(4, "little") + b"\0" * 4, "oversize", False, True),
+    ],
+    ids=["bad-checksum", "invalid-type", "bad-magic", "oversize"],
+)
+async def test_bad_frames(
+    tmp_path: Path, bad: bytes, event: str, forwarded: bool, fatal: bool
+) -> None:
+    received = bytearray()
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        received.extend(await read_all(r))
+
+    after = encode_frame(MAGIC, "pong", b"87654321")
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION + bad + after)
+        await w.drain()
+        if fatal:
+            assert await asyncio.wait_for(read_all(r), 10) == b""  # the proxy closed on us
+        else:
+            w.write_eof()
+            await asyncio.wait_for(read_all(r), 10)
+        w.close()
+        await asyncio.sleep(0.1)
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert event in kinds
+    if forwarded:
+        assert bytes(received) == VERSION + bad + after
+        assert capture(tmp_path, up.port, "msgs_sent.dat") == [
+            ("version", b"\x01" * 100),
+            ("pong", b"87654321"),
+        ]
+    else:
+        assert bytes(received) == VERSION  # nothing after the bad header
+        assert capture(tmp_path, up.port, "msgs_sent.dat") == [("version", b"\x01" * 100)]
+
+
+async def test_bad_connection_does_not_disturb_another(tmp_path: Path) -> None:
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1 << 16):
+            w.write(data)  # echo
+            await w.drain()
+
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        port = px.addresses[0][1]
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w1.write(VERSION)
+        w2.write(VERSION + b"garbage!" * 10)
+        await w1.drain()
+        await w2.drain()
+        with contextlib.suppress(ConnectionError):  # cut off: EOF or a reset
+            assert await asyncio.wait_for(read_all(r2), 10) == b""
+        w1.write(PING)
+        await w1.drain()
+        echoed = await asyncio.wait_for(r1.readexactly(len(VERSION + PING)), 10)
+        assert echoed == VERSION + PING
+        w1.close()
+        w2.close()
+
+
+async def test_unknown_type_is_forwarded_and_captured(tmp_path: Path) -> None:
+    async with (
+        Upstream(echo_then_close) as up,
+        running_proxy(tmp_path, route=route_to(up.port)) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION + encode_frame(MAGIC, "futuremsg", b"?"))
+        w.write_eof()
+        await asyncio.wait_for(read_all(r), 10)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert capture(tmp_path, up.port, "msgs_sent.dat")[1] == ("futuremsg", b"?")
+
+
+async def test_backpressure_bounds_buffering(tmp_path: Path) -> None:
+    """A peer that stops reading stops the proxy reading from the node."""
+    release = asyncio.Event()
+    received = bytearray()
+
+    async def slow_peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await release.wait()
+        received.extend(await read_all(r))
+
+    frame = encode_frame(MAGIC, "block", bytes(1_000_000))
+    total = 200
+    async with Upstream(slow_peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION)
+        accepted = len(VERSION)
+        for _ in range(total):
+            w.write(frame)
+            try:
+                await asyncio.wait_for(w.drain(), 1.0)
+            except TimeoutError:
+                break
+            accepted += len(frame)
+        # Kernel socket buffers on both hops plus one frame and one read chunk: far less
+        # than everything the node wanted to send.
+        assert accepted < 64_000_000, accepted
+        release.set()
+        w.write(frame * ((total * len(frame) - accepted) // len(frame)))
+        w.write_eof()
+        await asyncio.wait_for(w.drain(), 60)
+        await asyncio.wait_for(read_all(r), 60)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert len(received) == len(VERSION) + len(frame) * (
+        (len(received) - len(VERSION)) // len(frame)
+    )
+    assert capture(tmp_path, up.port, "msgs_sent.dat")[0][0] == "version"
+
+
+async def test_half_close_propagates(tmp_path: Path) -> None:
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = await read_all(r)  # ends when the node half-closes
+        w.write(encode_frame(MAGIC, "pong", len(data).to_bytes(8, "little")))
+        await w.drain()
+
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION)
+        w.write_eof()
+        reply = await asyncio.wait_for(read_all(r), 10)
+        w.close()
+    assert reply == encode_frame(MAGIC, "pong", len(VERSION).to_bytes(8, "little"))
+
+
+async def test_reset_propagates(tmp_path: Path) -> None:
+    async def resetting_peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(len(VERSION))
+        w.transport.abort()
+
+    async with (
+        Upstream(resetting_peer) as up,
+        running_proxy(tmp_path, route=route_to(up.port)) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION)
+        await w.drain()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(read_all(r), 10) == b""
+        w.close()
+
+
+async def test_v2_downgrade_closes_before_a_byte(tmp_path: Path) -> None:
+    async with (
+        Upstream(echo_then_close) as up,
+        running_proxy(tmp_path, route=route_to(up.port)) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(random.Random(5).randbytes(64))  # an ElligatorSwift key looks like this
+        await w.drain()
+        assert await asyncio.wait_for(read_all(r), 10) == b""
+        w.close()
+    assert up.connections == 0  # the peer never heard of it
+    assert [e for e in events(tmp_path) if e["event"] == "v2_downgrade"]
+
+
+async def test_v2_passthrough_relays_untouched(tmp_path: Path) -> None:
+    blob = random.Random(6).randbytes(5000)
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write((await r.readexactly(len(blob)))[::-1])
+        await w.drain()
+
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, route=route_to(up.port), v2="passthrough") as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(blob)
+        await w.drain()
+        assert await asyncio.wait_for(r.readexactly(len(blob)), 10) == blob[::-1]
+        w.close()
+        await asyncio.sleep(0.1)
+    assert [e for e in events(tmp_path) if e["event"] == "v2_passthrough"]
+    assert capture(tmp_path, up.port, "msgs_sent.dat") == []
+
+
+async def test_capture_limit_keeps_forwarding(tmp_path: Path) -> None:
+    got = bytearray()
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.extend(await read_all(r))
+
+    data = VERSION + PING * 10
+    async with (
+        Upstream(peer) as up,
+        running_proxy(
+            tmp_path, route=route_to(up.port), limits={"capture_bytes_per_peer": 200}
+        ) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(data)
+        w.write_eof()
+        await asyncio.wait_for(read_all(r), 10)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert bytes(got) == data
+    captured = capture(tmp_path, up.port, "msgs_sent.dat")
+    assert captured == [("version", b"\x01" * 100), ("ping", b"12345678"), ("ping", b"12345678")]
+    assert [e for e in events(tmp_path) if e["event"] == "capture_limit"]
+
+
+async def test_connection_limit(tmp_path: Path) -> None:
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_all(r)
+
+    async with (
+        Upstream(hold) as up,
+        running_proxy(tmp_path, route=route_to(up.port), limits={"max_connections": 1}) as px,
+    ):
+        port = px.addresses[0][1]
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        w1.write(VERSION)
+        await w1.drain()
+        await asyncio.sleep(0.2)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(read_all(r2), 10) == b""
+        assert [e for e in events(tmp_path) if e["event"] == "connection_limit"]
+        w1.close()
+        w2.close()
+
+
+async def test_session_layout(tmp_path: Path) -> None:
+    async with (
+        Upstream(echo_then_close) as up,
+        running_proxy(tmp_path, route=route_to(up.port), layout="session") as px,
+    ):
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+            w.write(VERSION)
+            w.write_eof()
+            await asyncio.wait_for(read_all(r), 10)
+            w.close()
+        await asyncio.sleep(0.1)
+    sessions = sorted((tmp_path / "cap" / f"127.0.0.1_{up.port}").iterdir())
+    assert len(sessions) == 2
+    for s in sessions:
+        assert (s / "msgs_sent.dat").read_bytes()[8:20] == b"version\0\0\0\0\0"
+
+
+async def test_shutdown_closes_connections_and_files(tmp_path: Path) -> None:
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_all(r)
+
+    async with Upstream(hold) as up:
+        async with running_proxy(tmp_path, route=route_to(up.port)) as px:
+            r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+            w.write(VERSION)
+            await w.drain()
+            await asyncio.sleep(0.2)
+        # stop() has run: our side sees the connection end
+        assert await asyncio.wait_for(read_all(r), 10) == b""
+        w.close()
+    assert capture(tmp_path, up.port, "msgs_sent.dat") == [("version", b"\x01" * 100)]
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds[-2:] == ["close", "stop"]
