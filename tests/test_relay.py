@@ -369,7 +369,7 @@ async def test_connection_limit(tmp_path: Path) -> None:
         running_proxy(tmp_path, route=route_to(up.port), limits={"max_connections": 1}) as px,
     ):
         port = px.addresses[0][1]
-        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        _r1, w1 = await asyncio.open_connection("127.0.0.1", port)
         w1.write(VERSION)
         await w1.drain()
         await asyncio.sleep(0.2)
