@@ -242,7 +242,8 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return NEED_DATA
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        with memoryview(buf) as view:  # one copy, not two
+            payload = bytes(view[pos + HEADER_SIZE : end])
         offset = self.offset
         self._pos = end
         actual = checksum(payload)

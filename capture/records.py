@@ -29,7 +29,12 @@ _READ_CHUNK: Final = 1 << 20
 
 def encode_record(time_us: int, msgtype: str, payload: bytes | bytearray | memoryview) -> bytes:
     """One record, byte-identical to what Core's CaptureMessageToFile writes."""
-    return RECORD_HEADER.pack(time_us, encode_msgtype(msgtype), len(payload)) + payload
+    return record_header(time_us, msgtype, len(payload)) + payload
+
+
+def record_header(time_us: int, msgtype: str, length: int) -> bytes:
+    """The 24 bytes that precede a payload in a record."""
+    return RECORD_HEADER.pack(time_us, encode_msgtype(msgtype), length)
 
 
 def encode_record_raw(time_us: int, raw_msgtype: bytes, payload: bytes) -> bytes:

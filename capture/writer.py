@@ -15,6 +15,7 @@ from typing import Final
 from capture.layout import RECV_FILE, SENT_FILE
 from capture.records import encode_record
 
+_IOV_MAX: Final = 1024
 _FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -58,15 +59,26 @@ class CaptureWriter:
         return self.write_encoded(recv, encode_record(time_us, msgtype, payload))
 
     def write_encoded(self, recv: bool, records: bytes) -> int:
-        """Append complete encoded records with one ``write()`` (a short write, which
-        regular files only do when the disk is full, is completed or raises)."""
+        """Append complete encoded records with one ``write()``."""
+        return self.write_parts(recv, [records])
+
+    def write_parts(self, recv: bool, parts: list[bytes]) -> int:
+        """Append the concatenation of ``parts`` (whole records) with one ``writev()``,
+        without copying them together. A short write, which regular files only do when
+        the disk is full, is completed with further writes or raises."""
         fd = self._recv_fd if recv else self._sent_fd
-        view = memoryview(records)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        self.bytes_written += len(records)
-        return len(records)
+        total = 0
+        for i in range(0, len(parts), _IOV_MAX):
+            batch = parts[i : i + _IOV_MAX]
+            size = sum(len(p) for p in batch)
+            n = os.writev(fd, batch)
+            if n < size:
+                rest = memoryview(b"".join(batch))[n:]
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+            total += size
+        self.bytes_written += total
+        return total
 
     def close(self) -> None:
         if self.closed:

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from capture.layout import Layout, capture_folder
-from capture.records import RECORD_HEADER_SIZE, encode_record
+from capture.records import RECORD_HEADER_SIZE, record_header
 from capture.writer import CaptureWriter
 from proxy.config import CaptureErrorPolicy, Config
 from proxy.events import EventLog
@@ -45,7 +45,7 @@ class ConnectionCapture:
         captured (fewer when a quota is hit or the disk fails)."""
         if not self.active or self.writer is None:
             return 0
-        records = []
+        parts: list[bytes] = []
         size = 0
         for time_us, msgtype, payload in frames:
             n = RECORD_HEADER_SIZE + len(payload)
@@ -60,19 +60,20 @@ class ConnectionCapture:
                     note="capture stopped, forwarding continues",
                 )
                 break
-            records.append(encode_record(time_us, msgtype, payload))
+            parts.append(record_header(time_us, msgtype, len(payload)))
+            parts.append(payload)
             size += n
-        if not records:
+        if not parts:
             return 0
         try:
-            self.writer.write_encoded(recv, b"".join(records))
+            self.writer.write_parts(recv, parts)
         except OSError as e:
             self.store.release(self.peer, size)
             self._failed(f"cannot write capture: {e}")
             return 0
         self.bytes += size
-        self.records += len(records)
-        return len(records)
+        self.records += len(parts) // 2
+        return len(parts) // 2
 
     def _failed(self, reason: str) -> None:
         self.active = False

@@ -1,0 +1,46 @@
+"""The baseline for the relay benchmark: a plain asyncio byte relay, nothing else.
+
+Same event loop (uvloop when installed), same read size and drain discipline as the
+proxy, no framing and no capture.
+
+    python bench/plain_relay.py LISTEN_PORT TARGET_PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+READ_SIZE = 1 << 16
+
+
+async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await r.read(READ_SIZE):
+            w.write(data)
+            await w.drain()
+        if w.can_write_eof():
+            w.write_eof()
+
+
+async def main(listen: int, target: int) -> None:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", target, limit=READ_SIZE)
+        await asyncio.gather(pump(r, uw), pump(ur, w))
+        w.close()
+        uw.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen, limit=READ_SIZE)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    except ImportError:
+        asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
