@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import sys
 
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 18
 
 
 async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -160,6 +162,30 @@ class InvalidFrame:
 Event = Frame | InvalidFrame | _NeedData
 
 
+@dataclass(frozen=True, slots=True)
+class UncheckedFrame:
+    """A complete frame whose checksum and message type are not checked yet."""
+
+    raw_msgtype: bytes
+    payload: bytes
+    offset: int
+    expected_checksum: bytes
+
+    def check(self) -> Frame | InvalidFrame:
+        """What Core makes of it: a Frame, or an InvalidFrame it would drop."""
+        raw, length = self.raw_msgtype, len(self.payload)
+        actual = checksum(self.payload)
+        if actual != self.expected_checksum:
+            return InvalidFrame(
+                "bad checksum", raw, length, self.offset, self.expected_checksum, actual
+            )
+        if not msgtype_is_valid(raw):
+            return InvalidFrame(
+                "invalid message type", raw, length, self.offset, self.expected_checksum, actual
+            )
+        return Frame(raw.rstrip(b"\0").decode("ascii"), self.payload, self.offset)
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
@@ -195,63 +221,105 @@ class Oversize(StreamError):
 
 
 class FrameDecoder:
-    """Incremental v1 frame decoder for one direction of one connection."""
+    """Incremental v1 frame decoder for one direction of one connection.
+
+    Received chunks are kept as they are; a payload is copied once, out of the chunks
+    that hold it (and not at all when one chunk is exactly one payload).
+    """
 
     def __init__(self, magic: bytes, max_length: int = MAX_PROTOCOL_MESSAGE_LENGTH) -> None:
         if len(magic) != 4:
             raise ValueError("magic must be 4 bytes")
         self.magic = magic
         self.max_length = max_length
-        self._buf = bytearray()
-        self._pos = 0  # read position inside _buf
-        self._base = 0  # stream offset of _buf[0]
+        self._chunks: deque[bytes] = deque()
+        self._head = 0  # read position inside _chunks[0]
+        self._size = 0  # bytes received and not yet framed
+        self._offset = 0  # stream offset of the first of them
         self._failed: StreamError | None = None
 
     @property
     def offset(self) -> int:
         """Stream offset of the first byte not yet returned as part of an event."""
-        return self._base + self._pos
+        return self._offset
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet framed."""
-        return len(self._buf) - self._pos
+        return self._size
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._base += self._pos
-            self._pos = 0
-        self._buf += data
+        if data:
+            self._chunks.append(data if type(data) is bytes else bytes(data))
+            self._size += len(data)
 
-    def next_event(self) -> Event:
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` buffered bytes (n <= buffered), not consumed."""
+        first, head = self._chunks[0], self._head
+        if len(first) - head >= n:
+            return first[head : head + n]
+        out = first[head:]
+        for chunk in itertools.islice(self._chunks, 1, None):
+            out += chunk[: n - len(out)]
+            if len(out) >= n:
+                break
+        return out
+
+    def _take(self, n: int) -> bytes:
+        """Consume the next ``n`` buffered bytes (n <= buffered)."""
+        chunks = self._chunks
+        self._size -= n
+        self._offset += n
+        first, head = chunks[0], self._head
+        if len(first) - head > n:  # inside the first chunk
+            self._head = head + n
+            return first[head : head + n]
+        if head == 0 and len(first) == n:  # exactly the first chunk
+            chunks.popleft()
+            return first
+        parts: list[bytes | memoryview] = []
+        while n:
+            first = chunks[0]
+            avail = len(first) - self._head
+            if avail <= n:
+                parts.append(memoryview(first)[self._head :] if self._head else first)
+                chunks.popleft()
+                self._head = 0
+                n -= avail
+            else:
+                parts.append(memoryview(first)[:n])
+                self._head = n
+                n = 0
+        return b"".join(parts)
+
+    def next_unchecked(self) -> UncheckedFrame | _NeedData:
+        """The next complete frame with its checksum and type not yet checked (so that
+        the hashing can happen elsewhere), or NEED_DATA. Raises StreamError."""
         if self._failed is not None:
             raise self._failed
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < HEADER_SIZE:
+        size = self._size
+        if size < HEADER_SIZE:
             # Reject a wrong magic as soon as its bytes are in, not a whole header later.
-            have = min(len(buf) - pos, 4)
-            if have and buf[pos : pos + have] != self.magic[:have]:
-                self._fail(BadMagic(self.magic, bytes(buf[pos : pos + 4]), self.offset))
+            have = min(size, 4)
+            if have and self._peek(have) != self.magic[:have]:
+                self._fail(BadMagic(self.magic, self._peek(have), self._offset))
             return NEED_DATA
-        magic, raw_type, length, expected = _HEADER.unpack_from(buf, pos)
+        magic, raw_type, length, expected = _HEADER.unpack(self._peek(HEADER_SIZE))
         if magic != self.magic:
-            self._fail(BadMagic(self.magic, magic, self.offset))
+            self._fail(BadMagic(self.magic, magic, self._offset))
         if length > self.max_length:
-            self._fail(Oversize(length, self.max_length, raw_type, self.offset))
-        end = pos + HEADER_SIZE + length
-        if len(buf) < end:
+            self._fail(Oversize(length, self.max_length, raw_type, self._offset))
+        if size < HEADER_SIZE + length:
             return NEED_DATA
-        with memoryview(buf) as view:  # one copy, not two
-            payload = bytes(view[pos + HEADER_SIZE : end])
-        offset = self.offset
-        self._pos = end
-        actual = checksum(payload)
-        if actual != expected:
-            return InvalidFrame("bad checksum", raw_type, length, offset, expected, actual)
-        if not msgtype_is_valid(raw_type):
-            return InvalidFrame("invalid message type", raw_type, length, offset, expected, actual)
-        return Frame(raw_type.rstrip(b"\0").decode("ascii"), payload, offset)
+        offset = self._offset
+        self._take(HEADER_SIZE)
+        payload = self._take(length) if length else b""
+        return UncheckedFrame(raw_type, payload, offset, expected)
+
+    def next_event(self) -> Event:
+        """The next frame, checked (checksum and message type), or NEED_DATA."""
+        ev = self.next_unchecked()
+        return ev if ev is NEED_DATA else ev.check()
 
     def _fail(self, error: StreamError) -> None:
         self._failed = error

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +38,7 @@ ANOMALIES = frozenset(
 class EventLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._lock = threading.Lock()  # the event loop and the capture thread both log
         self._f: IO[bytes] | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,18 +47,20 @@ class EventLog:
     def emit(self, event: str, **facts: Any) -> None:
         record = {"ts": dt.datetime.now(dt.UTC).isoformat(), "event": event, **facts}
         line = orjson.dumps(record, default=str) + b"\n"
-        if self._f is not None:
-            try:
-                self._f.write(line)
-            except OSError as e:
-                log.error("cannot write event log %s: %s", self.path, e)
+        with self._lock:
+            if self._f is not None:
+                try:
+                    self._f.write(line)
+                except OSError as e:
+                    log.error("cannot write event log %s: %s", self.path, e)
         level = logging.WARNING if event in ANOMALIES else logging.INFO
         log.log(level, "%s %s", event, orjson.dumps(facts, default=str).decode())
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
 
 
 class LiveView:

@@ -1,10 +1,12 @@
 """One proxied connection: two pumps that frame, capture and forward the exact bytes.
 
 Each pump reads a chunk, feeds its direction's :class:`~capture.framing.FrameDecoder`,
-writes the chunk's complete frames to the capture (one ``write()`` per chunk), then
-forwards the chunk unchanged and waits for the other side to drain it. A slow reader on
-one side therefore stops reading on the other: per connection, memory is bounded by one
-read chunk, one frame being reassembled (at most 4 MB) and the transport's write buffer.
+hands the chunk's complete frames to the capture thread (:mod:`proxy.worker`, which
+checks them and writes them with one ``writev()`` per chunk), then forwards the chunk
+unchanged and waits for the other side to drain it. A slow reader on one side therefore
+stops reading on the other: per connection, memory is bounded by one read chunk, one
+frame being reassembled (at most 4 MB), the transport's write buffer and the frames
+queued for the capture thread.
 """
 
 from __future__ import annotations
@@ -14,18 +16,31 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from capture.framing import NEED_DATA, BadMagic, Frame, FrameDecoder, StreamError
+from capture.framing import (
+    HEADER_SIZE,
+    NEED_DATA,
+    BadMagic,
+    Frame,
+    FrameDecoder,
+    StreamError,
+    UncheckedFrame,
+)
 from capture.writer import Clock
 from proxy.events import EventLog, LiveView
 from proxy.store import CaptureStopped, ConnectionCapture
+from proxy.worker import CaptureWorker
 
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 18
+MAX_QUEUED = 8 << 20
+"""Bytes of one connection's frames waiting for the capture thread before its pumps pause."""
 
 
 @dataclass(slots=True)
 class DirectionStats:
     bytes: int = 0
+    """Forwarded (written by the event loop)."""
     messages: int = 0
+    """Valid frames (this and the next two are written by the capture thread)."""
     captured: int = 0
     invalid: int = 0
 
@@ -53,8 +68,10 @@ class Relay:
         events: EventLog,
         live: LiveView | None,
         idle_timeout: float,
+        worker: CaptureWorker,
         raw: bool = False,
     ) -> None:
+        self.worker = worker
         self.conn_id = conn_id
         self.raw = raw
         """Relay without framing or capture (BIP324 under the passthrough policy)."""
@@ -65,6 +82,9 @@ class Relay:
         self.live = live
         self.idle_timeout = idle_timeout
         self.clock = Clock()
+        self._queued = 0  # bytes handed to the capture thread and not yet written
+        self._drained = asyncio.Event()
+        self._drained.set()
         self.last_activity = time.monotonic()
         self.closing = False
         self.close_reason = "eof"
@@ -78,9 +98,12 @@ class Relay:
             asyncio.create_task(self._pump(a, b.writer, first_bytes)),
             asyncio.create_task(self._pump(b, a.writer, b"")),
         ]
+        self._pumps = pumps
+        self._loop = asyncio.get_running_loop()
         watchdog = asyncio.create_task(self._watch_idle(pumps))
         try:
-            await asyncio.gather(*pumps)
+            # Pumps cancelled by the idle watchdog or a capture error end the relay too.
+            await asyncio.gather(*pumps, return_exceptions=True)
         finally:
             watchdog.cancel()
             for t in pumps:
@@ -127,9 +150,8 @@ class Relay:
                 src.stats.bytes += len(data)
                 data = b""
                 await dst.drain()
-        except CaptureStopped:
-            self.close_reason = "capture error"
-            self._abort(src.writer, dst)
+                if not self._drained.is_set():
+                    await self._drained.wait()  # the capture thread is behind (slow disk)
         except (ConnectionError, OSError) as e:
             # A reset on one side is passed on as a reset on the other.
             self.close_reason = f"{type(e).__name__}"
@@ -142,30 +164,19 @@ class Relay:
             return None
         start = decoder.offset + decoder.buffered
         decoder.receive_data(data)
-        frames: list[tuple[int, str, bytes]] = []
+        frames: list[tuple[int, UncheckedFrame]] = []
         fatal: StreamError | None = None
-        stats = src.stats
         try:
-            while (ev := decoder.next_event()) is not NEED_DATA:
-                if isinstance(ev, Frame):
-                    frames.append((self.clock.now(), ev.msgtype, ev.payload))
-                else:
-                    stats.invalid += 1
-                    self.events.emit(
-                        "bad_checksum" if ev.reason == "bad checksum" else "invalid_type",
-                        conn=self.conn_id,
-                        peer=self.peer,
-                        direction="recv" if src.recv else "sent",
-                        detail=ev.describe(),
-                    )
+            while (ev := decoder.next_unchecked()) is not NEED_DATA:
+                frames.append((self.clock.now(), ev))
         except StreamError as e:
             fatal = e
         if frames:
-            stats.messages += len(frames)
-            stats.captured += self.capture.write(src.recv, frames)
-            if self.live is not None:
-                for t, msgtype, payload in frames:
-                    self.live.message(t, self.peer, src.recv, msgtype, len(payload))
+            size = sum(HEADER_SIZE + len(f.payload) for _, f in frames)
+            self._queued += size
+            if self._queued > MAX_QUEUED:
+                self._drained.clear()
+            self.worker.submit(lambda: self._check_and_capture(src, frames, size))
         if fatal is None:
             return None
         self.events.emit(
@@ -176,8 +187,56 @@ class Relay:
             detail=str(fatal),
         )
         forward = max(0, min(len(data), fatal.offset - start))
-        stats.bytes += forward
+        src.stats.bytes += forward
         return forward
+
+    def _check_and_capture(
+        self, src: Pipe, frames: list[tuple[int, UncheckedFrame]], size: int
+    ) -> None:
+        """In the capture thread: check frames as Core would, capture the valid ones."""
+        try:
+            self._capture_checked(src, frames)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self._loop.call_soon_threadsafe(self._captured, size)
+
+    def _captured(self, size: int) -> None:
+        self._queued -= size
+        if self._queued <= MAX_QUEUED:
+            self._drained.set()
+
+    def _capture_checked(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
+        stats = src.stats
+        good: list[tuple[int, str, bytes]] = []
+        for t, unchecked in frames:
+            ev = unchecked.check()
+            if isinstance(ev, Frame):
+                good.append((t, ev.msgtype, ev.payload))
+                continue
+            stats.invalid += 1
+            self.events.emit(
+                "bad_checksum" if ev.reason == "bad checksum" else "invalid_type",
+                conn=self.conn_id,
+                peer=self.peer,
+                direction="recv" if src.recv else "sent",
+                detail=ev.describe(),
+            )
+        if not good:
+            return
+        stats.messages += len(good)
+        try:
+            stats.captured += self.capture.write(src.recv, good)
+        except CaptureStopped:
+            self._loop.call_soon_threadsafe(self._stop_for_capture_error)
+            return
+        if self.live is not None:
+            for t, msgtype, payload in good:
+                self.live.message(t, self.peer, src.recv, msgtype, len(payload))
+
+    def _stop_for_capture_error(self) -> None:
+        self.close_reason = "capture error"
+        for t in self._pumps:
+            t.cancel()
 
     def _abort(self, *writers: asyncio.StreamWriter) -> None:
         self.closing = True

@@ -19,6 +19,7 @@ from proxy.config import Config, HostPort, Route, V2Policy
 from proxy.events import EventLog, LiveView
 from proxy.relay import READ_SIZE, DirectionStats, Pipe, Relay
 from proxy.store import CaptureStopped, CaptureStore
+from proxy.worker import CaptureWorker
 
 log = logging.getLogger("msgcap")
 
@@ -72,6 +73,7 @@ class Proxy:
         self.events = EventLog(config.event_log_path)
         self.store = CaptureStore(config, self.events)
         self.live = LiveView() if config.live else None
+        self.worker = CaptureWorker()
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ids = itertools.count(1)
@@ -136,6 +138,8 @@ class Proxy:
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        # Everything forwarded is queued for capture: let the capture thread finish it.
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
         self.events.emit("stop", captured_bytes=self.store.total)
         self.events.close()
         self._stopped.set()
@@ -329,6 +333,7 @@ class Proxy:
             self.events,
             self.live,
             self.config.limits.idle_timeout,
+            self.worker,
             raw=raw,
         )
         a = Pipe(*client_side, recv=not node_is_client)
@@ -345,18 +350,22 @@ class Proxy:
         try:
             await relay.run(a, b, first)
         finally:
-            capture.close()
-            recv, sent = (a.stats, b.stats) if a.recv else (b.stats, a.stats)
-            self.events.emit(
-                "close",
-                conn=conn_id,
-                route=route,
-                peer=peer,
-                reason=relay.close_reason,
-                recv=_stats(recv),
-                sent=_stats(sent),
-                captured_bytes=capture.bytes,
-            )
+
+            def finish() -> None:  # in the capture thread, after this connection's frames
+                capture.close()
+                recv, sent = (a.stats, b.stats) if a.recv else (b.stats, a.stats)
+                self.events.emit(
+                    "close",
+                    conn=conn_id,
+                    route=route,
+                    peer=peer,
+                    reason=relay.close_reason,
+                    recv=_stats(recv),
+                    sent=_stats(sent),
+                    captured_bytes=capture.bytes,
+                )
+
+            self.worker.submit(finish)
 
 
 def _stats(s: DirectionStats) -> dict[str, int]:

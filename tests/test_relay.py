@@ -415,3 +415,46 @@ async def test_shutdown_closes_connections_and_files(tmp_path: Path) -> None:
     assert capture(tmp_path, up.port, "msgs_sent.dat") == [("version", b"\x01" * 100)]
     kinds = [e["event"] for e in events(tmp_path)]
     assert kinds[-2:] == ["close", "stop"]
+
+
+async def test_slow_capture_disk_slows_forwarding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames waiting for the capture thread are bounded: forwarding waits for the disk."""
+    import time as _time
+
+    from capture.writer import CaptureWriter
+
+    real = CaptureWriter.write_parts
+
+    def slow(self: CaptureWriter, recv: bool, parts: list[bytes]) -> int:
+        _time.sleep(0.02)
+        return real(self, recv, parts)
+
+    monkeypatch.setattr(CaptureWriter, "write_parts", slow)
+    received = bytearray()
+    lead = []
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sent_file = tmp_path / "cap" / f"127.0.0.1_{up.port}" / "msgs_sent.dat"
+        while chunk := await r.read(1 << 16):
+            received.extend(chunk)
+            on_disk = sent_file.stat().st_size if sent_file.exists() else 0
+            lead.append(len(received) - on_disk)
+
+    frame = encode_frame(MAGIC, "block", bytes(100_000))
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION)
+        for _ in range(300):
+            w.write(frame)
+            await w.drain()
+        w.write_eof()
+        await asyncio.wait_for(read_all(r), 60)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert len(received) == len(VERSION) + 300 * len(frame)
+    # Forwarded but not yet captured stays near the queue bound (8 MB plus a read or
+    # two), far below the 30 MB that went through.
+    assert max(lead) < 12_000_000, max(lead)
+    assert len(capture(tmp_path, up.port, "msgs_sent.dat")) == 301
