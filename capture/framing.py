@@ -10,6 +10,7 @@ length) raise a :class:`StreamError`; the stream cannot be resynchronised after 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import itertools
 import struct
@@ -81,6 +82,7 @@ def checksum(payload: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
 
 
+@functools.lru_cache(maxsize=1024)
 def msgtype_is_valid(raw: bytes) -> bool:
     """Core's CMessageHeader::IsMessageTypeValid on the 12 raw bytes.
 
@@ -164,16 +166,34 @@ Event = Frame | InvalidFrame | _NeedData
 
 @dataclass(frozen=True, slots=True)
 class UncheckedFrame:
-    """A complete frame whose checksum and message type are not checked yet."""
+    """A complete frame whose checksum and message type are not checked yet.
+
+    The payload is kept as the pieces of the received chunks that hold it, so that a
+    large payload is never copied: hash the parts, write them with ``writev``.
+    """
 
     raw_msgtype: bytes
-    payload: bytes
+    parts: tuple[bytes | memoryview, ...]
+    length: int
     offset: int
     expected_checksum: bytes
 
+    @property
+    def payload(self) -> bytes:
+        parts = self.parts
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
+
+    def checksum_ok(self) -> bool:
+        h = hashlib.sha256()
+        for part in self.parts:
+            h.update(part)
+        return hashlib.sha256(h.digest()).digest()[:4] == self.expected_checksum
+
     def check(self) -> Frame | InvalidFrame:
         """What Core makes of it: a Frame, or an InvalidFrame it would drop."""
-        raw, length = self.raw_msgtype, len(self.payload)
+        raw, length = self.raw_msgtype, self.length
         actual = checksum(self.payload)
         if actual != self.expected_checksum:
             return InvalidFrame(
@@ -265,18 +285,18 @@ class FrameDecoder:
                 break
         return out
 
-    def _take(self, n: int) -> bytes:
-        """Consume the next ``n`` buffered bytes (n <= buffered)."""
+    def _take(self, n: int) -> tuple[bytes | memoryview, ...]:
+        """Consume the next ``n`` buffered bytes (n <= buffered), as chunk pieces."""
         chunks = self._chunks
         self._size -= n
         self._offset += n
         first, head = chunks[0], self._head
         if len(first) - head > n:  # inside the first chunk
             self._head = head + n
-            return first[head : head + n]
+            return (first[head : head + n],)
         if head == 0 and len(first) == n:  # exactly the first chunk
             chunks.popleft()
-            return first
+            return (first,)
         parts: list[bytes | memoryview] = []
         while n:
             first = chunks[0]
@@ -290,7 +310,7 @@ class FrameDecoder:
                 parts.append(memoryview(first)[:n])
                 self._head = n
                 n = 0
-        return b"".join(parts)
+        return tuple(parts)
 
     def next_unchecked(self) -> UncheckedFrame | _NeedData:
         """The next complete frame with its checksum and type not yet checked (so that
@@ -298,6 +318,19 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         size = self._size
+        if size >= HEADER_SIZE:
+            # Fast path: the whole frame is inside the first chunk.
+            first, head = self._chunks[0], self._head
+            if len(first) - head >= HEADER_SIZE:
+                magic, raw_type, length, expected = _HEADER.unpack_from(first, head)
+                end = head + HEADER_SIZE + length
+                if magic == self.magic and length <= self.max_length and end < len(first):
+                    offset = self._offset
+                    self._head = end
+                    self._size = size - HEADER_SIZE - length
+                    self._offset = offset + HEADER_SIZE + length
+                    payload = first[head + HEADER_SIZE : end]
+                    return UncheckedFrame(raw_type, (payload,), length, offset, expected)
         if size < HEADER_SIZE:
             # Reject a wrong magic as soon as its bytes are in, not a whole header later.
             have = min(size, 4)
@@ -313,8 +346,8 @@ class FrameDecoder:
             return NEED_DATA
         offset = self._offset
         self._take(HEADER_SIZE)
-        payload = self._take(length) if length else b""
-        return UncheckedFrame(raw_type, payload, offset, expected)
+        parts = self._take(length) if length else (b"",)
+        return UncheckedFrame(raw_type, parts, length, offset, expected)
 
     def next_event(self) -> Event:
         """The next frame, checked (checksum and message type), or NEED_DATA."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -62,7 +63,7 @@ class CaptureWriter:
         """Append complete encoded records with one ``write()``."""
         return self.write_parts(recv, [records])
 
-    def write_parts(self, recv: bool, parts: list[bytes]) -> int:
+    def write_parts(self, recv: bool, parts: Sequence[bytes | memoryview]) -> int:
         """Append the concatenation of ``parts`` (whole records) with one ``writev()``,
         without copying them together. A short write, which regular files only do when
         the disk is full, is completed with further writes or raises."""

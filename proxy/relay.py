@@ -24,6 +24,7 @@ from capture.framing import (
     FrameDecoder,
     StreamError,
     UncheckedFrame,
+    msgtype_is_valid,
 )
 from capture.writer import Clock
 from proxy.events import EventLog, LiveView
@@ -172,7 +173,7 @@ class Relay:
         except StreamError as e:
             fatal = e
         if frames:
-            size = sum(HEADER_SIZE + len(f.payload) for _, f in frames)
+            size = sum(HEADER_SIZE + f.length for _, f in frames)
             self._queued += size
             if self._queued > MAX_QUEUED:
                 self._drained.clear()
@@ -207,12 +208,14 @@ class Relay:
 
     def _capture_checked(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
         stats = src.stats
-        good: list[tuple[int, str, bytes]] = []
+        good: list[tuple[int, bytes, tuple[bytes | memoryview, ...], int]] = []
         for t, unchecked in frames:
-            ev = unchecked.check()
-            if isinstance(ev, Frame):
-                good.append((t, ev.msgtype, ev.payload))
+            raw = unchecked.raw_msgtype
+            if unchecked.checksum_ok() and msgtype_is_valid(raw):
+                good.append((t, raw, unchecked.parts, unchecked.length))
                 continue
+            ev = unchecked.check()
+            assert not isinstance(ev, Frame)
             stats.invalid += 1
             self.events.emit(
                 "bad_checksum" if ev.reason == "bad checksum" else "invalid_type",
@@ -230,8 +233,9 @@ class Relay:
             self._loop.call_soon_threadsafe(self._stop_for_capture_error)
             return
         if self.live is not None:
-            for t, msgtype, payload in good:
-                self.live.message(t, self.peer, src.recv, msgtype, len(payload))
+            for t, raw, _, length in good:
+                msgtype = raw.rstrip(b"\0").decode("ascii")
+                self.live.message(t, self.peer, src.recv, msgtype, length)
 
     def _stop_for_capture_error(self) -> None:
         self.close_reason = "capture error"

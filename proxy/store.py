@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from capture.layout import Layout, capture_folder
-from capture.records import RECORD_HEADER_SIZE, record_header
+from capture.records import RECORD_HEADER, RECORD_HEADER_SIZE
 from capture.writer import CaptureWriter
 from proxy.config import CaptureErrorPolicy, Config
 from proxy.events import EventLog
@@ -40,15 +40,19 @@ class ConnectionCapture:
         except (OSError, ValueError) as e:
             self._failed(f"cannot open capture files: {e}")
 
-    def write(self, recv: bool, frames: list[tuple[int, str, bytes]]) -> int:
-        """Capture messages of one direction with one write; returns how many were
-        captured (fewer when a quota is hit or the disk fails)."""
+    def write(
+        self, recv: bool, frames: list[tuple[int, bytes, tuple[bytes | memoryview, ...], int]]
+    ) -> int:
+        """Capture ``(time, 12-byte raw type, payload parts, payload length)`` messages
+        of one direction with one write; returns how many were captured (fewer when a
+        quota is hit or the disk fails)."""
         if not self.active or self.writer is None:
             return 0
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
+        count = 0
         size = 0
-        for time_us, msgtype, payload in frames:
-            n = RECORD_HEADER_SIZE + len(payload)
+        for time_us, raw_msgtype, payload_parts, length in frames:
+            n = RECORD_HEADER_SIZE + length
             quota = self.store.reserve(self.peer, n)
             if quota is not None:
                 self.active = False
@@ -60,9 +64,10 @@ class ConnectionCapture:
                     note="capture stopped, forwarding continues",
                 )
                 break
-            parts.append(record_header(time_us, msgtype, len(payload)))
-            parts.append(payload)
+            parts.append(RECORD_HEADER.pack(time_us, raw_msgtype, length))
+            parts.extend(payload_parts)
             size += n
+            count += 1
         if not parts:
             return 0
         try:
@@ -72,8 +77,8 @@ class ConnectionCapture:
             self._failed(f"cannot write capture: {e}")
             return 0
         self.bytes += size
-        self.records += len(parts) // 2
-        return len(parts) // 2
+        self.records += count
+        return count
 
     def _failed(self, reason: str) -> None:
         self.active = False
