@@ -169,6 +169,87 @@ def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def add_replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="a capture folder or files")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="HOST:PORT", help="dial a live node and play to it")
+    where.add_argument("--listen", metavar="HOST:PORT", help="wait for one client, play to it")
+    p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
+    p.add_argument("--play", choices=("peer", "node"),
+                   help="side to play (default: peer with --to, node with --listen)")  # fmt: skip
+    p.add_argument("--fast", action="store_true", help="do not wait for the live side")
+    p.add_argument("--verbatim", action="store_true", help="send the recorded version as is")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per step")
+    p.add_argument("--strict", action="store_true", help="exit 1 if the conversation diverged")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    import orjson
+
+    from capture.framing import parse_magic
+    from proxy.config import HostPort
+    from proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
+
+    try:
+        magic = parse_magic(args.network)
+        steps = load_conversation(args.paths)
+        target = HostPort.parse(args.to or args.listen, "--to" if args.to else "--listen")
+    except (ValueError, ReplayError) as e:
+        raise UsageError(str(e)) from None
+    options = {"magic": magic, "fast": args.fast, "verbatim": args.verbatim,
+               "timeout": args.timeout}  # fmt: skip
+    try:
+        if args.to:
+            report = asyncio.run(replay_to(steps, target.host, target.port,
+                                           play=args.play or "peer", **options))  # fmt: skip
+        else:
+            report = asyncio.run(replay_listen(steps, target.host, target.port,
+                                               play=args.play or "node", **options))  # fmt: skip
+    except ReplayError as e:
+        raise UsageError(str(e)) from None
+    except (OSError, TimeoutError) as e:
+        print(f"msgcap: error: {e or type(e).__name__}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(report.to_json()).decode())
+    else:
+        print(report.summary())
+    return 1 if args.strict and report.diverged else 0
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="FILE", help="capture files or folders")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--fuzz", metavar="DIR", help="one v1 wire message per file, SHA-1 named")
+    kind.add_argument("--pcap", metavar="OUT", help="a pcap with one TCP connection per peer")
+    p.add_argument("--payloads", action="store_true",
+                   help="with --fuzz: bare payloads in one folder per type")  # fmt: skip
+    p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from capture.export import export_fuzz, export_pcap
+    from capture.framing import parse_magic
+
+    try:
+        magic = parse_magic(args.network)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    paths = [Path(p) for p in args.paths]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such file or folder")
+    if args.fuzz:
+        result = export_fuzz(paths, Path(args.fuzz), magic, payloads=args.payloads)
+        print(f"{result.messages} messages, {result.distinct} distinct, "
+              f"{result.written} new files in {args.fuzz}")  # fmt: skip
+    else:
+        n = export_pcap(paths, Path(args.pcap), magic)
+        print(f"{n} messages written to {args.pcap}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = _ArgumentParser(
         prog="msgcap",
@@ -185,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="messages and bytes per peer, direction and type")
     add_selection_args(s)
     s.set_defaults(run=run_stats)
+    r = sub.add_parser("replay", help="play one side of a capture against live software")
+    add_replay_args(r)
+    r.set_defaults(run=run_replay)
+    e = sub.add_parser("export", help="export captures as a fuzzing corpus or a pcap")
+    add_export_args(e)
+    e.set_defaults(run=run_export)
     return top
 
 

@@ -1,0 +1,355 @@
+"""Replay one side of a recorded conversation against live software.
+
+A capture folder holds both sides of a connection from the node's point of view:
+``msgs_recv.dat`` is what the peer sent, ``msgs_sent.dat`` what the node sent. The
+replayer plays one side (``peer`` by default when dialing a node, ``node`` when listening
+for a client under test) and expects the other from the live software:
+
+- its own handshake: the recorded ``version`` with a fresh nonce and the current time
+  (unless ``verbatim``), the recorded pre-verack feature messages, then ``verack``;
+- then the played side's recorded messages in order, re-framed for the chosen network;
+  recorded ``pong``s are dropped and live ``ping``s are answered instead;
+- pacing: before the k-th message it waits, up to ``timeout``, until the live side has
+  sent at least as many messages of each type as the recording shows by then (``fast``
+  skips this);
+- a report: what was sent and received, where it stalled, and a diff of the other
+  side's message types, recorded against live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import os
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from capture.framing import NEED_DATA, Frame, FrameDecoder, StreamError, encode_frame
+from capture.layout import RECV_FILE, SENT_FILE
+from capture.records import Record, is_recv_file, read_records
+
+Side = Literal["peer", "node"]
+
+HANDSHAKE = frozenset({"version", "verack", "wtxidrelay", "sendaddrv2", "sendtxrcncl"})
+"""Types exchanged before ``verack``; the replayer's own handshake takes care of them."""
+NOISE = frozenset({"ping", "pong"})
+"""Types whose count depends on timing, not on the conversation."""
+
+_VERSION_TIME = struct.Struct("<q")  # offset 12 in a version payload
+_VERSION_NONCE_OFFSET = 4 + 8 + 8 + 26 + 26
+
+
+class ReplayError(Exception):
+    """The capture cannot be replayed (no version message on the played side, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One recorded message."""
+
+    time: int
+    side: Side
+    msgtype: str
+    payload: bytes
+
+
+def _side_files(path: Path) -> list[tuple[Path, Side]]:
+    if path.is_dir():
+        found = [(path / RECV_FILE, "peer"), (path / SENT_FILE, "node")]
+        files: list[tuple[Path, Side]] = [(p, s) for p, s in found if p.exists()]  # type: ignore[misc]
+        if not files:
+            raise ReplayError(f"{path}: no {RECV_FILE} or {SENT_FILE} in this folder")
+        return files
+    if not path.exists():
+        raise ReplayError(f"{path}: no such file or folder")
+    return [(path, "peer" if is_recv_file(path) else "node")]
+
+
+def load_conversation(paths: Iterable[str | os.PathLike[str]]) -> list[Step]:
+    """Both sides of a recorded connection, merged by time (stable, recv first on ties).
+
+    Records with undecodable types or damage are skipped; replay needs valid frames.
+    """
+    steps: list[Step] = []
+    for p in paths:
+        for path, side in _side_files(Path(p)):
+            with open(path, "rb") as f:
+                for rec in read_records(f):
+                    if not isinstance(rec, Record):
+                        continue
+                    try:
+                        msgtype = rec.msgtype_bytes.decode("ascii")
+                    except UnicodeDecodeError:
+                        continue
+                    steps.append(Step(rec.time, side, msgtype, rec.payload))
+    steps.sort(key=lambda s: s.time)
+    return steps
+
+
+@dataclass(slots=True)
+class Stall:
+    before: int
+    """Index (in played order) of the message that was waiting."""
+    msgtype: str
+    missing: dict[str, int]
+    """Message types (and how many) the live side had not sent when the wait timed out."""
+
+
+@dataclass(slots=True)
+class Report:
+    played: Side
+    sent: int = 0
+    received: int = 0
+    sent_types: Counter[str] = field(default_factory=Counter)
+    received_types: Counter[str] = field(default_factory=Counter)
+    stalls: list[Stall] = field(default_factory=list)
+    diff: list[dict[str, Any]] = field(default_factory=list)
+    """Opcodes turning the recorded type sequence of the other side into the live one."""
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.stalls or self.diff or self.error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "played": self.played,
+            "sent": self.sent,
+            "received": self.received,
+            "sent_types": dict(self.sent_types),
+            "received_types": dict(self.received_types),
+            "stalls": [
+                {"before": s.before, "msgtype": s.msgtype, "missing": s.missing}
+                for s in self.stalls
+            ],
+            "diff": self.diff,
+            "error": self.error,
+            "diverged": self.diverged,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"replayed the recorded {self.played}: sent {self.sent} messages, received "
+            f"{self.received} in {self.seconds:.1f}s",
+        ]
+        if self.error:
+            lines.append(f"error: {self.error}")
+        for s in self.stalls:
+            missing = ", ".join(f"{n} {t}" for t, n in sorted(s.missing.items()))
+            lines.append(
+                f"stalled before message {s.before} ({s.msgtype}): still missing {missing}"
+            )
+        if self.diff:
+            lines.append("the live side's messages differ from the recording (ping/pong ignored):")
+            for d in self.diff:
+                lines.append(
+                    f"  {d['op']}: recorded[{d['recorded_at']}] {d['recorded']} -> "
+                    f"live[{d['live_at']}] {d['live']}"
+                )
+        else:
+            lines.append("the live side's message types match the recording (ping/pong ignored)")
+        lines.append("DIVERGED" if self.diverged else "reproduced")
+        return "\n".join(lines)
+
+
+def _fresh_version(payload: bytes) -> bytes:
+    """The recorded version with the current time and a new random nonce."""
+    if len(payload) < _VERSION_NONCE_OFFSET + 8:
+        return payload
+    out = bytearray(payload)
+    _VERSION_TIME.pack_into(out, 12, int(time.time()))
+    out[_VERSION_NONCE_OFFSET : _VERSION_NONCE_OFFSET + 8] = random.randbytes(8)
+    return bytes(out)
+
+
+def _type_diff(recorded: list[str], live: list[str]) -> list[dict[str, Any]]:
+    ops = difflib.SequenceMatcher(a=recorded, b=live, autojunk=False).get_opcodes()
+    return [
+        {
+            "op": op,
+            "recorded_at": i1,
+            "recorded": recorded[i1:i2],
+            "live_at": j1,
+            "live": live[j1:j2],
+        }
+        for op, i1, i2, j1, j2 in ops
+        if op != "equal"
+    ]
+
+
+class Replayer:
+    def __init__(
+        self,
+        steps: list[Step],
+        *,
+        play: Side,
+        magic: bytes,
+        fast: bool = False,
+        verbatim: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        self.steps = steps
+        self.play = play
+        self.magic = magic
+        self.fast = fast
+        self.verbatim = verbatim
+        self.timeout = timeout
+        self.report = Report(play)
+        self._live: list[str] = []
+        self._changed = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_done = False
+        self._given_up: Counter[str] = Counter()
+        """Messages a stall stopped waiting for: later waits do not wait for them again."""
+
+    def _send(self, msgtype: str, payload: bytes) -> None:
+        assert self._writer is not None
+        self._writer.write(encode_frame(self.magic, msgtype, payload))
+        self.report.sent += 1
+        self.report.sent_types[msgtype] += 1
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = FrameDecoder(self.magic)
+        try:
+            while data := await reader.read(1 << 16):
+                decoder.receive_data(data)
+                while (ev := decoder.next_event()) is not NEED_DATA:
+                    if not isinstance(ev, Frame):
+                        continue
+                    self.report.received += 1
+                    self.report.received_types[ev.msgtype] += 1
+                    self._live.append(ev.msgtype)
+                    if ev.msgtype == "ping" and self._writer is not None:
+                        self._send("pong", ev.payload)
+                    self._changed.set()
+        except (StreamError, ConnectionError) as e:
+            self.report.error = f"live side: {e}"
+        finally:
+            self._changed.set()
+
+    async def _wait_for(self, expected: Counter[str], before: int, msgtype: str) -> bool:
+        """Wait until the live side has sent ``expected``; record a stall on timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            have = Counter(self._live) + self._given_up
+            missing = {t: n - have[t] for t, n in expected.items() if have[t] < n}
+            if not missing:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or self._reader_done:
+                self.report.stalls.append(Stall(before, msgtype, missing))
+                self._given_up.update(missing)
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def run(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, initiator: bool
+    ) -> Report:
+        started = time.monotonic()
+        self._writer = writer
+        mine = [s for s in self.steps if s.side == self.play]
+        theirs = [s for s in self.steps if s.side != self.play]
+        version = next((s for s in mine if s.msgtype == "version"), None)
+        if version is None:
+            raise ReplayError(f"the recorded {self.play} side has no version message")
+        verack_at = next((s.time for s in mine if s.msgtype == "verack"), None)
+        features = [
+            s
+            for s in mine
+            if s.msgtype in HANDSHAKE - {"version", "verack"}
+            and (verack_at is None or s.time < verack_at)
+        ]
+        handshake_ids = {id(version), *(id(s) for s in features)}
+        if verack_at is not None:
+            handshake_ids |= {id(s) for s in mine if s.msgtype == "verack"}
+        to_play = [s for s in mine if id(s) not in handshake_ids and s.msgtype != "pong"]
+        expected_after = [s for s in theirs if s.msgtype not in HANDSHAKE | NOISE]
+
+        reading = asyncio.create_task(self._read(reader))
+        reading.add_done_callback(lambda _: setattr(self, "_reader_done", True))
+        try:
+            payload = version.payload if self.verbatim else _fresh_version(version.payload)
+            if initiator:
+                self._send("version", payload)
+                await self._wait_for(Counter(version=1), 0, "(handshake)")
+            else:
+                await self._wait_for(Counter(version=1), 0, "(handshake)")
+                self._send("version", payload)
+            for s in features:
+                self._send(s.msgtype, s.payload)
+            self._send("verack", b"")
+            await writer.drain()
+            await self._wait_for(Counter(verack=1), 0, "(first message)")
+            for k, step in enumerate(to_play):
+                if not self.fast:
+                    expected = Counter(s.msgtype for s in expected_after if s.time < step.time)
+                    await self._wait_for(expected, k, step.msgtype)
+                self._send(step.msgtype, step.payload)
+                await writer.drain()
+            final = Counter(s.msgtype for s in expected_after)
+            await self._wait_for(final, len(to_play), "(end)")
+            await asyncio.sleep(0.2)  # let in-flight replies arrive
+        except ConnectionError as e:
+            self.report.error = f"connection lost: {e}"
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+        recorded = [s.msgtype for s in theirs if s.msgtype not in HANDSHAKE | NOISE]
+        live = [t for t in self._live if t not in HANDSHAKE | NOISE]
+        self.report.diff = _type_diff(recorded, live)
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+
+async def replay_to(
+    steps: list[Step], host: str, port: int, *, play: Side = "peer", **options: Any
+) -> Report:
+    """Dial a live node and play one side of the recording to it."""
+    reader, writer = await asyncio.open_connection(host, port)
+    return await Replayer(steps, play=play, **options).run(reader, writer, initiator=True)
+
+
+async def replay_listen(
+    steps: list[Step],
+    host: str,
+    port: int,
+    *,
+    play: Side = "node",
+    ready: asyncio.Future[tuple[str, int]] | None = None,
+    accept_timeout: float = 60.0,
+    **options: Any,
+) -> Report:
+    """Wait for one client and play one side of the recording to it."""
+    conn: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if conn.done():
+            w.close()
+            return
+        conn.set_result((r, w))
+
+    server = await asyncio.start_server(on_client, host, port)
+    try:
+        if ready is not None:
+            ready.set_result(server.sockets[0].getsockname()[:2])
+        reader, writer = await asyncio.wait_for(conn, accept_timeout)
+    finally:
+        server.close()
+    return await Replayer(steps, play=play, **options).run(reader, writer, initiator=False)
