@@ -125,10 +125,15 @@ def run_proxy(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
+    from proxy.server import StartupError
+
     try:
         return int(runner(_serve(config)))
     except OSError as e:
         print(f"msgcap: error: cannot listen: {e}", file=sys.stderr)
+        return 1
+    except StartupError as e:
+        print(f"msgcap: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from capture.framing import v1_version_prefix
 from capture.layout import peer_folder_name
 from proxy import socks5
-from proxy.config import Config, HostPort, Route, V2Policy
+from proxy.config import CaptureErrorPolicy, Config, HostPort, Route, V2Policy
 from proxy.events import EventLog, LiveView
 from proxy.relay import READ_SIZE, DirectionStats, Pipe, Relay
 from proxy.store import CaptureStopped, CaptureStore
@@ -62,6 +62,10 @@ async def read_initial(reader: asyncio.StreamReader, magic: bytes, timeout: floa
     return buf
 
 
+class StartupError(Exception):
+    """The proxy cannot start (exit status 1, with this reason)."""
+
+
 def _close(writer: asyncio.StreamWriter | None) -> None:
     if writer is not None and not writer.is_closing():
         writer.close()
@@ -83,6 +87,12 @@ class Proxy:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self.store.writable and self.config.on_capture_error is CaptureErrorPolicy.STOP:
+            await self.stop()
+            raise StartupError(
+                f"capture directory {self.config.capture_dir} is not writable and "
+                "on_capture_error is 'stop'"
+            )
         try:
             for route in self.config.routes:
                 await self._listen(route.listen, functools.partial(self._on_route, route))

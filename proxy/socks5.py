@@ -13,6 +13,7 @@ import errno
 import fnmatch
 import hmac
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -113,8 +114,9 @@ async def negotiate(
             host = raw.decode("ascii")
         except UnicodeDecodeError:
             raise SocksError(f"non-ASCII host name {raw!r}", Reply.GENERAL_FAILURE) from None
-        if not host or "\0" in host:
-            raise SocksError(f"unusable host name {raw!r}", Reply.GENERAL_FAILURE)
+        problem = host_name_problem(host)
+        if problem is not None:
+            raise SocksError(f"refused host name {raw!r}: {problem}", Reply.HOST_UNREACHABLE)
     else:
         raise SocksError(f"address type {atyp} not supported", Reply.ADDRESS_TYPE_NOT_SUPPORTED)
     port = int.from_bytes(await _read(reader, 2, "request"), "big")
@@ -123,6 +125,30 @@ async def negotiate(
     if cfg.allow and not any(fnmatch.fnmatchcase(f"{host}:{port}", p) for p in cfg.allow):
         raise SocksError(f"destination {host}:{port} not in allow list", Reply.NOT_ALLOWED)
     return Request(host, port, atyp, username)
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` (from ATYP DOMAINNAME) is not an IP literal or a DNS name, or None.
+
+    Checked before any lookup, so a hostile name never reaches the resolver or a path.
+    """
+    if "%" in host:
+        return "IPv6 zone ids are not accepted"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return f"length {len(host)} is not that of a DNS name (1-253)"
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            return f"label {label[:20]!r} is not a DNS label"
+    return None
 
 
 def reply(writer: asyncio.StreamWriter, code: Reply) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -104,7 +105,24 @@ class CaptureStore:
         self.events = events
         self.per_peer: Counter[str] = Counter()
         self.total = 0
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.writable = True
+        problem = self._check_root()
+        if problem is not None:
+            self.writable = False
+            events.emit("capture_error", error=problem, policy=self.on_error.value,
+                        note="no capture until it is writable" if self.on_error is
+                        CaptureErrorPolicy.CONTINUE else "refusing connections")  # fmt: skip
+
+    def _check_root(self) -> str | None:
+        """Why the capture directory cannot take files, or None."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".msgcap-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            return f"capture directory {self.root} is not writable: {e.strerror or e}"
+        return None
 
     def open(self, peer: str, conn_id: int) -> ConnectionCapture:
         return ConnectionCapture(self, peer, conn_id)
