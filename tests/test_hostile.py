@@ -272,7 +272,7 @@ async def test_wrong_socks_credentials(tmp_path: Path) -> None:
                 b"\x01\x05alice\x06s3cret",
                 request(1, b"\x7f\0\0\1", echo_port),
                 VERSION,
-            ],  # fmt: skip
+            ],
             wait=0.5,
         )
         assert good == b"\x05\x02\x01\x00" + b"\x05\x00\x00\x01" + bytes(6) + VERSION
