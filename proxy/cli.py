@@ -141,9 +141,10 @@ async def _serve(config: Config) -> int:
     from proxy.server import Proxy
 
     proxy = Proxy(config)
+    stop = proxy.handle_signals()
     await proxy.start()
     print(describe(config, proxy.addresses), flush=True)
-    await proxy.run_until_signal()
+    await proxy.run_until(stop)
     return 0
 
 

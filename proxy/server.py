@@ -154,11 +154,15 @@ class Proxy:
         self.events.close()
         self._stopped.set()
 
-    async def run_until_signal(self) -> None:
+    def handle_signals(self) -> asyncio.Event:
+        """SIGINT and SIGTERM set the returned event (install before announcing)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        return stop
+
+    async def run_until(self, stop: asyncio.Event) -> None:
         await stop.wait()
         await self.stop()
 
@@ -254,7 +258,7 @@ class Proxy:
                     client=client,
                     peer=peer,
                     destination=str(dest),
-                    error=str(e) or type(e).__name__,
+                    error=describe_error(e),
                     reply=code.name,
                 )
                 socks5.reply(writer, code)
@@ -315,7 +319,7 @@ class Proxy:
                 conn=conn_id,
                 peer=peer,
                 upstream=str(to),
-                error=str(e) or type(e).__name__,
+                error=describe_error(e),
             )
             return None
 
@@ -376,6 +380,12 @@ class Proxy:
                 )
 
             self.worker.submit(finish)
+
+
+def describe_error(e: BaseException) -> str:
+    """``ConnectionRefusedError: Connection refused`` rather than asyncio's wording."""
+    detail = getattr(e, "strerror", None) or str(e)
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 def _stats(s: DirectionStats) -> dict[str, int]:
