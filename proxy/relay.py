@@ -32,8 +32,6 @@ from proxy.store import CaptureStopped, ConnectionCapture
 from proxy.worker import CaptureWorker
 
 READ_SIZE = 1 << 18
-MAX_QUEUED = 8 << 20
-"""Bytes of one connection's frames waiting for the capture thread before its pumps pause."""
 
 
 @dataclass(slots=True)
@@ -83,9 +81,6 @@ class Relay:
         self.live = live
         self.idle_timeout = idle_timeout
         self.clock = Clock()
-        self._queued = 0  # bytes handed to the capture thread and not yet written
-        self._drained = asyncio.Event()
-        self._drained.set()
         self.last_activity = time.monotonic()
         self.closing = False
         self.close_reason = "eof"
@@ -151,8 +146,7 @@ class Relay:
                 src.stats.bytes += len(data)
                 data = b""
                 await dst.drain()
-                if not self._drained.is_set():
-                    await self._drained.wait()  # the capture thread is behind (slow disk)
+                await self.worker.room()  # the capture thread may be behind (slow disk)
         except (ConnectionError, OSError) as e:
             # A reset on one side is passed on as a reset on the other.
             self.close_reason = f"{type(e).__name__}"
@@ -174,10 +168,7 @@ class Relay:
             fatal = e
         if frames:
             size = sum(HEADER_SIZE + f.length for _, f in frames)
-            self._queued += size
-            if self._queued > MAX_QUEUED:
-                self._drained.clear()
-            self.worker.submit(lambda: self._check_and_capture(src, frames, size))
+            self.worker.submit(lambda: self._check_and_capture(src, frames), size)
         if fatal is None:
             return None
         self.events.emit(
@@ -191,22 +182,8 @@ class Relay:
         src.stats.bytes += forward
         return forward
 
-    def _check_and_capture(
-        self, src: Pipe, frames: list[tuple[int, UncheckedFrame]], size: int
-    ) -> None:
+    def _check_and_capture(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones."""
-        try:
-            self._capture_checked(src, frames)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                self._loop.call_soon_threadsafe(self._captured, size)
-
-    def _captured(self, size: int) -> None:
-        self._queued -= size
-        if self._queued <= MAX_QUEUED:
-            self._drained.set()
-
-    def _capture_checked(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
         stats = src.stats
         good: list[tuple[int, bytes, tuple[bytes | memoryview, ...], int]] = []
         for t, unchecked in frames:

@@ -9,31 +9,64 @@ shutdown is in the capture.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Final
 
 log = logging.getLogger("msgcap")
 
 Job = Callable[[], None]
 
+MAX_QUEUED: Final = 32 << 20
+"""Frame bytes waiting for the capture thread, over all connections, before the pumps
+pause (a slow disk slows the relay instead of growing memory)."""
+
 
 class CaptureWorker:
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Job, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="msgcap-capture", daemon=True)
         self._thread.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.queued = 0
+        """Bytes submitted and not yet done (changed on the event loop thread only)."""
+        self._room = asyncio.Event()
+        self._room.set()
 
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+    def submit(self, job: Job, size: int = 0) -> None:
+        """Queue a job from the event loop; ``size`` counts against :data:`MAX_QUEUED`."""
+        if size:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self.queued += size
+            if self.queued > MAX_QUEUED:
+                self._room.clear()
+        self._jobs.put((job, size))
+
+    async def room(self) -> None:
+        """Wait until the queue is below its bound."""
+        if not self._room.is_set():
+            await self._room.wait()
+
+    def _done(self, size: int) -> None:
+        self.queued -= size
+        if self.queued <= MAX_QUEUED:
+            self._room.set()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, size = item
             try:
                 job()
             except Exception:  # a bug in a job must not stop every later capture
                 log.exception("capture job failed")
+            if size and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    self._loop.call_soon_threadsafe(self._done, size)
 
     def close(self, timeout: float | None = None) -> None:
         """Run every queued job, then stop the thread."""
