@@ -28,27 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from capture.framing import Network, encode_frame  # noqa: E402
+from tests.bcoin import free_port, wait_listening  # noqa: E402
 
 MAGIC = Network.REGTEST.magic
 VERSION = encode_frame(MAGIC, "version", bytes(100))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class Sink:
@@ -101,7 +84,7 @@ def start_relay(kind: str, target: int, capture_dir: Path) -> tuple[subprocess.P
         cmd = ["socat", f"TCP-LISTEN:{port},reuseaddr,fork,bind=127.0.0.1",
                f"TCP:127.0.0.1:{target}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
+    wait_listening(port)
     return proc, port
 
 
@@ -211,7 +194,7 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
     miner = BcoinNode(work, "miner")
     try:
         miner.mine(blocks)
-        wait_port(miner.port)
+        wait_listening(miner.port)
         timings: dict[str, list[float]] = {"direct": [], "proxy": []}
         for i in range(rounds):
             for mode in ("direct", "proxy"):

@@ -68,6 +68,18 @@ def _big_compact(buf: bytes, pos: int) -> tuple[int, int]:
     return n, end
 
 
+def _count(buf: bytes, pos: int, min_item: int) -> tuple[int, int]:
+    """A CompactSize count at ``pos`` whose items (``min_item`` bytes or more each) can fit
+    in what is left; returns it and the position after it."""
+    n = buf[pos]
+    pos += 1
+    if n >= 0xFD:
+        n, pos = _big_compact(buf, pos - 1)
+    if n * min_item > len(buf) - pos:
+        raise IndexError
+    return n, pos
+
+
 class _Ctx:
     """Per-message state: the payload, its hex, and the hash byte order."""
 
@@ -169,13 +181,7 @@ def _tx(c: _Ctx, pos: int) -> tuple[dict[str, Any], int]:
 
 
 def _txs(c: _Ctx, pos: int) -> tuple[list[dict[str, Any]], int]:
-    buf = c.buf
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
-    if n * 10 > c.size - pos:
-        raise IndexError
+    n, pos = _count(c.buf, pos, 10)
     out = []
     for _ in range(n):
         tx, pos = _tx(c, pos)
@@ -197,12 +203,7 @@ def _header(c: _Ctx, pos: int) -> dict[str, Any]:
 
 def _inventory(c: _Ctx, pos: int) -> tuple[list[dict[str, Any]], int]:
     buf = c.buf
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
-    if pos + 36 * n > c.size:
-        raise IndexError
+    n, pos = _count(buf, pos, 36)
     out = []
     for p in range(pos, pos + 36 * n, 36):
         out.append({"hash": c.hash(p + 4), "type": _U32(buf, p)[0]})
@@ -223,12 +224,7 @@ def block_body(c: _Ctx) -> tuple[Any, int]:
 
 def headers_body(c: _Ctx) -> tuple[Any, int]:
     buf = c.buf
-    n = buf[0]
-    pos = 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, 0)
-    if pos + 81 * n > c.size:
-        raise IndexError
+    n, pos = _count(buf, 0, 81)
     out = []
     for _ in range(n):
         out.append(_header(c, pos))
@@ -242,22 +238,10 @@ def cmpctblock_body(c: _Ctx) -> tuple[Any, int]:
     buf = c.buf
     header = _header(c, 0)
     nonce = _U64(buf, 80)[0]
-    pos = 88
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
+    n, pos = _count(buf, 88, 6)
     end = pos + 6 * n
-    if end > c.size:
-        raise IndexError
     short_ids = [int.from_bytes(buf[p : p + 6], "little") for p in range(pos, end, 6)]
-    pos = end
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
-    if n * 11 > c.size - pos:
-        raise IndexError
+    n, pos = _count(buf, end, 11)
     prefilled = []
     for _ in range(n):
         index = buf[pos]

@@ -14,7 +14,14 @@ from typing import Any
 
 from parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
 from parser.sources import UsageError
-from proxy.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_toml
+from proxy.config import (
+    DEFAULT_CONFIG,
+    SCALAR_KEYS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_toml,
+)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -58,16 +65,7 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
 def proxy_config(args: argparse.Namespace) -> Config:
     data: dict[str, Any] = load_toml(args.config) if args.config else dict(DEFAULT_CONFIG)
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for key in (
-        "network",
-        "magic",
-        "capture_dir",
-        "layout",
-        "v2",
-        "on_capture_error",
-        "event_log",
-        "live",
-    ):
+    for key in SCALAR_KEYS:
         value = getattr(args, key)
         if value is not None:
             data[key] = value

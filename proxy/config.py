@@ -133,19 +133,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
 """The built-in default: regtest on loopback, a SOCKS5 listener and one outbound route."""
 
 
-_TOP_KEYS = {
-    "network",
-    "magic",
-    "capture_dir",
-    "layout",
-    "v2",
-    "on_capture_error",
-    "event_log",
-    "live",
-    "route",
-    "socks5",
-    "limits",
-}
+SCALAR_KEYS = ("network", "magic", "capture_dir", "layout", "v2", "on_capture_error",
+               "event_log", "live")  # fmt: skip
+"""Top-level keys holding one value (each has a flag of the same name)."""
+_TOP_KEYS = {*SCALAR_KEYS, "route", "socks5", "limits"}
 
 
 def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:

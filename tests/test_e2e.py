@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 from capture.records import Record, read_records
 from parser.messages import BlockMsg, CmpctBlock, Headers, Version, decode_message
 from parser.wire import display_hash
-from tests.bcoin import BcoinNode, free_port, require_bcoin
+from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
 
 pytestmark = pytest.mark.e2e
 
@@ -51,18 +50,6 @@ class ProxyProcess:
     def events(self) -> list[dict[str, object]]:
         lines = (self.capture_dir / "events.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines]
-
-
-def wait_listening(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture

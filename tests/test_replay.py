@@ -19,8 +19,8 @@ from capture.export import export_fuzz, export_pcap
 from capture.framing import Frame, FrameDecoder, Network, encode_frame
 from capture.records import Record, encode_record, read_records
 from proxy.replay import Report
-from tests.bcoin import BcoinNode, free_port, require_bcoin
-from tests.test_e2e import ProxyProcess, wait_listening
+from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
+from tests.test_e2e import ProxyProcess
 from tests.vectors import VECTORS
 
 MAGIC = Network.REGTEST.magic
