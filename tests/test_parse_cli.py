@@ -268,3 +268,17 @@ def test_arbitrary_files_never_crash(tmp_path: Path, chunks: list[bytes]) -> Non
     status, out, _ = run(tmp_path, "parse", str(f))
     assert status in (0, 1)
     assert isinstance(out, list)
+
+
+def test_progress_bar_draws_to_the_terminal() -> None:
+    import io
+
+    from parser.cli import Progress
+
+    out = io.StringIO()
+    bar = Progress(1000, out)
+    bar.advance(500)
+    bar.finish()
+    text = out.getvalue()
+    assert " 50%" in text and "100%" in text and text.endswith("\n")
+    assert text.count("\r") == 2

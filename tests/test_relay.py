@@ -458,3 +458,26 @@ async def test_slow_capture_disk_slows_forwarding(
     # two), far below the 90 MB that went through.
     assert max(lead) < 36_000_000, max(lead)
     assert len(capture(tmp_path, up.port, "msgs_sent.dat")) == 301
+
+
+async def test_live_view_prints_each_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with (
+        Upstream(echo_then_close) as up,
+        running_proxy(tmp_path, route=route_to(up.port), live=True) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        w.write(VERSION + PING)
+        w.write_eof()
+        await asyncio.wait_for(read_all(r), 10)
+        w.close()
+        await asyncio.sleep(0.1)
+    lines = [x.split() for x in capsys.readouterr().out.splitlines()]
+    peer = f"127.0.0.1_{up.port}"
+    assert sorted(x[1:] for x in lines) == [
+        [peer, "recv", "version", "100"],
+        [peer, "sent", "ping", "8"],
+        [peer, "sent", "version", "100"],
+    ]
+    assert all(len(x[0]) == len("16:05:01.123456") for x in lines)
