@@ -147,10 +147,6 @@ class InvalidFrame:
     expected_checksum: bytes
     actual_checksum: bytes
 
-    @property
-    def wire_size(self) -> int:
-        return HEADER_SIZE + self.length
-
     def describe(self) -> str:
         if self.reason == "bad checksum":
             return (

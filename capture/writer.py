@@ -57,11 +57,7 @@ class CaptureWriter:
 
     def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
         """Append one record; ``recv`` is from the node's point of view. Returns its size."""
-        return self.write_encoded(recv, encode_record(time_us, msgtype, payload))
-
-    def write_encoded(self, recv: bool, records: bytes) -> int:
-        """Append complete encoded records with one ``write()``."""
-        return self.write_parts(recv, [records])
+        return self.write_parts(recv, [encode_record(time_us, msgtype, payload)])
 
     def write_parts(self, recv: bool, parts: Sequence[bytes | memoryview]) -> int:
         """Append the concatenation of ``parts`` (whole records) with one ``writev()``,

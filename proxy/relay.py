@@ -82,7 +82,6 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.clock = Clock()
         self.last_activity = time.monotonic()
-        self.closing = False
         self.close_reason = "eof"
 
     async def run(self, a: Pipe, b: Pipe, first_bytes: bytes = b"") -> None:
@@ -220,7 +219,6 @@ class Relay:
             t.cancel()
 
     def _abort(self, *writers: asyncio.StreamWriter) -> None:
-        self.closing = True
         for w in writers:
             if not w.is_closing():
                 w.transport.abort()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections import Counter
-from pathlib import Path
 
 from capture.layout import Layout, capture_folder
 from capture.records import RECORD_HEADER, RECORD_HEADER_SIZE
@@ -140,7 +139,3 @@ class CaptureStore:
     def release(self, peer: str, size: int) -> None:
         self.per_peer[peer] -= size
         self.total -= size
-
-    @property
-    def path(self) -> Path:
-        return self.root

@@ -228,8 +228,10 @@ def run(i):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(encode_frame(MAGIC, "version", bytes.fromhex(VECTORS["version"])))
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            s.sendall(encode_frame(MAGIC, "blob", rng.randbytes(rng.choice((10, 200, 3000)))))
+        while time.monotonic() < end:  # about 5 MB/s per connection, steadily
+            sizes = [rng.choice((10, 200, 3000)) for _ in range(20)]
+            s.sendall(b"".join(encode_frame(MAGIC, "blob", rng.randbytes(n)) for n in sizes))
+            time.sleep(0.005)
     except OSError:
         pass
 threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]

@@ -27,7 +27,7 @@ def test_fuzz(tmp_path: Path, target: str) -> None:
             pytest.fail("atheris is not installed")
         pytest.skip("atheris is not installed (pip install atheris)")
     res = subprocess.run(
-        [sys.executable, str(SCRIPT), target, f"-max_total_time={SECONDS}", "-rss_limit_mb=2048",
+        [sys.executable, str(SCRIPT), target, f"-max_total_time={SECONDS}", "-rss_limit_mb=4096",
          f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=SECONDS + 120, check=False,
     )  # fmt: skip
