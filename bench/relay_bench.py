@@ -142,7 +142,9 @@ def round_trips(port: int, n: int = 2000) -> float:
 def relay_benchmarks(kinds: list[str]) -> None:
     sink = Sink()
     echo = Sink(echo=True)
-    work = Path(tempfile.mkdtemp(prefix="msgcap-relay-bench-"))
+    work = Path(
+        tempfile.mkdtemp(prefix="msgcap-relay-bench-", dir=os.environ.get("MSGCAP_BENCH_DIR"))
+    )
     results: dict[str, dict[str, float]] = {}
     try:
         for kind in kinds:

@@ -334,11 +334,11 @@ class Proxy:
         upstream: Streams,
         first: bytes,
     ) -> None:
+        raw = first[:16] != v1_version_prefix(self.config.magic)
         try:
-            capture = self.store.open(peer, conn_id)
+            capture = self.store.open(peer, conn_id, enabled=not raw)
         except CaptureStopped:
             return
-        raw = first[:16] != v1_version_prefix(self.config.magic)
         relay = Relay(
             conn_id,
             peer,

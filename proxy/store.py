@@ -20,14 +20,16 @@ class CaptureStopped(Exception):
 class ConnectionCapture:
     """One connection's capture: writes records, counts them, enforces quotas."""
 
-    def __init__(self, store: CaptureStore, peer: str, conn_id: int) -> None:
+    def __init__(self, store: CaptureStore, peer: str, conn_id: int, enabled: bool) -> None:
         self.store = store
         self.peer = peer
         self.conn_id = conn_id
         self.writer: CaptureWriter | None = None
-        self.active = True
+        self.active = enabled
         self.bytes = 0
         self.records = 0
+        if not enabled:
+            return
         try:
             folder = capture_folder(
                 store.root,
@@ -123,8 +125,10 @@ class CaptureStore:
             return f"capture directory {self.root} is not writable: {e.strerror or e}"
         return None
 
-    def open(self, peer: str, conn_id: int) -> ConnectionCapture:
-        return ConnectionCapture(self, peer, conn_id)
+    def open(self, peer: str, conn_id: int, enabled: bool = True) -> ConnectionCapture:
+        """The capture of one connection; ``enabled=False`` opens no files (BIP324
+        passthrough, where there is nothing to capture)."""
+        return ConnectionCapture(self, peer, conn_id, enabled)
 
     def reserve(self, peer: str, size: int) -> str | None:
         """Count ``size`` bytes against the quotas; the name of the quota hit, if any."""
