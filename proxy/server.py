@@ -82,7 +82,6 @@ class Proxy:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ids = itertools.count(1)
         self.active = 0
-        self._stopped = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -152,7 +151,6 @@ class Proxy:
         await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
         self.events.emit("stop", captured_bytes=self.store.total)
         self.events.close()
-        self._stopped.set()
 
     def handle_signals(self) -> asyncio.Event:
         """SIGINT and SIGTERM set the returned event (install before announcing)."""
