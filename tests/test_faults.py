@@ -308,8 +308,13 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
     assert len(folders) == 1
     with open(folders[0] / "msgs_sent.dat", "rb") as f:
         recs = list(read_records(f))
-    # Files end on a record boundary (writes are whole records, even when killed).
-    assert not any(isinstance(r, Damage) for r in recs)
+    damage = [r for r in recs if isinstance(r, Damage)]
+    if sig == signal.SIGTERM:
+        assert damage == []  # files end on a record boundary
+    else:
+        # Writes are whole records, but the kernel may cut a large write short when the
+        # process is killed: at most the last record is incomplete, and it is reported.
+        assert damage == [] or (len(damage) == 1 and recs[-1] is damage[0])
     captured = [(r.msgtype_bytes.decode(), r.payload) for r in recs if isinstance(r, Record)]
     forwarded = [_frames(bytes(b)) for b in received.values()]
     assert sum(map(len, forwarded)) > 1000
@@ -325,7 +330,7 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
     # Either way, msgcap parse reads the files.
     res = subprocess.run([sys.executable, "-m", "proxy.cli", "parse", "--jsonl", str(cap)],
                          capture_output=True, text=True, check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-500:]
+    assert res.returncode == (1 if damage else 0), res.stderr[-500:]
     assert len(res.stdout.splitlines()) == len(captured)
 
 
