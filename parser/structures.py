@@ -10,7 +10,6 @@ docstrings give Core's name where it differs.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import socket
 from base64 import b32encode
 from dataclasses import dataclass
@@ -54,7 +53,8 @@ def addr_text(net: int, addr: bytes) -> str:
     if net == Net.IPV4:
         return socket.inet_ntoa(addr)
     if net in (Net.IPV6, Net.CJDNS):
-        return str(ipaddress.IPv6Address(addr))
+        # inet_ntop, as Core's test framework: it writes IPv4-mapped addresses dotted.
+        return socket.inet_ntop(socket.AF_INET6, addr)
     if net == Net.TORV3:
         return _torv3_name(addr)
     if net == Net.I2P:
@@ -89,7 +89,7 @@ class AddressV1:
     def host(self) -> str:
         if self.ip.startswith(_IPV4_MAPPED_PREFIX):
             return socket.inet_ntoa(self.ip[12:])
-        return str(ipaddress.IPv6Address(self.ip))
+        return socket.inet_ntop(socket.AF_INET6, self.ip)
 
     def json(self, hx: HashHex) -> JsonDict:
         # Core's test framework reads only the last 4 bytes, as IPv4, whatever they hold.

@@ -94,6 +94,18 @@ def test_addrv2_networks() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "ip", ["::ffff:1.2.3.4", "::1.2.3.4", "::", "::1", "fe80::1:2", "2001:db8:0:0:1:0:0:1"]
+)
+def test_addrv2_ipv6_text_matches_core(ip: str) -> None:
+    import socket
+
+    raw = socket.inet_pton(socket.AF_INET6, ip)
+    payload = bytes.fromhex("01" + "00000000" + "01" + "02" + "10") + raw + b"\x20\x8d"
+    ours = decode_message("addrv2", payload).json(wire_hash)
+    assert ours == reference_body("addrv2", payload)
+
+
 def test_addrv2_unknown_network_is_rejected() -> None:
     # BIP155 net 3 (TorV2) is gone; Core's test framework rejects it too.
     payload = bytes.fromhex("01" + "00000000" + "01" + "03" + "0a" + "00" * 10 + "208d")
