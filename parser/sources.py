@@ -101,8 +101,31 @@ def file_records(source: CaptureFile, on_damage: DamageReport) -> Iterator[Item]
         on_damage(source, Damage(0, f"cannot read file: {e.strerror or e}", 0))
 
 
+def _ensure_open_files(n: int) -> None:
+    """Merging keeps every file open: raise the soft limit on open files if needed."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: let open() say it
+        return
+    want = n + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and soft < want:
+            raise UsageError(
+                f"{n} capture files must be open at once, but the limit on open files is "
+                f"{soft}: raise it (ulimit -n) or pass fewer files"
+            )
+
+
 def merged(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Item]:
     """All records of all files, stably sorted by time (ties: earlier file first)."""
+    _ensure_open_files(len(files))
     streams = [file_records(f, on_damage) for f in files]
     if len(streams) == 1:
         return streams[0]

@@ -282,3 +282,25 @@ def test_progress_bar_draws_to_the_terminal() -> None:
     text = out.getvalue()
     assert " 50%" in text and "100%" in text and text.endswith("\n")
     assert text.count("\r") == 2
+
+
+@pytest.mark.parametrize("hard", [80, 4096])
+def test_many_files_and_the_open_file_limit(tmp_path: Path, hard: int) -> None:
+    import resource
+
+    for i in range(100):
+        write(tmp_path / "cap" / f"10.0.{i // 250}.{i % 250}_8333" / "msgs_recv.dat",
+              encode_record(i, "ping", PING))  # fmt: skip
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (60, hard))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "parse", "--jsonl", str(tmp_path / "cap")],
+        capture_output=True, text=True, preexec_fn=limit, check=False,
+    )  # fmt: skip
+    if hard < 164:
+        assert res.returncode == 2 and "limit on open files is" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        assert [json.loads(x)["time"] for x in res.stdout.splitlines()] == list(range(100))
