@@ -346,3 +346,13 @@ def test_export_pcap_has_a_proper_tcp_handshake(tmp_path: Path) -> None:
     assert syn_ack_fin[-3:] == [(0, 1, 1), (0, 1, 1), (0, 1, 0)]  # FIN, FIN, ACK
     # tshark's TCP analysis finds no lost segments, retransmissions or bad sequence numbers.
     assert all(r[3] == "" for r in rows), [r for r in rows if r[3]][:3]
+
+
+def test_replay_usage_errors(tmp_path: Path) -> None:
+    res = msgcap("replay", str(tmp_path / "missing"), "--to", "127.0.0.1:1")
+    assert res.returncode == 2 and "no such file" in res.stderr
+    res = msgcap("replay", str(DATA / "a" / "127.0.0.1_39912"), "--to", "nowhere")
+    assert res.returncode == 2 and "HOST:PORT" in res.stderr
+    res = msgcap("replay", str(DATA / "a" / "127.0.0.1_39912"), "--network", "moon", "--to",
+                 "127.0.0.1:1")  # fmt: skip
+    assert res.returncode == 2 and "unknown network" in res.stderr
