@@ -97,78 +97,56 @@ class _Ctx:
         return self.hexed[2 * pos : 2 * pos + 64]
 
 
-def _tx(c: _Ctx, pos: int) -> tuple[dict[str, Any], int]:
-    buf, hexed, size = c.buf, c.hexed, c.size
-    version = _U32(buf, pos)[0]
-    pos += 4
+def _span(buf: bytes, pos: int) -> tuple[int, int]:
+    """Start and end of the CompactSize-prefixed byte string at ``pos``."""
     n = buf[pos]
     pos += 1
     if n >= 0xFD:
         n, pos = _big_compact(buf, pos - 1)
+    end = pos + n
+    if end > len(buf):
+        raise IndexError
+    return pos, end
+
+
+def _tx(c: _Ctx, pos: int) -> tuple[dict[str, Any], int]:
+    buf, hexed = c.buf, c.hexed
+    version = _U32(buf, pos)[0]
+    n, pos = _count(buf, pos + 4, 41)
     flags = 0
     if n == 0:
         flags = buf[pos]
         pos += 1
         if flags:
-            n = buf[pos]
-            pos += 1
-            if n >= 0xFD:
-                n, pos = _big_compact(buf, pos - 1)
+            n, pos = _count(buf, pos, 41)
     vin = []
     for _ in range(n):
         prev = c.hash(pos)
         index = _U32(buf, pos + 32)[0]
-        pos += 36
-        length = buf[pos]
-        pos += 1
-        if length >= 0xFD:
-            length, pos = _big_compact(buf, pos - 1)
-        end = pos + length
-        if end > size:
-            raise IndexError
+        start, end = _span(buf, pos + 36)
         vin.append(
             {
                 "nSequence": _U32(buf, end)[0],
                 "prevout": {"hash": prev, "n": index},
-                "scriptSig": hexed[2 * pos : 2 * end],
+                "scriptSig": hexed[2 * start : 2 * end],
             }
         )
         pos = end + 4
     vout = []
     if n or flags:
-        n_out = buf[pos]
-        pos += 1
-        if n_out >= 0xFD:
-            n_out, pos = _big_compact(buf, pos - 1)
+        n_out, pos = _count(buf, pos, 9)
         for _ in range(n_out):
             value = _I64(buf, pos)[0]
-            length = buf[pos + 8]
-            pos += 9
-            if length >= 0xFD:
-                length, pos = _big_compact(buf, pos - 1)
-            end = pos + length
-            if end > size:
-                raise IndexError
-            vout.append({"nValue": value, "scriptPubKey": hexed[2 * pos : 2 * end]})
-            pos = end
+            start, pos = _span(buf, pos + 8)
+            vout.append({"nValue": value, "scriptPubKey": hexed[2 * start : 2 * pos]})
     wit = []
     if flags:
         for _ in range(len(vin)):
-            items = buf[pos]
-            pos += 1
-            if items >= 0xFD:
-                items, pos = _big_compact(buf, pos - 1)
+            items, pos = _count(buf, pos, 1)
             stack = []
             for _ in range(items):
-                length = buf[pos]
-                pos += 1
-                if length >= 0xFD:
-                    length, pos = _big_compact(buf, pos - 1)
-                end = pos + length
-                if end > size:
-                    raise IndexError
-                stack.append(hexed[2 * pos : 2 * end])
-                pos = end
+                start, pos = _span(buf, pos)
+                stack.append(hexed[2 * start : 2 * pos])
             wit.append({"scriptWitness": {"stack": stack}})
     lock_time = _U32(buf, pos)[0]
     return {
