@@ -164,8 +164,8 @@ Event = Frame | InvalidFrame | _NeedData
 class UncheckedFrame:
     """A complete frame whose checksum and message type are not checked yet.
 
-    The payload is kept as the pieces of the received chunks that hold it, so that a
-    large payload is never copied: hash the parts, write them with ``writev``.
+    The payload is kept as the pieces of the received chunks that hold it: the event loop
+    never copies a large payload; whoever checks the frame joins the pieces.
     """
 
     raw_msgtype: bytes
@@ -180,12 +180,6 @@ class UncheckedFrame:
         if len(parts) == 1 and type(parts[0]) is bytes:
             return parts[0]
         return b"".join(parts)
-
-    def checksum_ok(self) -> bool:
-        h = hashlib.sha256()
-        for part in self.parts:
-            h.update(part)
-        return hashlib.sha256(h.digest()).digest()[:4] == self.expected_checksum
 
     def check(self) -> Frame | InvalidFrame:
         """What Core makes of it: a Frame, or an InvalidFrame it would drop."""
