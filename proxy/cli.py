@@ -138,9 +138,6 @@ def run_proxy(args: argparse.Namespace) -> int:
 async def _serve(config: Config) -> int:
     from proxy.server import Proxy
 
-    # The capture thread needs the GIL only briefly between hashing and writing (both
-    # release it); a short switch interval keeps it from waiting 5 ms for each turn.
-    sys.setswitchinterval(0.0005)
     proxy = Proxy(config)
     stop = proxy.handle_signals()
     await proxy.start()
