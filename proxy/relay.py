@@ -185,12 +185,12 @@ class Relay:
     def _check_and_capture(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones."""
         stats = src.stats
-        good: list[tuple[int, bytes, tuple[bytes | memoryview, ...], int]] = []
+        good: list[tuple[int, bytes, bytes]] = []
         for t, unchecked in frames:
             raw, payload = unchecked.raw_msgtype, unchecked.payload
             # One hashlib call per payload: it releases the GIL once, not once per piece.
             if checksum(payload) == unchecked.expected_checksum and msgtype_is_valid(raw):
-                good.append((t, raw, (payload,), unchecked.length))
+                good.append((t, raw, payload))
                 continue
             ev = unchecked.check()
             assert not isinstance(ev, Frame)
@@ -211,9 +211,9 @@ class Relay:
             self._loop.call_soon_threadsafe(self._stop_for_capture_error)
             return
         if self.live is not None:
-            for t, raw, _, length in good:
+            for t, raw, payload in good:
                 msgtype = raw.rstrip(b"\0").decode("ascii")
-                self.live.message(t, self.peer, src.recv, msgtype, length)
+                self.live.message(t, self.peer, src.recv, msgtype, len(payload))
 
     def _stop_for_capture_error(self) -> None:
         self.close_reason = "capture error"

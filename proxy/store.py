@@ -42,19 +42,17 @@ class ConnectionCapture:
         except (OSError, ValueError) as e:
             self._failed(f"cannot open capture files: {e}")
 
-    def write(
-        self, recv: bool, frames: list[tuple[int, bytes, tuple[bytes | memoryview, ...], int]]
-    ) -> int:
-        """Capture ``(time, 12-byte raw type, payload parts, payload length)`` messages
-        of one direction with one write; returns how many were captured (fewer when a
-        quota is hit or the disk fails)."""
+    def write(self, recv: bool, frames: list[tuple[int, bytes, bytes]]) -> int:
+        """Capture ``(time, 12-byte raw type, payload)`` messages of one direction with
+        one write; returns how many were captured (fewer when a quota is hit or the disk
+        fails)."""
         if not self.active or self.writer is None:
             return 0
-        parts: list[bytes | memoryview] = []
+        parts: list[bytes] = []
         count = 0
         size = 0
-        for time_us, raw_msgtype, payload_parts, length in frames:
-            n = RECORD_HEADER_SIZE + length
+        for time_us, raw_msgtype, payload in frames:
+            n = RECORD_HEADER_SIZE + len(payload)
             quota = self.store.reserve(self.peer, n)
             if quota is not None:
                 self.active = False
@@ -66,8 +64,8 @@ class ConnectionCapture:
                     note="capture stopped, forwarding continues",
                 )
                 break
-            parts.append(RECORD_HEADER.pack(time_us, raw_msgtype, length))
-            parts.extend(payload_parts)
+            parts.append(RECORD_HEADER.pack(time_us, raw_msgtype, len(payload)))
+            parts.append(payload)
             size += n
             count += 1
         if not parts:
