@@ -39,10 +39,6 @@ class Network(enum.Enum):
     def magic(self) -> bytes:
         return MAGICS[self]
 
-    @property
-    def default_port(self) -> int:
-        return DEFAULT_PORTS[self]
-
 
 MAGICS: Final[dict[Network, bytes]] = {
     Network.MAIN: bytes.fromhex("f9beb4d9"),
@@ -50,14 +46,6 @@ MAGICS: Final[dict[Network, bytes]] = {
     Network.TESTNET4: bytes.fromhex("1c163f28"),
     Network.SIGNET: bytes.fromhex("0a03cf40"),  # default signet challenge
     Network.REGTEST: bytes.fromhex("fabfb5da"),
-}
-
-DEFAULT_PORTS: Final[dict[Network, int]] = {
-    Network.MAIN: 8333,
-    Network.TESTNET3: 18333,
-    Network.TESTNET4: 48333,
-    Network.SIGNET: 38333,
-    Network.REGTEST: 18444,
 }
 
 

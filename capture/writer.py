@@ -52,7 +52,6 @@ class CaptureWriter:
         except OSError:
             os.close(self._recv_fd)
             raise
-        self.bytes_written = 0
         self.closed = False
 
     def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
@@ -74,7 +73,6 @@ class CaptureWriter:
                 while rest:
                     rest = rest[os.write(fd, rest) :]
             total += size
-        self.bytes_written += total
         return total
 
     def close(self) -> None:

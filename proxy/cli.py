@@ -261,21 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
         "-capturemessages format.",
     )
     sub = top.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    x = sub.add_parser("proxy", help="run the capturing proxy")
-    add_proxy_args(x)
-    x.set_defaults(run=run_proxy)
-    p = sub.add_parser("parse", help="decode capture files to JSON (Core's parser, faster)")
-    add_parse_args(p)
-    p.set_defaults(run=run_parse)
-    s = sub.add_parser("stats", help="messages and bytes per peer, direction and type")
-    add_selection_args(s)
-    s.set_defaults(run=run_stats)
-    r = sub.add_parser("replay", help="play one side of a capture against live software")
-    add_replay_args(r)
-    r.set_defaults(run=run_replay)
-    e = sub.add_parser("export", help="export captures as a fuzzing corpus or a pcap")
-    add_export_args(e)
-    e.set_defaults(run=run_export)
+    commands = [
+        ("proxy", "run the capturing proxy", add_proxy_args, run_proxy),
+        ("parse", "decode capture files to JSON (Core's parser, faster)", add_parse_args,
+         run_parse),
+        ("stats", "messages and bytes per peer, direction and type", add_selection_args,
+         run_stats),
+        ("replay", "play one side of a capture against live software", add_replay_args,
+         run_replay),
+        ("export", "export captures as a fuzzing corpus or a pcap", add_export_args,
+         run_export),
+    ]  # fmt: skip
+    for name, help_text, add_args, run in commands:
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
     return top
 
 

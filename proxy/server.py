@@ -49,9 +49,9 @@ async def connect_any(host: str, port: int, timeout: float) -> Streams:
         raise first or OSError(f"no address for {host}")
 
 
-async def read_initial(reader: asyncio.StreamReader, magic: bytes, timeout: float) -> bytes:
-    """The initiator's first bytes: at least 16, or fewer once they stop matching v1."""
-    prefix = v1_version_prefix(magic)
+async def read_initial(reader: asyncio.StreamReader, prefix: bytes, timeout: float) -> bytes:
+    """The initiator's first bytes: at least the v1 ``prefix``, or fewer once they stop
+    matching it."""
     buf = b""
     async with asyncio.timeout(timeout or None):
         while len(buf) < len(prefix) and prefix.startswith(buf):
@@ -78,6 +78,7 @@ class Proxy:
         self.store = CaptureStore(config, self.events)
         self.live = LiveView() if config.live else None
         self.worker = CaptureWorker()
+        self.v1_prefix = v1_version_prefix(config.magic)
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ids = itertools.count(1)
@@ -279,18 +280,16 @@ class Proxy:
             _close(upstream[1] if upstream else None)
 
     async def _initial(self, conn_id: int, reader: asyncio.StreamReader, peer: str) -> bytes | None:
-        """The initiator's first bytes if the connection should be relayed (v1, or v2
-        under ``passthrough``, marked by a leading ``None`` check); None to close."""
+        """The initiator's first bytes if the connection is to be relayed (v1, or BIP324
+        under ``passthrough``); None to close it (logged)."""
         try:
-            first = await read_initial(
-                reader, self.config.magic, self.config.limits.handshake_timeout
-            )
+            first = await read_initial(reader, self.v1_prefix, self.config.limits.handshake_timeout)
         except TimeoutError:
             self.events.emit("timeout", conn=conn_id, peer=peer, during="first bytes")
             return None
         except (ConnectionError, OSError):
             return None
-        prefix = v1_version_prefix(self.config.magic)
+        prefix = self.v1_prefix
         if first[: len(prefix)] == prefix:
             return first
         if not first or (len(first) < len(prefix) and prefix.startswith(first)):
@@ -332,7 +331,7 @@ class Proxy:
         upstream: Streams,
         first: bytes,
     ) -> None:
-        raw = first[:16] != v1_version_prefix(self.config.magic)
+        raw = not first.startswith(self.v1_prefix)
         try:
             capture = self.store.open(peer, conn_id, enabled=not raw)
         except CaptureStopped:

@@ -27,7 +27,6 @@ class ConnectionCapture:
         self.writer: CaptureWriter | None = None
         self.active = enabled
         self.bytes = 0
-        self.records = 0
         if not enabled:
             return
         try:
@@ -77,7 +76,6 @@ class ConnectionCapture:
             self._failed(f"cannot write capture: {e}")
             return 0
         self.bytes += size
-        self.records += count
         return count
 
     def _failed(self, reason: str) -> None:

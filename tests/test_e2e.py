@@ -130,32 +130,40 @@ def sync_through_proxy(miner: BcoinNode, b: BcoinNode) -> None:
     assert len(miner.rpc("getpeerinfo")) == 1
 
 
-def test_outbound_route(tmp_path: Path, miner: BcoinNode) -> None:
-    listen = free_port()
-    proxy = ProxyProcess(tmp_path, "--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
-                         "--socks5", "off")  # fmt: skip
-    b = BcoinNode(tmp_path, "b", f"--only=127.0.0.1:{listen}", listen=False)
+def run_route(
+    tmp_path: Path, miner: BcoinNode, proxy_flags: list[str], b_flags: list[str]
+) -> tuple[ProxyProcess, list[dict[str, object]]]:
+    """A proxy with ``proxy_flags``, node B with ``b_flags`` syncing from the miner
+    through it; both stopped afterwards. Returns the proxy and its events."""
+    proxy = ProxyProcess(tmp_path, *proxy_flags)
+    b = BcoinNode(tmp_path, "b", *b_flags, listen=False)
     try:
         sync_through_proxy(miner, b)
     finally:
         b.stop()
         assert proxy.stop() == 0
+    return proxy, proxy.events()
+
+
+def test_outbound_route(tmp_path: Path, miner: BcoinNode) -> None:
+    listen = free_port()
+    proxy, events = run_route(
+        tmp_path, miner,
+        ["--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}", "--socks5", "off"],
+        [f"--only=127.0.0.1:{listen}"],
+    )  # fmt: skip
     folder = proxy.capture_dir / f"127.0.0.1_{miner.port}"
-    check_capture(folder, miner, node_is_b=True, events=proxy.events())
+    check_capture(folder, miner, node_is_b=True, events=events)
 
 
 def test_inbound_route(tmp_path: Path, miner: BcoinNode) -> None:
     listen = free_port()
-    proxy = ProxyProcess(tmp_path, "--inbound", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
-                         "--socks5", "off")  # fmt: skip
-    b = BcoinNode(tmp_path, "b", f"--only=127.0.0.1:{listen}", listen=False)
-    try:
-        sync_through_proxy(miner, b)
-    finally:
-        b.stop()
-        assert proxy.stop() == 0
+    proxy, events = run_route(
+        tmp_path, miner,
+        ["--inbound", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}", "--socks5", "off"],
+        [f"--only=127.0.0.1:{listen}"],
+    )  # fmt: skip
     # The node is A; the folder is named after the connecting peer, B.
-    events = proxy.events()
     opens = [e for e in events if e["event"] == "open"]
     assert len(opens) == 1 and opens[0]["node"] == "upstream"
     folder = proxy.capture_dir / str(opens[0]["peer"])
@@ -165,16 +173,11 @@ def test_inbound_route(tmp_path: Path, miner: BcoinNode) -> None:
 
 def test_socks5(tmp_path: Path, miner: BcoinNode) -> None:
     socks = free_port()
-    proxy = ProxyProcess(tmp_path, "--socks5", f"127.0.0.1:{socks}", "--route",
-                         f"127.0.0.1:{free_port()}=127.0.0.1:1")  # fmt: skip
-    b = BcoinNode(tmp_path, "b", f"--proxy=127.0.0.1:{socks}",
-                  f"--only=127.0.0.1:{miner.port}", listen=False)  # fmt: skip
-    try:
-        sync_through_proxy(miner, b)
-    finally:
-        b.stop()
-        assert proxy.stop() == 0
-    events = proxy.events()
+    proxy, events = run_route(
+        tmp_path, miner,
+        ["--socks5", f"127.0.0.1:{socks}", "--route", f"127.0.0.1:{free_port()}=127.0.0.1:1"],
+        [f"--proxy=127.0.0.1:{socks}", f"--only=127.0.0.1:{miner.port}"],
+    )  # fmt: skip
     opens = [e for e in events if e["event"] == "open"]
     assert len(opens) == 1 and opens[0]["route"] == "socks5"
     folder = proxy.capture_dir / f"127.0.0.1_{miner.port}"
