@@ -1,18 +1,18 @@
-"""One proxied connection: two pumps that frame, capture and forward the exact bytes.
+"""One proxied connection: two directions that frame, capture and forward the exact bytes.
 
-Each pump reads a chunk, feeds its direction's :class:`~capture.framing.FrameDecoder`,
-hands the chunk's complete frames to the capture thread (:mod:`proxy.worker`, which
-checks them and writes them with one ``writev()`` per chunk), then forwards the chunk
-unchanged and waits for the other side to drain it. A slow reader on one side therefore
-stops reading on the other: per connection, memory is bounded by one read chunk, one
-frame being reassembled (at most 4 MB), the transport's write buffer and the frames
-queued for the capture thread.
+Each received chunk (see :mod:`proxy.conn`) is fed to its direction's
+:class:`~capture.framing.FrameDecoder`, its complete frames are handed to the capture
+thread (:mod:`proxy.worker`, which checks them and writes them with one ``writev()``),
+and the chunk itself is forwarded unchanged. A side whose send buffer is full holds
+reading on the other side, and a capture thread that is behind holds reading on every
+side that submits to it: per connection, memory is bounded by a chunk or two in flight,
+one frame being reassembled (at most 4 MB), the send buffers and the frames queued for
+the capture thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -28,11 +28,10 @@ from capture.framing import (
     msgtype_is_valid,
 )
 from capture.writer import Clock
+from proxy.conn import Conn
 from proxy.events import EventLog, LiveView
 from proxy.store import CaptureStopped, ConnectionCapture
 from proxy.worker import CaptureWorker
-
-READ_SIZE = 1 << 18
 
 
 @dataclass(slots=True)
@@ -46,14 +45,61 @@ class DirectionStats:
 
 
 @dataclass(slots=True)
-class Pipe:
-    """What one pump needs to know about its direction."""
+class Side:
+    """One end of a relayed connection."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    conn: Conn
     recv: bool
-    """True when these bytes are received by the node."""
+    """True when the bytes this side sends us are received by the node."""
     stats: DirectionStats = field(default_factory=DirectionStats)
+
+
+class Direction:
+    """The bytes from ``src`` to ``dst``: a :class:`~proxy.conn.Sink` of ``src``."""
+
+    __slots__ = ("decoder", "dst", "ended", "relay", "src")
+
+    def __init__(self, relay: Relay, src: Side, dst: Side) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.decoder = FrameDecoder(relay.magic)
+        self.ended = False
+
+    def data(self, data: bytes) -> None:
+        relay = self.relay
+        if relay.finished:
+            return
+        relay.last_activity = time.monotonic()
+        forward = relay.take(self, data)
+        dst = self.dst.conn
+        if forward is not None:  # a fatal framing error: what precedes it, then close
+            dst.write(data[:forward])
+            dst.close()
+            self.src.conn.abort()
+            relay.finish("framing error")
+            return
+        dst.write(data)
+        self.src.stats.bytes += len(data)
+        worker = relay.worker
+        if worker.full:  # the capture thread is behind (a slow disk): read no further
+            src = self.src.conn
+            src.hold("capture")
+            worker.when_room(lambda: src.release("capture"))
+
+    def eof(self) -> None:
+        """Half-close: pass the EOF on and keep the other direction going."""
+        dst = self.dst.conn
+        if dst.can_write_eof():
+            dst.write_eof()
+        self.ended = True
+        self.relay.direction_ended()
+
+    def lost(self, error: BaseException | None) -> None:
+        # A reset on one side is passed on as a reset on the other.
+        if error is not None:
+            self.dst.conn.abort()
+        self.relay.finish(type(error).__name__ if error is not None else "closed")
 
 
 class Relay:
@@ -84,79 +130,65 @@ class Relay:
         self.clock = Clock()
         self.last_activity = time.monotonic()
         self.close_reason = "eof"
+        self.finished = False
+        self._done: asyncio.Future[None] | None = None
+        self._directions: tuple[Direction, Direction] | None = None
 
-    async def run(self, a: Pipe, b: Pipe, first_bytes: bytes = b"") -> None:
-        """Pump ``a.reader -> b.writer`` and ``b.reader -> a.writer`` until both end.
+    async def run(self, a: Side, b: Side, first_bytes: bytes = b"") -> None:
+        """Relay ``a -> b`` and ``b -> a`` until both directions end or one side is lost.
 
         ``first_bytes`` were already read from ``a`` (the v2 check) and go first.
         """
-        pumps = [
-            asyncio.create_task(self._pump(a, b.writer, first_bytes)),
-            asyncio.create_task(self._pump(b, a.writer, b"")),
-        ]
-        self._pumps = pumps
-        self._loop = asyncio.get_running_loop()
-        watchdog = asyncio.create_task(self._watch_idle(pumps))
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        ab, ba = Direction(self, a, b), Direction(self, b, a)
+        self._directions = (ab, ba)
+        a.conn.feeder, b.conn.feeder = b.conn, a.conn
+        if first_bytes:
+            ab.data(first_bytes)
+        a.conn.relay(ab)
+        b.conn.relay(ba)
+        watchdog = asyncio.create_task(self._watch_idle())
         try:
-            # Pumps cancelled by the idle watchdog or a capture error end the relay too.
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await self._done
         finally:
+            self.finished = True
             watchdog.cancel()
-            for t in pumps:
-                t.cancel()
-            await asyncio.gather(*pumps, watchdog, return_exceptions=True)
+            await asyncio.gather(watchdog, return_exceptions=True)
 
-    async def _watch_idle(self, pumps: list[asyncio.Task[None]]) -> None:
+    def direction_ended(self) -> None:
+        assert self._directions is not None
+        if all(d.ended for d in self._directions):
+            self.finish("eof")
+
+    def finish(self, reason: str) -> None:
+        """End the relay (the caller closes both sides)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.close_reason = reason
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def _watch_idle(self) -> None:
         if not self.idle_timeout:
             return
         while True:
             await asyncio.sleep(min(self.idle_timeout / 4, 5.0))
             if time.monotonic() - self.last_activity > self.idle_timeout:
-                self.close_reason = "idle timeout"
                 self.events.emit(
                     "timeout", conn=self.conn_id, peer=self.peer, after=self.idle_timeout
                 )
-                for t in pumps:
-                    t.cancel()
+                self.finish("idle timeout")
                 return
 
-    async def _pump(self, src: Pipe, dst: asyncio.StreamWriter, first: bytes) -> None:
-        decoder = FrameDecoder(self.magic)
-        data = first
-        try:
-            while True:
-                if not data:
-                    data = await src.reader.read(READ_SIZE)
-                    if not data:
-                        # Half-close: pass the EOF on and keep the other direction going.
-                        if dst.can_write_eof() and not dst.is_closing():
-                            with contextlib.suppress(OSError):
-                                dst.write_eof()
-                        return
-                self.last_activity = time.monotonic()
-                forward = self._take(src, decoder, data)
-                if forward is not None:
-                    dst.write(data[:forward])
-                    with contextlib.suppress(ConnectionError):
-                        await dst.drain()
-                    self.close_reason = "framing error"
-                    self._abort(src.writer, dst)
-                    return
-                dst.write(data)
-                src.stats.bytes += len(data)
-                data = b""
-                await dst.drain()
-                await self.worker.room()  # the capture thread may be behind (slow disk)
-        except (ConnectionError, OSError) as e:
-            # A reset on one side is passed on as a reset on the other.
-            self.close_reason = f"{type(e).__name__}"
-            self._abort(src.writer, dst)
-
-    def _take(self, src: Pipe, decoder: FrameDecoder, data: bytes) -> int | None:
+    def take(self, direction: Direction, data: bytes) -> int | None:
         """Frame and capture a chunk. Returns None to forward it all, or how many of its
         bytes precede a fatal framing error (forward those, then close)."""
         if self.raw:
             return None
+        src, decoder = direction.src, direction.decoder
         start = decoder.offset + decoder.buffered
         decoder.receive_data(data)
         frames: list[tuple[int, UncheckedFrame]] = []
@@ -182,7 +214,7 @@ class Relay:
         src.stats.bytes += forward
         return forward
 
-    def _check_and_capture(self, src: Pipe, frames: list[tuple[int, UncheckedFrame]]) -> None:
+    def _check_and_capture(self, src: Side, frames: list[tuple[int, UncheckedFrame]]) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones."""
         stats = src.stats
         good: list[tuple[int, bytes, bytes]] = []
@@ -216,11 +248,4 @@ class Relay:
                 self.live.message(t, self.peer, src.recv, msgtype, len(payload))
 
     def _stop_for_capture_error(self) -> None:
-        self.close_reason = "capture error"
-        for t in self._pumps:
-            t.cancel()
-
-    def _abort(self, *writers: asyncio.StreamWriter) -> None:
-        for w in writers:
-            if not w.is_closing():
-                w.transport.abort()
+        self.finish("capture error")

@@ -16,17 +16,16 @@ from capture.framing import v1_version_prefix
 from capture.layout import peer_folder_name
 from proxy import socks5
 from proxy.config import CaptureErrorPolicy, Config, HostPort, Route, V2Policy
+from proxy.conn import Conn, connect, serve
 from proxy.events import EventLog, LiveView
-from proxy.relay import READ_SIZE, DirectionStats, Pipe, Relay
+from proxy.relay import DirectionStats, Relay, Side
 from proxy.store import CaptureStopped, CaptureStore
 from proxy.worker import CaptureWorker
 
 log = logging.getLogger("msgcap")
 
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-
-async def connect_any(host: str, port: int, timeout: float) -> Streams:
+async def connect_any(host: str, port: int, timeout: float) -> Conn:
     """Connect to the first address of ``host`` that accepts; raise the first error."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout or None):
@@ -45,17 +44,17 @@ async def connect_any(host: str, port: int, timeout: float) -> Streams:
                 sock.close()
                 first = first or e
                 continue
-            return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+            return await connect(sock)
         raise first or OSError(f"no address for {host}")
 
 
-async def read_initial(reader: asyncio.StreamReader, prefix: bytes, timeout: float) -> bytes:
+async def read_initial(conn: Conn, prefix: bytes, timeout: float) -> bytes:
     """The initiator's first bytes: at least the v1 ``prefix``, or fewer once they stop
     matching it."""
     buf = b""
     async with asyncio.timeout(timeout or None):
         while len(buf) < len(prefix) and prefix.startswith(buf):
-            chunk = await reader.read(READ_SIZE)
+            chunk = await conn.read(len(prefix) - len(buf))
             if not chunk:
                 break
             buf += chunk
@@ -66,9 +65,9 @@ class StartupError(Exception):
     """The proxy cannot start (exit status 1, with this reason)."""
 
 
-def _close(writer: asyncio.StreamWriter | None) -> None:
-    if writer is not None and not writer.is_closing():
-        writer.close()
+def _close(conn: Conn | None) -> None:
+    if conn is not None:
+        conn.close()
 
 
 class Proxy:
@@ -112,20 +111,20 @@ class Proxy:
     async def _listen(
         self,
         at: HostPort,
-        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        handler: Callable[[Conn], Awaitable[None]],
     ) -> None:
-        async def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self.tasks.add(task)
+        async def run(conn: Conn) -> None:
             try:
-                await handler(r, w)
+                await handler(conn)
             except asyncio.CancelledError:
                 pass  # shutdown; finishing normally keeps asyncio from logging it
-            finally:
-                self.tasks.discard(task)
 
-        server = await asyncio.start_server(spawn, at.host, at.port, limit=READ_SIZE)
+        def spawn(conn: Conn) -> None:
+            task = asyncio.get_running_loop().create_task(run(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        server = await serve(at.host, at.port, spawn)
         self.servers.append(server)
 
     @property
@@ -167,35 +166,33 @@ class Proxy:
 
     # --- connections ----------------------------------------------------------------
 
-    def _admit(self, writer: asyncio.StreamWriter, kind: str) -> int | None:
+    def _admit(self, conn: Conn, kind: str) -> int | None:
         conn_id = next(self.ids)
         if self.active >= self.config.limits.max_connections:
             self.events.emit(
                 "connection_limit",
                 conn=conn_id,
                 route=kind,
-                client=_peername(writer),
+                client=_peername(conn),
                 limit=self.config.limits.max_connections,
             )
-            writer.transport.abort()
+            conn.abort()
             return None
         self.active += 1
         return conn_id
 
-    async def _on_route(
-        self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        conn_id = self._admit(writer, route.kind)
+    async def _on_route(self, route: Route, conn: Conn) -> None:
+        conn_id = self._admit(conn, route.kind)
         if conn_id is None:
             return
-        client = _peername(writer)
+        client = _peername(conn)
         if route.peer is not None:
             peer = peer_folder_name(route.peer.host, route.peer.port)
         else:
-            peer = peer_folder_name(*_peer_tuple(writer))
-        upstream: Streams | None = None
+            peer = peer_folder_name(*conn.peer_address())
+        upstream: Conn | None = None
         try:
-            first = await self._initial(conn_id, reader, peer)
+            first = await self._initial(conn_id, conn, peer)
             if first is None:
                 return
             upstream = await self._connect(conn_id, peer, route.upstream)
@@ -207,33 +204,33 @@ class Proxy:
                 client,
                 peer,
                 route.peer is not None,
-                (reader, writer),
+                conn,
                 upstream,
                 first,
             )
         finally:
             self.active -= 1
-            _close(writer)
-            _close(upstream[1] if upstream else None)
+            _close(conn)
+            _close(upstream)
 
-    async def _on_socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn_id = self._admit(writer, "socks5")
+    async def _on_socks(self, conn: Conn) -> None:
+        conn_id = self._admit(conn, "socks5")
         if conn_id is None:
             return
         cfg = self.config.socks5
         assert cfg is not None
-        client = _peername(writer)
-        upstream: Streams | None = None
+        client = _peername(conn)
+        upstream: Conn | None = None
         try:
             try:
                 async with asyncio.timeout(self.config.limits.handshake_timeout or None):
-                    req = await socks5.negotiate(reader, writer, cfg)
+                    req = await socks5.negotiate(conn, cfg)
             except socks5.SocksError as e:
                 self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
                 if e.reply is not None:
-                    socks5.reply(writer, e.reply)
+                    socks5.reply(conn, e.reply)
                     with contextlib.suppress(ConnectionError):
-                        await writer.drain()
+                        await conn.drain()
                 return
             except TimeoutError:
                 self.events.emit(
@@ -260,30 +257,28 @@ class Proxy:
                     error=describe_error(e),
                     reply=code.name,
                 )
-                socks5.reply(writer, code)
+                socks5.reply(conn, code)
                 with contextlib.suppress(ConnectionError):
-                    await writer.drain()
+                    await conn.drain()
                 return
-            socks5.reply(writer, socks5.Reply.SUCCEEDED)
-            await writer.drain()
-            first = await self._initial(conn_id, reader, peer)
+            socks5.reply(conn, socks5.Reply.SUCCEEDED)
+            await conn.drain()
+            first = await self._initial(conn_id, conn, peer)
             if first is None:
                 return
-            await self._relay(
-                conn_id, "socks5", client, peer, True, (reader, writer), upstream, first
-            )
+            await self._relay(conn_id, "socks5", client, peer, True, conn, upstream, first)
         except (ConnectionError, OSError) as e:
             self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
         finally:
             self.active -= 1
-            _close(writer)
-            _close(upstream[1] if upstream else None)
+            _close(conn)
+            _close(upstream)
 
-    async def _initial(self, conn_id: int, reader: asyncio.StreamReader, peer: str) -> bytes | None:
+    async def _initial(self, conn_id: int, conn: Conn, peer: str) -> bytes | None:
         """The initiator's first bytes if the connection is to be relayed (v1, or BIP324
         under ``passthrough``); None to close it (logged)."""
         try:
-            first = await read_initial(reader, self.v1_prefix, self.config.limits.handshake_timeout)
+            first = await read_initial(conn, self.v1_prefix, self.config.limits.handshake_timeout)
         except TimeoutError:
             self.events.emit("timeout", conn=conn_id, peer=peer, during="first bytes")
             return None
@@ -307,7 +302,7 @@ class Proxy:
         self.events.emit("v2_passthrough", conn=conn_id, peer=peer, first_bytes=first[:16].hex())
         return first
 
-    async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Streams | None:
+    async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Conn | None:
         try:
             return await connect_any(to.host, to.port, self.config.limits.handshake_timeout)
         except (OSError, TimeoutError) as e:
@@ -327,8 +322,8 @@ class Proxy:
         client: str,
         peer: str,
         node_is_client: bool,
-        client_side: Streams,
-        upstream: Streams,
+        client_side: Conn,
+        upstream: Conn,
         first: bytes,
     ) -> None:
         raw = not first.startswith(self.v1_prefix)
@@ -347,8 +342,8 @@ class Proxy:
             self.worker,
             raw=raw,
         )
-        a = Pipe(*client_side, recv=not node_is_client)
-        b = Pipe(*upstream, recv=node_is_client)
+        a = Side(client_side, recv=not node_is_client)
+        b = Side(upstream, recv=node_is_client)
         self.events.emit(
             "open",
             conn=conn_id,
@@ -389,13 +384,6 @@ def _stats(s: DirectionStats) -> dict[str, int]:
     return {"bytes": s.bytes, "messages": s.messages, "captured": s.captured, "invalid": s.invalid}
 
 
-def _peer_tuple(writer: asyncio.StreamWriter) -> tuple[str, int]:
-    addr = writer.get_extra_info("peername")
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return str(addr[0]), int(addr[1])
-    return "unknown", 0
-
-
-def _peername(writer: asyncio.StreamWriter) -> str:
-    host, port = _peer_tuple(writer)
+def _peername(conn: Conn) -> str:
+    host, port = conn.peer_address()
     return str(HostPort(host, port))

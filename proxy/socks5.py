@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 
 from proxy.config import Socks5
+from proxy.conn import Conn
 
 VERSION = 5
 NO_AUTH = 0x00
@@ -57,22 +58,20 @@ class Request:
     username: str | None
 
 
-async def _read(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
+async def _read(conn: Conn, n: int, what: str) -> bytes:
     try:
-        return await reader.readexactly(n)
+        return await conn.readexactly(n)
     except asyncio.IncompleteReadError:
         raise SocksError(f"client closed during {what}") from None
 
 
-async def negotiate(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cfg: Socks5
-) -> Request:
+async def negotiate(conn: Conn, cfg: Socks5) -> Request:
     """Greeting, authentication and the CONNECT request; the reply is sent by the caller
     once the destination is reached (:func:`reply`)."""
-    ver, n_methods = await _read(reader, 2, "greeting")
+    ver, n_methods = await _read(conn, 2, "greeting")
     if ver != VERSION:
         raise SocksError(f"not SOCKS5: version byte {ver:#04x}")
-    methods = set(await _read(reader, n_methods, "greeting"))
+    methods = set(await _read(conn, n_methods, "greeting"))
     if cfg.username is not None:
         method = USER_PASS if USER_PASS in methods else NO_ACCEPTABLE
     elif NO_AUTH in methods:
@@ -81,35 +80,35 @@ async def negotiate(
         method = USER_PASS
     else:
         method = NO_ACCEPTABLE
-    writer.write(bytes((VERSION, method)))
+    conn.write(bytes((VERSION, method)))
     if method == NO_ACCEPTABLE:
         raise SocksError(f"no acceptable auth method among {sorted(methods)}")
     username = None
     if method == USER_PASS:
-        sub_ver, ulen = await _read(reader, 2, "authentication")
+        sub_ver, ulen = await _read(conn, 2, "authentication")
         if sub_ver != 1:
             raise SocksError(f"bad auth sub-negotiation version {sub_ver}")
-        user = await _read(reader, ulen, "authentication")
-        (plen,) = await _read(reader, 1, "authentication")
-        password = await _read(reader, plen, "authentication")
+        user = await _read(conn, ulen, "authentication")
+        (plen,) = await _read(conn, 1, "authentication")
+        password = await _read(conn, plen, "authentication")
         ok = cfg.username is None or (
             hmac.compare_digest(user, cfg.username.encode())
             and hmac.compare_digest(password, (cfg.password or "").encode())
         )
-        writer.write(bytes((1, 0 if ok else 1)))
+        conn.write(bytes((1, 0 if ok else 1)))
         if not ok:
             raise SocksError("wrong username or password")
         username = user.decode("utf-8", "replace")
-    ver, cmd, _rsv, atyp = await _read(reader, 4, "request")
+    ver, cmd, _rsv, atyp = await _read(conn, 4, "request")
     if ver != VERSION:
         raise SocksError(f"bad request version {ver}", Reply.GENERAL_FAILURE)
     if atyp == ATYP_IPV4:
-        host = socket.inet_ntoa(await _read(reader, 4, "request"))
+        host = socket.inet_ntoa(await _read(conn, 4, "request"))
     elif atyp == ATYP_IPV6:
-        host = str(ipaddress.IPv6Address(await _read(reader, 16, "request")))
+        host = str(ipaddress.IPv6Address(await _read(conn, 16, "request")))
     elif atyp == ATYP_DOMAIN:
-        (n,) = await _read(reader, 1, "request")
-        raw = await _read(reader, n, "request")
+        (n,) = await _read(conn, 1, "request")
+        raw = await _read(conn, n, "request")
         try:
             host = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -119,7 +118,7 @@ async def negotiate(
             raise SocksError(f"refused host name {raw!r}: {problem}", Reply.HOST_UNREACHABLE)
     else:
         raise SocksError(f"address type {atyp} not supported", Reply.ADDRESS_TYPE_NOT_SUPPORTED)
-    port = int.from_bytes(await _read(reader, 2, "request"), "big")
+    port = int.from_bytes(await _read(conn, 2, "request"), "big")
     if cmd != CMD_CONNECT:
         raise SocksError(f"command {cmd} not supported", Reply.COMMAND_NOT_SUPPORTED)
     if cfg.allow and not any(fnmatch.fnmatchcase(f"{host}:{port}", p) for p in cfg.allow):
@@ -151,9 +150,9 @@ def host_name_problem(host: str) -> str | None:
     return None
 
 
-def reply(writer: asyncio.StreamWriter, code: Reply) -> None:
+def reply(conn: Conn, code: Reply) -> None:
     """A reply with an all-zero IPv4 bound address (clients ignore it)."""
-    writer.write(bytes((VERSION, code, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0)))
+    conn.write(bytes((VERSION, code, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0)))
 
 
 def reply_for(error: BaseException) -> Reply:

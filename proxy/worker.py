@@ -34,8 +34,7 @@ class CaptureWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queued = 0
         """Bytes submitted and not yet done (changed on the event loop thread only)."""
-        self._room = asyncio.Event()
-        self._room.set()
+        self._waiting: list[Callable[[], None]] = []
 
     def submit(self, job: Job, size: int = 0) -> None:
         """Queue a job from the event loop; ``size`` counts against :data:`MAX_QUEUED`."""
@@ -43,19 +42,23 @@ class CaptureWorker:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self.queued += size
-            if self.queued > MAX_QUEUED:
-                self._room.clear()
         self._jobs.put((job, size))
 
-    async def room(self) -> None:
-        """Wait until the queue is below its bound."""
-        if not self._room.is_set():
-            await self._room.wait()
+    @property
+    def full(self) -> bool:
+        """More than :data:`MAX_QUEUED` bytes are waiting: submitters should pause."""
+        return self.queued > MAX_QUEUED
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the event loop once the queue is below its bound."""
+        self._waiting.append(callback)
 
     def _done(self, size: int) -> None:
         self.queued -= size
-        if self.queued <= MAX_QUEUED:
-            self._room.set()
+        if self.queued <= MAX_QUEUED and self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for callback in waiting:
+                callback()
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
