@@ -481,3 +481,51 @@ async def test_live_view_prints_each_message(
         [peer, "sent", "version", "100"],
     ]
     assert all(len(x[0]) == len("16:05:01.123456") for x in lines)
+
+
+async def test_socks_client_that_sends_everything_at_once(tmp_path: Path) -> None:
+    """Greeting, CONNECT, version and 3 MB of frames in one write, before any reply:
+    what arrives during setup is relayed and captured like the rest."""
+    got = bytearray()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.extend(await read_all(r))
+
+    frames = [encode_frame(MAGIC, "block", bytes([i]) * 300_000) for i in range(10)]
+    async with (
+        Upstream(sink) as up,
+        running_proxy(tmp_path, socks5={"listen": "127.0.0.1:0"}) as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        connect = b"\x05\x01\x00\x01\x7f\x00\x00\x01" + up.port.to_bytes(2, "big")
+        w.write(b"\x05\x01\x00" + connect + VERSION + b"".join(frames))
+        w.write_eof()
+        replies = await asyncio.wait_for(read_all(r), 30)
+        w.close()
+        await asyncio.sleep(0.1)
+    assert replies == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6)
+    assert bytes(got) == VERSION + b"".join(frames)
+    assert capture(tmp_path, up.port, "msgs_sent.dat") == [("version", b"\x01" * 100)] + [
+        ("block", bytes([i]) * 300_000) for i in range(10)
+    ]
+
+
+async def test_peer_that_talks_before_the_node(tmp_path: Path) -> None:
+    """A peer that speaks as soon as it is connected (before the node's version arrives
+    there) is relayed and captured in order."""
+    greeting = encode_frame(MAGIC, "version", b"\x02" * 100) + encode_frame(MAGIC, "verack", b"")
+
+    async def eager(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(greeting)
+        await w.drain()
+        await read_all(r)
+
+    async with Upstream(eager) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        await asyncio.sleep(0.2)
+        w.write(VERSION)
+        w.write_eof()
+        assert await asyncio.wait_for(read_all(r), 10) == greeting
+        w.close()
+        await asyncio.sleep(0.1)
+    assert [t for t, _ in capture(tmp_path, up.port, "msgs_recv.dat")] == ["version", "verack"]
