@@ -1,7 +1,6 @@
-"""The baseline for the relay benchmark: a plain asyncio byte relay, nothing else.
-
-Same event loop (uvloop when installed), same read size and drain discipline as the
-proxy, no framing and no capture.
+"""The baseline for the relay benchmark: a plain asyncio byte relay as it is usually
+written, with streams (read 256 KiB, write, drain), on the same event loop as the proxy
+(uvloop when installed). No framing, no capture, nothing else.
 
     python bench/plain_relay.py LISTEN_PORT TARGET_PORT
 """

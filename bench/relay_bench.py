@@ -1,12 +1,16 @@
-"""Relay throughput and latency of ``msgcap proxy`` (capture on) against a plain relay.
+"""Relay throughput and latency of ``msgcap proxy`` (capture on) against plain relays.
 
-Every relay runs as its own process on loopback: ``msgcap proxy`` with an outbound route,
-``bench/plain_relay.py`` (asyncio, same loop, no framing or capture) and socat when
-installed. A sender and a sink (blocking sockets in threads) push a stream of v1 frames
-through each and time it; a ping/pong echo measures round trips. With ``--sync`` it also
-times a real bcoin node syncing blocks from another, directly and through the proxy.
+Every relay runs as its own process on loopback: ``msgcap proxy`` with an outbound route;
+``bench/plain_relay.py``, a byte relay on asyncio streams (the baseline of the goal);
+``bench/bare_relay.py``, a byte relay on transports and protocols like the proxy's; and
+socat when installed. A sender and a sink (blocking sockets in threads) push a stream of
+v1 frames through each and time it until the sink has every byte and, for msgcap, the
+capture files hold every message (quotas are lifted so that capture never stops), in rounds that take the relays in turn (so a slow
+moment of the machine hits them alike); a ping/pong echo measures round trips. With
+``--sync`` it also times a real bcoin node syncing blocks from another, directly and
+through the proxy.
 
-    python bench/relay_bench.py [--sync]
+    python bench/relay_bench.py [--rounds-relay N] [--sync]
 """
 
 from __future__ import annotations
@@ -72,20 +76,34 @@ class Sink:
         self.sock.close()
 
 
+RELAYS = ("msgcap", "plain", "bare", "socat")
+
+
 def start_relay(kind: str, target: int, capture_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if kind == "msgcap":
         cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--network", "regtest",
                "--capture-dir", str(capture_dir), "--socks5", "off",
+               "--capture-bytes-per-peer", str(1 << 40), "--capture-bytes-total", str(1 << 40),
                "--route", f"127.0.0.1:{port}=127.0.0.1:{target}"]  # fmt: skip
-    elif kind == "plain":
-        cmd = [sys.executable, str(ROOT / "bench" / "plain_relay.py"), str(port), str(target)]
+    elif kind in ("plain", "bare"):
+        cmd = [sys.executable, str(ROOT / "bench" / f"{kind}_relay.py"), str(port), str(target)]
     else:
         cmd = ["socat", f"TCP-LISTEN:{port},reuseaddr,fork,bind=127.0.0.1",
                f"TCP:127.0.0.1:{target}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port)
     return proc, port
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process and its children so far (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime, stime, cutime, cstime (socat forks a child per connection)
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -96,14 +114,22 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def throughput(port: int, sink: Sink, payload_size: int, count: int) -> float:
-    """Messages per second for ``count`` frames of ``payload_size`` bytes."""
+def captured_bytes(capture_dir: Path) -> int:
+    return sum(f.stat().st_size for f in capture_dir.rglob("msgs_*.dat"))
+
+
+def throughput(
+    port: int, sink: Sink, payload_size: int, count: int, capture_dir: Path | None = None
+) -> float:
+    """Messages per second for ``count`` frames of ``payload_size`` bytes: until the sink
+    has them all and, with ``capture_dir``, until they are all in the capture files."""
     frame = encode_frame(MAGIC, "block" if payload_size > 1000 else "tx", bytes(payload_size))
     per_write = max(1, (1 << 20) // len(frame))
     block = frame * per_write
     with sink.cond:
         sink.received = 0
     total = len(VERSION) + len(frame) * count
+    start_size = captured_bytes(capture_dir) if capture_dir else 0
     with socket.create_connection(("127.0.0.1", port)) as s:
         t = time.perf_counter()
         s.sendall(VERSION)
@@ -114,6 +140,12 @@ def throughput(port: int, sink: Sink, payload_size: int, count: int) -> float:
             sent += n
         s.shutdown(socket.SHUT_WR)
         sink.wait_for(total)
+        # A record's header is as long as a frame's: a complete capture grew by `total`.
+        deadline = time.monotonic() + 60
+        while capture_dir and captured_bytes(capture_dir) - start_size < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"capture incomplete in {capture_dir}")
+            time.sleep(0.001)
         elapsed = time.perf_counter() - t
     assert sink.received == total, (sink.received, total)
     return count / elapsed
@@ -139,54 +171,71 @@ def round_trips(port: int, n: int = 2000) -> float:
     return statistics.median(times) * 1e6
 
 
-def relay_benchmarks(kinds: list[str]) -> None:
+def relay_benchmarks(kinds: list[str], rounds: int) -> None:
     sink = Sink()
     echo = Sink(echo=True)
     work = Path(
         tempfile.mkdtemp(prefix="msgcap-relay-bench-", dir=os.environ.get("MSGCAP_BENCH_DIR"))
     )
-    results: dict[str, dict[str, float]] = {}
+    small: dict[str, list[float]] = {k: [] for k in kinds}
+    big: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    rtt: dict[str, float] = {}
+    relays = {k: start_relay(k, sink.port, work / k) for k in kinds}
+    captures = {"msgcap": work / "msgcap"}
+    try:
+        for kind, (_proc, port) in relays.items():
+            throughput(port, sink, 100, 20_000, captures.get(kind))  # warm up
+        for _ in range(rounds):
+            for kind, (proc, port) in relays.items():
+                small[kind].append(throughput(port, sink, 100, 200_000, captures.get(kind)))
+                before = cpu_seconds(proc.pid)
+                big[kind].append(throughput(port, sink, 1_000_000, 300, captures.get(kind)))
+                after = cpu_seconds(proc.pid)
+                if before is not None and after is not None:
+                    cpu[kind].append((after - before) * 1000 / 300)
+    finally:
+        for proc, _port in relays.values():
+            stop(proc)
     try:
         for kind in kinds:
-            row: dict[str, float] = {}
-            proc, port = start_relay(kind, sink.port, work / kind)
-            try:
-                throughput(port, sink, 100, 20_000)  # warm up
-                row["small"] = max(throughput(port, sink, 100, 400_000) for _ in range(3))
-                row["big"] = max(throughput(port, sink, 1_000_000, 300) for _ in range(3))
-            finally:
-                stop(proc)
             proc, port = start_relay(kind, echo.port, work / f"{kind}-rtt")
             try:
-                row["rtt"] = round_trips(port)
+                rtt[kind] = round_trips(port)
             finally:
                 stop(proc)
-            results[kind] = row
         direct_rtt = round_trips(echo.port)
     finally:
         sink.close()
         echo.close()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'relay':8} {'100 B msg/s':>12} {'1 MB msg/s':>11} {'1 MB MB/s':>10} {'RTT µs':>8}")
-    for kind, r in results.items():
-        print(f"{kind:8} {r['small']:12,.0f} {r['big']:11.1f} {r['big'] * 1.000024:10.1f} "
-              f"{r['rtt']:8.0f}")  # fmt: skip
-    print(f"{'direct':8} {'':12} {'':11} {'':10} {direct_rtt:8.0f}")
-    m, p = results["msgcap"], results["plain"]
-    print(f"msgcap / plain relay, 1 MB messages: {m['big'] / p['big']:.2f}x (goal >= 0.7x)")
+
+    def span(xs: list[float], fmt: str) -> str:
+        med = statistics.median(xs)
+        return f"{med:{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+
+    print(f"medians (and ranges) over {rounds} rounds; 1 MB messages are 1,000,024 bytes a frame")
+    print(f"{'relay':7} {'100 B msg/s':>28} {'1 MB MB/s':>22} {'CPU ms/MB':>10} {'RTT µs':>7}")
+    for kind in kinds:
+        c = f"{statistics.median(cpu[kind]):.2f}" if cpu[kind] else "-"
+        print(f"{kind:7} {span(small[kind], ',.0f'):>28} {span(big[kind], '.0f'):>22} "
+              f"{c:>10} {rtt[kind]:7.0f}")  # fmt: skip
+    print(f"{'direct':7} {'':>28} {'':>22} {'':>10} {direct_rtt:7.0f}")
+
+    def ratio(results: dict[str, list[float]], other: str) -> str:
+        r = [m / o for m, o in zip(results["msgcap"], results[other], strict=True)]
+        return f"{statistics.median(r):.2f}x (rounds: {min(r):.2f}-{max(r):.2f}x)"
+
+    print(f"msgcap / plain relay, 1 MB messages: {ratio(big, 'plain')} (goal >= 0.7x)")
     print(
-        f"msgcap / plain relay, 100 B messages: {m['small'] / p['small']:.2f}x; "
-        f"{m['small']:,.0f} msg/s (goal >= 150,000)"
+        f"msgcap, 100 B messages: {statistics.median(small['msgcap']):,.0f} msg/s (goal >= 150,000)"
     )
     print(
-        f"added latency over the plain relay: {m['rtt'] - p['rtt']:.0f} µs per round trip "
-        f"(two relay passes); over direct: {m['rtt'] - direct_rtt:.0f} µs"
+        f"added latency over the plain relay: {rtt['msgcap'] - rtt['plain']:.0f} µs per round "
+        f"trip (two relay passes); over direct: {rtt['msgcap'] - direct_rtt:.0f} µs"
     )
-    if "socat" in results:
-        print(
-            f"msgcap / socat, 1 MB: {m['big'] / results['socat']['big']:.2f}x; "
-            f"100 B: {m['small'] / results['socat']['small']:.2f}x"
-        )
+    for other in kinds[2:]:
+        print(f"msgcap / {other}, 1 MB messages: {ratio(big, other)}")
 
 
 def sync_benchmark(blocks: int, rounds: int) -> None:
@@ -225,11 +274,12 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds-relay", type=int, default=5, help="relay throughput rounds")
     ap.add_argument("--sync", action="store_true", help="also time a bcoin sync")
     ap.add_argument("--blocks", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    kinds = ["msgcap", "plain"] + (["socat"] if shutil.which("socat") else [])
+    kinds = [k for k in RELAYS if k != "socat" or shutil.which("socat")]
     try:
         import uvloop  # noqa: F401
 
@@ -237,7 +287,7 @@ def main() -> None:
     except ImportError:
         loop = "asyncio"
     print(f"event loop: {loop}; CPUs: {os.cpu_count()}")
-    relay_benchmarks(kinds)
+    relay_benchmarks(kinds, args.rounds_relay)
     if args.sync:
         sync_benchmark(args.blocks, args.rounds)
 
