@@ -5,8 +5,9 @@ Every relay runs as its own process on loopback: ``msgcap proxy`` with an outbou
 ``bench/bare_relay.py``, a byte relay on transports and protocols like the proxy's; and
 socat when installed. A sender and a sink (blocking sockets in threads) push a stream of
 v1 frames through each and time it until the sink has every byte and, for msgcap, the
-capture files hold every message (quotas are lifted so that capture never stops), in rounds that take the relays in turn (so a slow
-moment of the machine hits them alike); a ping/pong echo measures round trips. With
+capture files hold every message (quotas are lifted so that capture never stops). Rounds
+take the relays in turn, so a slow moment of the machine hits them alike; a ping/pong
+echo measures round trips. With
 ``--sync`` it also times a real bcoin node syncing blocks from another, directly and
 through the proxy.
 

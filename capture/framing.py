@@ -16,7 +16,7 @@ import itertools
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 HEADER_SIZE: Final = 24
 MAX_PROTOCOL_MESSAGE_LENGTH: Final = 4_000_000
@@ -148,12 +148,12 @@ class InvalidFrame:
 Event = Frame | InvalidFrame | _NeedData
 
 
-@dataclass(frozen=True, slots=True)
-class UncheckedFrame:
+class UncheckedFrame(NamedTuple):
     """A complete frame whose checksum and message type are not checked yet.
 
     The payload is kept as the pieces of the received chunks that hold it: the event loop
-    never copies a large payload; whoever checks the frame joins the pieces.
+    never copies a large payload; whoever checks the frame joins the pieces. (A tuple:
+    a proxy makes one per message, so it is cheap to make.)
     """
 
     raw_msgtype: bytes
@@ -326,6 +326,44 @@ class FrameDecoder:
         self._take(HEADER_SIZE)
         parts = self._take(length) if length else (b"",)
         return UncheckedFrame(raw_type, parts, length, offset, expected)
+
+    def take_unchecked(self) -> tuple[list[UncheckedFrame], StreamError | None]:
+        """Every frame complete so far (as :meth:`next_unchecked` would return them one
+        by one), and the error that stopped the stream after them, if any."""
+        frames: list[UncheckedFrame] = []
+        append = frames.append
+        chunks, magic, max_length, unpack = (
+            self._chunks,
+            self.magic,
+            self.max_length,
+            _HEADER.unpack_from,
+        )
+        while True:
+            # Fast path, inlined: frames lying whole inside the first chunk.
+            if chunks:
+                first, head = chunks[0], self._head
+                size, offset, n = self._size, self._offset, len(first)
+                while n - head >= HEADER_SIZE:
+                    magic_, raw_type, length, expected = unpack(first, head)
+                    end = head + HEADER_SIZE + length
+                    if magic_ != magic or length > max_length or end >= n:
+                        break
+                    append(
+                        UncheckedFrame(
+                            raw_type, (first[head + HEADER_SIZE : end],), length, offset, expected
+                        )
+                    )
+                    size -= end - head
+                    offset += end - head
+                    head = end
+                self._head, self._size, self._offset = head, size, offset
+            try:
+                ev = self.next_unchecked()
+            except StreamError as e:
+                return frames, e
+            if ev is NEED_DATA:
+                return frames, None
+            append(ev)
 
     def next_event(self) -> Event:
         """The next frame, checked (checksum and message type), or NEED_DATA."""

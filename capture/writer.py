@@ -33,10 +33,15 @@ class Clock:
         self._last = 0
 
     def now(self) -> int:
+        return self.stamps(1)
+
+    def stamps(self, n: int) -> int:
+        """The first of ``n`` consecutive timestamps for messages completed together (by
+        one read); the next call starts after the last of them."""
         t = time.time_ns() // 1000
         if t <= self._last:
             t = self._last + 1
-        self._last = t
+        self._last = t + n - 1
         return t
 
 
@@ -66,7 +71,7 @@ class CaptureWriter:
         total = 0
         for i in range(0, len(parts), _IOV_MAX):
             batch = parts[i : i + _IOV_MAX]
-            size = sum(len(p) for p in batch)
+            size = sum(map(len, batch))
             n = os.writev(fd, batch)
             if n < size:
                 rest = memoryview(b"".join(batch))[n:]

@@ -13,18 +13,16 @@ the capture thread.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 
 from capture.framing import (
     HEADER_SIZE,
-    NEED_DATA,
     BadMagic,
     Frame,
     FrameDecoder,
-    StreamError,
     UncheckedFrame,
-    checksum,
     msgtype_is_valid,
 )
 from capture.writer import Clock
@@ -191,16 +189,12 @@ class Relay:
         src, decoder = direction.src, direction.decoder
         start = decoder.offset + decoder.buffered
         decoder.receive_data(data)
-        frames: list[tuple[int, UncheckedFrame]] = []
-        fatal: StreamError | None = None
-        try:
-            while (ev := decoder.next_unchecked()) is not NEED_DATA:
-                frames.append((self.clock.now(), ev))
-        except StreamError as e:
-            fatal = e
+        frames, fatal = decoder.take_unchecked()
         if frames:
-            size = sum(HEADER_SIZE + f.length for _, f in frames)
-            self.worker.submit(lambda: self._check_and_capture(src, frames), size)
+            # The frames of one read completed together: consecutive microseconds.
+            t0 = self.clock.stamps(len(frames))
+            size = sum(f.length for f in frames) + HEADER_SIZE * len(frames)
+            self.worker.submit(lambda: self._check_and_capture(src, t0, frames), size)
         if fatal is None:
             return None
         self.events.emit(
@@ -214,15 +208,20 @@ class Relay:
         src.stats.bytes += forward
         return forward
 
-    def _check_and_capture(self, src: Side, frames: list[tuple[int, UncheckedFrame]]) -> None:
-        """In the capture thread: check frames as Core would, capture the valid ones."""
+    def _check_and_capture(self, src: Side, t0: int, frames: list[UncheckedFrame]) -> None:
+        """In the capture thread: check frames as Core would, capture the valid ones
+        (the i-th at time ``t0 + i``)."""
         stats = src.stats
         good: list[tuple[int, bytes, bytes]] = []
-        for t, unchecked in frames:
-            raw, payload = unchecked.raw_msgtype, unchecked.payload
+        sha256 = hashlib.sha256
+        for i, unchecked in enumerate(frames):
+            raw, parts, _length, _offset, expected = unchecked
             # One hashlib call per payload: it releases the GIL once, not once per piece.
-            if checksum(payload) == unchecked.expected_checksum and msgtype_is_valid(raw):
-                good.append((t, raw, payload))
+            payload = parts[0]
+            if len(parts) > 1 or type(payload) is not bytes:
+                payload = b"".join(parts)
+            if sha256(sha256(payload).digest()).digest()[:4] == expected and msgtype_is_valid(raw):
+                good.append((t0 + i, raw, payload))
                 continue
             ev = unchecked.check()
             assert not isinstance(ev, Frame)

@@ -47,26 +47,31 @@ class ConnectionCapture:
         fails)."""
         if not self.active or self.writer is None:
             return 0
+        pack = RECORD_HEADER.pack
         parts: list[bytes] = []
-        count = 0
-        size = 0
-        for time_us, raw_msgtype, payload in frames:
-            n = RECORD_HEADER_SIZE + len(payload)
-            quota = self.store.reserve(self.peer, n)
-            if quota is not None:
-                self.active = False
-                self.store.events.emit(
-                    "capture_limit",
-                    conn=self.conn_id,
-                    peer=self.peer,
-                    limit=quota,
-                    note="capture stopped, forwarding continues",
-                )
-                break
-            parts.append(RECORD_HEADER.pack(time_us, raw_msgtype, len(payload)))
-            parts.append(payload)
-            size += n
-            count += 1
+        size = sum(len(payload) for _, _, payload in frames) + RECORD_HEADER_SIZE * len(frames)
+        if self.store.reserve(self.peer, size) is None:  # all of them, the usual case
+            for time_us, raw_msgtype, payload in frames:
+                parts += (pack(time_us, raw_msgtype, len(payload)), payload)
+            count = len(frames)
+        else:  # a quota is hit within these: capture up to it
+            count = size = 0
+            for time_us, raw_msgtype, payload in frames:
+                n = RECORD_HEADER_SIZE + len(payload)
+                quota = self.store.reserve(self.peer, n)
+                if quota is not None:
+                    self.active = False
+                    self.store.events.emit(
+                        "capture_limit",
+                        conn=self.conn_id,
+                        peer=self.peer,
+                        limit=quota,
+                        note="capture stopped, forwarding continues",
+                    )
+                    break
+                parts += (pack(time_us, raw_msgtype, len(payload)), payload)
+                size += n
+                count += 1
         if not parts:
             return 0
         try:

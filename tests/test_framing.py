@@ -18,6 +18,7 @@ from capture.framing import (
     Network,
     Oversize,
     StreamError,
+    UncheckedFrame,
     checksum,
     encode_frame,
     msgtype_is_valid,
@@ -222,3 +223,45 @@ def test_arbitrary_bytes_only_raise_stream_errors(data: bytes, chunk: int) -> No
             drain(dec)
     except StreamError as e:
         assert 0 <= e.offset <= len(stream)
+
+
+def _one_by_one(dec: FrameDecoder) -> tuple[list[UncheckedFrame], StreamError | None]:
+    out: list[UncheckedFrame] = []
+    try:
+        while (ev := dec.next_unchecked()) is not NEED_DATA:
+            out.append(ev)
+    except StreamError as e:
+        return out, e
+    return out, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=frames_strategy,
+    junk=st.binary(max_size=40),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+)
+def test_batch_take_equals_one_by_one(
+    frames: list[tuple[str, bytes]], junk: bytes, cuts: list[int]
+) -> None:
+    """take_unchecked (the proxy's fast path) returns exactly what next_unchecked would,
+    frame by frame, including where the stream breaks (junk after the frames)."""
+    stream = b"".join(encode_frame(REGTEST, t, p) for t, p in frames) + junk
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    batch, single = FrameDecoder(REGTEST, max_length=5000), FrameDecoder(REGTEST, max_length=5000)
+    for c in chunks:
+        batch.receive_data(c)
+        single.receive_data(c)
+        got, error = batch.take_unchecked()
+        want, want_error = _one_by_one(single)
+        assert [
+            (f.raw_msgtype, f.payload, f.length, f.offset, f.expected_checksum) for f in got
+        ] == [(f.raw_msgtype, f.payload, f.length, f.offset, f.expected_checksum) for f in want]
+        assert (type(error), getattr(error, "offset", None)) == (
+            type(want_error),
+            getattr(want_error, "offset", None),
+        )
+        assert (batch.offset, batch.buffered) == (single.offset, single.buffered)
+        if error is not None:
+            break
