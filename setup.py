@@ -1,4 +1,8 @@
-"""Build the optional native JSON renderer; everything else is in pyproject.toml."""
+"""Build the optional native parts; everything else is in pyproject.toml.
+
+Both are optional: without a compiler (or, for the capture helper, OpenSSL's headers)
+msgcap uses its pure-Python code instead.
+"""
 
 from setuptools import Extension, setup
 
@@ -9,6 +13,13 @@ setup(
             ["parser/_fastjson.c"],
             optional=True,  # without a compiler, msgcap falls back to parser/fastjson.py
             extra_compile_args=["-O2"],
-        )
+        ),
+        Extension(
+            "capture._capture",
+            ["capture/_capture.c"],
+            optional=True,  # without it the capture thread checks and writes in Python
+            libraries=["crypto"],
+            extra_compile_args=["-O2"],
+        ),
     ]
 )

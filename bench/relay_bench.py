@@ -7,7 +7,11 @@ socat when installed. A sender and a sink (blocking sockets in threads) push a s
 v1 frames through each and time it until the sink has every byte and, for msgcap, the
 capture files hold every message (quotas are lifted so that capture never stops). Rounds
 take the relays in turn, so a slow moment of the machine hits them alike; a ping/pong
-echo measures round trips. With
+echo measures round trips. Captures are deleted after each round so that rounds start
+alike, without our dirty pages waiting for writeback: this measures the relay and the
+page cache. (A capture that goes on for longer than the kernel lets dirty pages pile up
+runs at the disk's write speed: the capture thread waits for the disk, the relay for
+the capture thread.) With
 ``--sync`` it also times a real bcoin node syncing blocks from another, directly and
 through the proxy.
 
@@ -195,6 +199,9 @@ def relay_benchmarks(kinds: list[str], rounds: int) -> None:
                 after = cpu_seconds(proc.pid)
                 if before is not None and after is not None:
                     cpu[kind].append((after - before) * 1000 / 300)
+                if kind in captures:  # every round starts with no dirty pages of ours
+                    for folder in captures[kind].glob("*/"):
+                        shutil.rmtree(folder)
     finally:
         for proc, _port in relays.values():
             stop(proc)

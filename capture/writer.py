@@ -59,6 +59,10 @@ class CaptureWriter:
             raise
         self.closed = False
 
+    def fd(self, recv: bool) -> int:
+        """The descriptor of one file (``recv`` from the node's point of view)."""
+        return self._recv_fd if recv else self._sent_fd
+
     def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
         """Append one record; ``recv`` is from the node's point of view. Returns its size."""
         return self.write_parts(recv, [encode_record(time_us, msgtype, payload)])

@@ -211,17 +211,18 @@ class Relay:
     def _check_and_capture(self, src: Side, t0: int, frames: list[UncheckedFrame]) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones
         (the i-th at time ``t0 + i``)."""
+        try:
+            result = self.capture.write_checked(src.recv, t0, frames)  # natively, if it can
+            if result is None:
+                result = self._check_and_write(src.recv, t0, frames)
+        except CaptureStopped:
+            self._loop.call_soon_threadsafe(self._stop_for_capture_error)
+            return
+        ok, captured = result
         stats = src.stats
-        good: list[tuple[int, bytes, bytes]] = []
-        sha256 = hashlib.sha256
-        for i, unchecked in enumerate(frames):
-            raw, parts, _length, _offset, expected = unchecked
-            # One hashlib call per payload: it releases the GIL once, not once per piece.
-            payload = parts[0]
-            if len(parts) > 1 or type(payload) is not bytes:
-                payload = b"".join(parts)
-            if sha256(sha256(payload).digest()).digest()[:4] == expected and msgtype_is_valid(raw):
-                good.append((t0 + i, raw, payload))
+        stats.captured += captured
+        for valid, unchecked in zip(ok, frames, strict=True):
+            if valid:
                 continue
             ev = unchecked.check()
             assert not isinstance(ev, Frame)
@@ -233,18 +234,31 @@ class Relay:
                 direction="recv" if src.recv else "sent",
                 detail=ev.describe(),
             )
-        if not good:
-            return
-        stats.messages += len(good)
-        try:
-            stats.captured += self.capture.write(src.recv, good)
-        except CaptureStopped:
-            self._loop.call_soon_threadsafe(self._stop_for_capture_error)
-            return
+        stats.messages += ok.count(True)
         if self.live is not None:
-            for t, raw, payload in good:
-                msgtype = raw.rstrip(b"\0").decode("ascii")
-                self.live.message(t, self.peer, src.recv, msgtype, len(payload))
+            for i, (valid, unchecked) in enumerate(zip(ok, frames, strict=True)):
+                if valid:
+                    msgtype = unchecked.raw_msgtype.rstrip(b"\0").decode("ascii")
+                    self.live.message(t0 + i, self.peer, src.recv, msgtype, unchecked.length)
+
+    def _check_and_write(
+        self, recv: bool, t0: int, frames: list[UncheckedFrame]
+    ) -> tuple[list[bool], int]:
+        """The pure-Python way: which frames are valid, and how many were captured."""
+        ok: list[bool] = []
+        good: list[tuple[int, bytes, bytes]] = []
+        sha256 = hashlib.sha256
+        for i, (raw, parts, _length, _offset, expected) in enumerate(frames):
+            # One hashlib call per payload: it releases the GIL once, not once per piece.
+            payload = parts[0]
+            if len(parts) > 1 or type(payload) is not bytes:
+                payload = b"".join(parts)
+            digest = sha256(sha256(payload).digest()).digest()
+            valid = digest[:4] == expected and msgtype_is_valid(raw)
+            ok.append(valid)
+            if valid:
+                good.append((t0 + i, raw, payload))
+        return ok, self.capture.write(recv, good) if good else 0
 
     def _stop_for_capture_error(self) -> None:
         self.finish("capture error")

@@ -5,12 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections import Counter
+from collections.abc import Callable
 
+from capture.framing import UncheckedFrame, msgtype_is_valid
 from capture.layout import Layout, capture_folder
 from capture.records import RECORD_HEADER, RECORD_HEADER_SIZE
 from capture.writer import CaptureWriter
 from proxy.config import CaptureErrorPolicy, Config
 from proxy.events import EventLog
+
+native_write_checked: (
+    Callable[[int, list[tuple[bytes, tuple[bytes | memoryview, ...], bytes]]], list[bool]] | None
+)
+try:  # the native helper (capture/_capture.c), when it was built
+    from capture._capture import write_checked as native_write_checked
+except ImportError:  # pragma: no cover - depends on the build
+    native_write_checked = None
+if os.environ.get("MSGCAP_PURE_PYTHON"):  # as for the parser: Python code regardless
+    native_write_checked = None
 
 
 class CaptureStopped(Exception):
@@ -82,6 +94,38 @@ class ConnectionCapture:
             return 0
         self.bytes += size
         return count
+
+    def write_checked(
+        self, recv: bool, t0: int, frames: list[UncheckedFrame]
+    ) -> tuple[list[bool], int] | None:
+        """Check frames and capture the valid ones (the i-th at time ``t0 + i``) in one
+        native call that releases the GIL once: which frames are valid, and how many were
+        captured. None when it must be done the Python way (no native helper, capture
+        off, or a quota within reach of these frames)."""
+        if native_write_checked is None or not self.active or self.writer is None:
+            return None
+        size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
+        if self.store.reserve(self.peer, size) is not None:
+            return None
+        pack = RECORD_HEADER.pack
+        typed = [msgtype_is_valid(f.raw_msgtype) for f in frames]
+        batch = [
+            (pack(t0 + i, f.raw_msgtype, f.length), f.parts, f.expected_checksum)
+            for i, f in enumerate(frames)
+            if typed[i]
+        ]
+        try:
+            written = iter(native_write_checked(self.writer.fd(recv), batch))
+        except OSError as e:
+            self.store.release(self.peer, size)
+            self._failed(f"cannot write capture: {e}")
+            return None  # the Python way tells valid from invalid; capture is off now
+        ok = [typed[i] and next(written) for i in range(len(frames))]
+        kept = sum(f.length for f, w in zip(frames, ok, strict=True) if w)
+        kept += RECORD_HEADER_SIZE * ok.count(True)
+        self.store.release(self.peer, size - kept)
+        self.bytes += kept
+        return ok, ok.count(True)
 
     def _failed(self, reason: str) -> None:
         self.active = False

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import proxy.store
 from capture.framing import Network, checksum, encode_frame
 from capture.records import Record, read_records
 from proxy.config import config_from_dict
@@ -101,8 +102,17 @@ async def send_chunked(w: asyncio.StreamWriter, data: bytes, rng: random.Random)
             await asyncio.sleep(0)
 
 
+@pytest.mark.parametrize("way", ["native", "python"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_bit_exact_forwarding_both_directions(tmp_path: Path, seed: int) -> None:
+async def test_bit_exact_forwarding_both_directions(
+    tmp_path: Path, seed: int, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random frames, random chunking, both directions at once; with the capture thread's
+    native helper (when built) and without it."""
+    if way == "python":
+        monkeypatch.setattr(proxy.store, "native_write_checked", None)
+    elif proxy.store.native_write_checked is None:
+        pytest.skip("capture/_capture.c not compiled")
     rng = random.Random(seed)
     up_frames = [("version", b"\x02" * 100), *random_frames(rng, 150)]
     down_frames = [("version", b"\x01" * 100), *random_frames(rng, 150)]
