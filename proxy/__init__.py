@@ -1,1 +1,1 @@
-"""The asyncio side of msgcap: listeners, routes, SOCKS5, relay pumps and the CLI."""
+"""The asyncio side of msgcap: listeners, routes, SOCKS5, the relay and the CLI."""

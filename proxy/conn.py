@@ -139,16 +139,18 @@ class Conn(asyncio.Protocol):
 
     def hold(self, reason: str) -> None:
         """Pause reading until every hold is released."""
-        if not self._holds and self.transport is not None and not self._lost:
-            self.transport.pause_reading()
+        t = self.transport
+        if not self._holds and t is not None and not t.is_closing():
+            t.pause_reading()
         self._holds.add(reason)
 
     def release(self, reason: str) -> None:
         if reason not in self._holds:
             return
         self._holds.discard(reason)
-        if not self._holds and self.transport is not None and not self._lost:
-            self.transport.resume_reading()
+        t = self.transport
+        if not self._holds and t is not None and not t.is_closing():
+            t.resume_reading()
 
     # --- writing --------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The capture thread: checks frames and appends them to capture files, in order.
 
 The event loop only frames (headers, lengths) and forwards bytes; checksums (SHA-256 over
-every payload) and capture writes run here, on another core: ``hashlib`` and ``writev``
-release the GIL. One thread and one FIFO queue keep every file's records in the order the
-frames were completed. Stopping drains the queue, so everything forwarded before a
+every payload) and capture writes run here, on another core, with the GIL released: for a
+whole batch at once in the native helper (capture/_capture.c), or per call to ``hashlib``
+and ``writev`` without it. One thread and one FIFO queue keep every file's records in the
+order the frames were completed. Stopping drains the queue, so everything forwarded before a
 shutdown is in the capture.
 """
 
@@ -22,8 +23,8 @@ log = logging.getLogger("msgcap")
 Job = Callable[[], None]
 
 MAX_QUEUED: Final = 32 << 20
-"""Frame bytes waiting for the capture thread, over all connections, before the pumps
-pause (a slow disk slows the relay instead of growing memory)."""
+"""Frame bytes waiting for the capture thread, over all connections, before reading
+pauses (a slow disk slows the relay instead of growing memory)."""
 
 
 class CaptureWorker:
