@@ -33,16 +33,25 @@ class CaptureWorker:
         self._thread = threading.Thread(target=self._run, name="msgcap-capture", daemon=True)
         self._thread.start()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.queued = 0
-        """Bytes submitted and not yet done (changed on the event loop thread only)."""
+        # Each counter has one writer, so neither needs a lock: bytes submitted (by the
+        # event loop) and bytes done (by the capture thread).
+        self._submitted = 0
+        self._done = 0
         self._waiting: list[Callable[[], None]] = []
+        self._wake_me = False
+        """Set by the event loop while something waits for room; only then does the
+        capture thread wake the loop (not once per job)."""
+
+    @property
+    def queued(self) -> int:
+        """Bytes submitted and not yet done."""
+        return self._submitted - self._done
 
     def submit(self, job: Job, size: int = 0) -> None:
         """Queue a job from the event loop; ``size`` counts against :data:`MAX_QUEUED`."""
-        if size:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self.queued += size
+        if size and self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._submitted += size
         self._jobs.put((job, size))
 
     @property
@@ -53,13 +62,19 @@ class CaptureWorker:
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the event loop once the queue is below its bound."""
         self._waiting.append(callback)
+        self._wake_me = True
+        # The capture thread updates `_done` before it reads `_wake_me`, and this reads
+        # `_done` after setting it: one of the two sees the other, so no wake-up is lost.
+        if not self.full:
+            self._wake()
 
-    def _done(self, size: int) -> None:
-        self.queued -= size
-        if self.queued <= MAX_QUEUED and self._waiting:
-            waiting, self._waiting = self._waiting, []
-            for callback in waiting:
-                callback()
+    def _wake(self) -> None:
+        if self.full or not self._waiting:
+            return
+        self._wake_me = False
+        waiting, self._waiting = self._waiting, []
+        for callback in waiting:
+            callback()
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
@@ -68,9 +83,10 @@ class CaptureWorker:
                 job()
             except Exception:  # a bug in a job must not stop every later capture
                 log.exception("capture job failed")
-            if size and self._loop is not None:
+            self._done += size
+            if self._wake_me and self._loop is not None and not self.full:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                    self._loop.call_soon_threadsafe(self._done, size)
+                    self._loop.call_soon_threadsafe(self._wake)
 
     def close(self, timeout: float | None = None) -> None:
         """Run every queued job, then stop the thread."""
