@@ -10,7 +10,6 @@ full. No framing, no capture, nothing else.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 
 class Side(asyncio.Protocol):
@@ -72,9 +71,6 @@ async def main(listen: int, target: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
+    from plain_relay import run_relay  # this script's folder is on sys.path
 
-        uvloop.run(main(int(sys.argv[1]), int(sys.argv[2])))
-    except ImportError:
-        asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    run_relay(main)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 READ_SIZE = 1 << 18
 
@@ -36,10 +38,17 @@ async def main(listen: int, target: int) -> None:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
+def run_relay(main: Callable[[int, int], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main(LISTEN_PORT, TARGET_PORT)`` from the command line, on uvloop when it is
+    installed (as the proxy does)."""
+    listen, target = int(sys.argv[1]), int(sys.argv[2])
     try:
         import uvloop
-
-        uvloop.run(main(int(sys.argv[1]), int(sys.argv[2])))
     except ImportError:
-        asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+        asyncio.run(main(listen, target))
+    else:
+        uvloop.run(main(listen, target))
+
+
+if __name__ == "__main__":
+    run_relay(main)
