@@ -61,6 +61,8 @@ static int write_all(int fd, struct iovec *iov, int count)
                 continue;
             return errno;
         }
+        if (n == 0)
+            return EIO; /* no progress: do not spin */
         while (batch > 0 && (size_t)n >= iov->iov_len) {
             n -= (ssize_t)iov->iov_len;
             iov++;
@@ -77,6 +79,7 @@ static int write_all(int fd, struct iovec *iov, int count)
 
 static PyObject *write_checked(PyObject *self, PyObject *args)
 {
+    (void)self;
     int fd;
     PyObject *frames;
     if (!PyArg_ParseTuple(args, "iO!:write_checked", &fd, &PyList_Type, &frames))
@@ -91,6 +94,10 @@ static PyObject *write_checked(PyObject *self, PyObject *args)
     for (; ready < count; ready++) {
         PyObject *frame = PyList_GET_ITEM(frames, ready);
         PyObject *header, *parts, *expected;
+        if (!PyTuple_Check(frame)) {
+            PyErr_SetString(PyExc_TypeError, "each frame must be a tuple");
+            goto done;
+        }
         if (!PyArg_ParseTuple(frame, "O!O!O!:frame", &PyBytes_Type, &header, &PyTuple_Type,
                               &parts, &PyBytes_Type, &expected))
             goto done;
@@ -185,7 +192,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "capture._capture",
-    "Checksum checks and capture writes without the GIL.", -1, methods,
+    "Checksum checks and capture writes without the GIL.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__capture(void) { return PyModule_Create(&module); }

@@ -137,6 +137,8 @@ def test_native_rejects_malformed_batches(tmp_path: Path) -> None:
     assert capture.writer is not None
     fd = capture.writer.fd(True)
     with pytest.raises(TypeError):
+        store_module.native_write_checked(fd, [["a", "list"]])  # type: ignore[misc, list-item]
+    with pytest.raises(TypeError):
         store_module.native_write_checked(fd, [("not", "a", "frame")])  # type: ignore[misc, list-item]
     with pytest.raises(ValueError):
         store_module.native_write_checked(fd, [(b"short", (b"",), b"1234")])  # type: ignore[misc]
