@@ -254,6 +254,33 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A", help="one peer's capture folder (msgs_recv/sent.dat)")
+    p.add_argument("b", metavar="B", help="another capture of the same session")
+    p.add_argument("--mirror", action="store_true",
+                   help="A and B are the two ends of one connection: compare A's recv "
+                   "with B's sent, and A's sent with B's recv")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import orjson
+
+    from capture.compare import compare_folders
+    from capture.layout import RECV_FILE, SENT_FILE
+
+    folders = [Path(args.a), Path(args.b)]
+    for folder in folders:
+        if not (folder / RECV_FILE).is_file() and not (folder / SENT_FILE).is_file():
+            raise UsageError(f"{folder}: not a capture folder (no {RECV_FILE} or {SENT_FILE})")
+    results = compare_folders(folders[0], folders[1], mirror=args.mirror)
+    if args.json:
+        print(orjson.dumps([r.to_json() for r in results], option=orjson.OPT_INDENT_2).decode())
+    else:
+        print("\n".join(r.summary() for r in results))
+    return 0 if all(r.identical for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = _ArgumentParser(
         prog="msgcap",
@@ -271,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
          run_replay),
         ("export", "export captures as a fuzzing corpus or a pcap", add_export_args,
          run_export),
+        ("compare", "two captures of one session, message by message", add_compare_args,
+         run_compare),
     ]  # fmt: skip
     for name, help_text, add_args, run in commands:
         p = sub.add_parser(name, help=help_text)
