@@ -194,7 +194,7 @@ class Relay:
             # The frames of one read completed together: consecutive microseconds.
             t0 = self.clock.stamps(len(frames))
             size = sum(f.length for f in frames) + HEADER_SIZE * len(frames)
-            self.worker.submit(lambda: self._check_and_capture(src, t0, frames), size)
+            self.worker.submit(lambda: self._check_and_capture(src, t0, frames, size), size)
         if fatal is None:
             return None
         self.events.emit(
@@ -208,11 +208,13 @@ class Relay:
         src.stats.bytes += forward
         return forward
 
-    def _check_and_capture(self, src: Side, t0: int, frames: list[UncheckedFrame]) -> None:
+    def _check_and_capture(
+        self, src: Side, t0: int, frames: list[UncheckedFrame], size: int
+    ) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones
-        (the i-th at time ``t0 + i``)."""
+        (the i-th at time ``t0 + i``; ``size`` is their records' total)."""
         try:
-            result = self.capture.write_checked(src.recv, t0, frames)  # natively, if it can
+            result = self.capture.write_checked(src.recv, t0, frames, size)  # natively
             if result is None:
                 result = self._check_and_write(src.recv, t0, frames)
         except CaptureStopped:

@@ -96,15 +96,14 @@ class ConnectionCapture:
         return count
 
     def write_checked(
-        self, recv: bool, t0: int, frames: list[UncheckedFrame]
+        self, recv: bool, t0: int, frames: list[UncheckedFrame], size: int
     ) -> tuple[list[bool], int] | None:
-        """Check frames and capture the valid ones (the i-th at time ``t0 + i``) in one
-        native call that releases the GIL once: which frames are valid, and how many were
-        captured. None when it must be done the Python way (no native helper, capture
-        off, or a quota within reach of these frames)."""
+        """Check frames and capture the valid ones (the i-th at time ``t0 + i``; ``size``
+        is their records' total) in one native call that releases the GIL once: which
+        frames are valid, and how many were captured. None when it must be done the
+        Python way (no native helper, capture off, or a quota within reach)."""
         if native_write_checked is None or not self.active or self.writer is None:
             return None
-        size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
         if self.store.reserve(self.peer, size) is not None:
             return None
         pack = RECORD_HEADER.pack

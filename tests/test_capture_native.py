@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capture.framing import FrameDecoder, Network, UncheckedFrame, encode_frame
+from capture.framing import HEADER_SIZE, FrameDecoder, Network, UncheckedFrame, encode_frame
 from capture.records import Record, read_records
 from proxy import store as store_module
 from proxy.config import config_from_dict
@@ -55,6 +55,10 @@ def frames_of(stream: bytes, cuts: list[int]) -> list[UncheckedFrame]:
     return out
 
 
+def records_size(frames: list[UncheckedFrame]) -> int:
+    return sum(HEADER_SIZE + f.length for f in frames)
+
+
 def corrupt(frame: bytes, how: str) -> bytes:
     if how == "checksum":
         return frame[:20] + bytes(b ^ 0xFF for b in frame[20:24]) + frame[24:]
@@ -85,9 +89,9 @@ def test_native_and_python_agree(
     for way in ("native", "python"):
         tmp = tmp_path_factory.mktemp(way)
         store, capture = open_capture(tmp)
-        relay = Relay(1, "p", MAGIC, capture, store.events, None, 0, None)  # type: ignore[arg-type]
+        relay = Relay(1, "p", MAGIC, capture, store.events, None, 0, None)
         if way == "native":
-            result = capture.write_checked(False, 1000, frames)
+            result = capture.write_checked(False, 1000, frames, records_size(frames))
         else:
             result = relay._check_and_write(False, 1000, frames)
         capture.close()
@@ -112,7 +116,8 @@ def test_native_defers_to_python_near_a_quota(tmp_path: Path) -> None:
     big = encode_frame(MAGIC, "block", bytes(1000))
     frames = frames_of(big * 3, [])
     store, capture = open_capture(tmp_path, capture_bytes_per_peer=2500)
-    assert capture.write_checked(False, 1, frames) is None  # the Python way stops at 2 of 3
+    # the Python way stops at 2 of 3
+    assert capture.write_checked(False, 1, frames, records_size(frames)) is None
     assert store.total == 0
 
 
@@ -124,7 +129,7 @@ def test_native_write_error_turns_capture_off(tmp_path: Path) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     os.dup2(full, capture.writer.fd(False))  # the disk is full from now on: ENOSPC
     os.close(full)
-    assert capture.write_checked(False, 1, frames) is None
+    assert capture.write_checked(False, 1, frames, records_size(frames)) is None
     assert not capture.active and store.total == 0
     events = (tmp_path / "events.jsonl").read_text()
     assert "capture_error" in events and "No space left on device" in events
@@ -137,12 +142,12 @@ def test_native_rejects_malformed_batches(tmp_path: Path) -> None:
     assert capture.writer is not None
     fd = capture.writer.fd(True)
     with pytest.raises(TypeError):
-        store_module.native_write_checked(fd, [["a", "list"]])  # type: ignore[misc, list-item]
+        store_module.native_write_checked(fd, [["a", "list"]])
     with pytest.raises(TypeError):
-        store_module.native_write_checked(fd, [("not", "a", "frame")])  # type: ignore[misc, list-item]
+        store_module.native_write_checked(fd, [("not", "a", "frame")])
     with pytest.raises(ValueError):
-        store_module.native_write_checked(fd, [(b"short", (b"",), b"1234")])  # type: ignore[misc]
+        store_module.native_write_checked(fd, [(b"short", (b"",), b"1234")])
     rng = random.Random(1)
     payload = rng.randbytes(100)
-    assert store_module.native_write_checked(fd, [(bytes(24), (payload,), b"\0\0\0\0")]) == [False]  # type: ignore[misc]
+    assert store_module.native_write_checked(fd, [(bytes(24), (payload,), b"\0\0\0\0")]) == [False]
     capture.close()
