@@ -38,9 +38,8 @@ class CaptureWorker:
         self._submitted = 0
         self._done = 0
         self._waiting: list[Callable[[], None]] = []
-        self._wake_me = False
-        """Set by the event loop while something waits for room; only then does the
-        capture thread wake the loop (not once per job)."""
+        """Callbacks waiting for room (event loop only). Only while there are some does
+        the capture thread wake the loop, not once per job."""
 
     @property
     def queued(self) -> int:
@@ -62,16 +61,14 @@ class CaptureWorker:
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the event loop once the queue is below its bound."""
         self._waiting.append(callback)
-        self._wake_me = True
-        # The capture thread updates `_done` before it reads `_wake_me`, and this reads
-        # `_done` after setting it: one of the two sees the other, so no wake-up is lost.
+        # The capture thread updates `_done` before it looks at `_waiting`, and this reads
+        # `_done` after appending: one of the two sees the other, so no wake-up is lost.
         if not self.full:
             self._wake()
 
     def _wake(self) -> None:
         if self.full or not self._waiting:
             return
-        self._wake_me = False
         waiting, self._waiting = self._waiting, []
         for callback in waiting:
             callback()
@@ -84,7 +81,7 @@ class CaptureWorker:
             except Exception:  # a bug in a job must not stop every later capture
                 log.exception("capture job failed")
             self._done += size
-            if self._wake_me and self._loop is not None and not self.full:
+            if self._waiting and self._loop is not None and not self.full:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                     self._loop.call_soon_threadsafe(self._wake)
 
