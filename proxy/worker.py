@@ -38,8 +38,8 @@ class CaptureWorker:
         self._submitted = 0
         self._done = 0
         self._waiting: list[Callable[[], None]] = []
-        """Callbacks waiting for room (event loop only). Only while there are some does
-        the capture thread wake the loop, not once per job."""
+        """Callbacks waiting for room (changed on the event loop only). Only while there
+        are some does the capture thread wake the loop, not once per job."""
 
     @property
     def queued(self) -> int:
