@@ -32,9 +32,6 @@ class Clock:
     def __init__(self) -> None:
         self._last = 0
 
-    def now(self) -> int:
-        return self.stamps(1)
-
     def stamps(self, n: int) -> int:
         """The first of ``n`` consecutive timestamps for messages completed together (by
         one read); the next call starts after the last of them."""

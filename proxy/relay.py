@@ -13,7 +13,6 @@ the capture thread.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from capture.framing import (
     Frame,
     FrameDecoder,
     UncheckedFrame,
+    checksum,
     msgtype_is_valid,
 )
 from capture.writer import Clock
@@ -73,6 +73,7 @@ class Direction:
         dst = self.dst.conn
         if forward is not None:  # a fatal framing error: what precedes it, then close
             dst.write(data[:forward])
+            self.src.stats.bytes += forward
             dst.close()
             self.src.conn.abort()
             relay.finish("framing error")
@@ -204,9 +205,7 @@ class Relay:
             direction="recv" if src.recv else "sent",
             detail=str(fatal),
         )
-        forward = max(0, min(len(data), fatal.offset - start))
-        src.stats.bytes += forward
-        return forward
+        return max(0, min(len(data), fatal.offset - start))
 
     def _check_and_capture(
         self, src: Side, t0: int, frames: list[UncheckedFrame], size: int
@@ -249,14 +248,12 @@ class Relay:
         """The pure-Python way: which frames are valid, and how many were captured."""
         ok: list[bool] = []
         good: list[tuple[int, bytes, bytes]] = []
-        sha256 = hashlib.sha256
         for i, (raw, parts, _length, _offset, expected) in enumerate(frames):
             # One hashlib call per payload: it releases the GIL once, not once per piece.
             payload = parts[0]
             if len(parts) > 1 or type(payload) is not bytes:
                 payload = b"".join(parts)
-            digest = sha256(sha256(payload).digest()).digest()
-            valid = digest[:4] == expected and msgtype_is_valid(raw)
+            valid = checksum(payload) == expected and msgtype_is_valid(raw)
             ok.append(valid)
             if valid:
                 good.append((t0 + i, raw, payload))
