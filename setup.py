@@ -9,13 +9,13 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "parser._fastjson",
+            "msgcap.parser._fastjson",
             ["parser/_fastjson.c"],
             optional=True,  # without a compiler, msgcap falls back to parser/fastjson.py
             extra_compile_args=["-O2"],
         ),
         Extension(
-            "capture._capture",
+            "msgcap.capture._capture",
             ["capture/_capture.c"],
             optional=True,  # without it the capture thread checks and writes in Python
             libraries=["crypto"],

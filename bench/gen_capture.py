@@ -14,8 +14,8 @@ import argparse
 import random
 from pathlib import Path
 
-from capture.records import encode_record
-from parser.messages import (
+from msgcap.capture.records import encode_record
+from msgcap.parser.messages import (
     AddrV2,
     BlockMsg,
     CmpctBlock,
@@ -30,7 +30,7 @@ from parser.messages import (
     Verack,
     Version,
 )
-from parser.structures import (
+from msgcap.parser.structures import (
     AddressV1,
     AddressV2,
     Block,

@@ -35,7 +35,7 @@ if kind == "baseline":
     with open(out, "w") as f:
         f.write(parse_files(files))
 else:
-    from proxy.cli import main
+    from msgcap.cli import main
     extra = ["--jsonl"] if kind == "jsonl" else []
     status = main(["parse", *extra, folder, "-o", out])
     assert status == 0, status
@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from bench.gen_capture import generate
-    from parser.fastjson import NATIVE
+    from msgcap.parser.fastjson import NATIVE
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="msgcap-bench-"))
     t = time.perf_counter()

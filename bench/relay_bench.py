@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capture.framing import Network, encode_frame  # noqa: E402
+from msgcap.capture.framing import Network, encode_frame  # noqa: E402
 from tests.bcoin import free_port, wait_listening  # noqa: E402
 
 MAGIC = Network.REGTEST.magic
@@ -87,7 +87,7 @@ RELAYS = ("msgcap", "plain", "bare", "socat")
 def start_relay(kind: str, target: int, capture_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if kind == "msgcap":
-        cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--network", "regtest",
+        cmd = [sys.executable, "-m", "msgcap", "proxy", "--network", "regtest",
                "--capture-dir", str(capture_dir), "--socks5", "off",
                "--capture-bytes-per-peer", str(1 << 40), "--capture-bytes-total", str(1 << 40),
                "--route", f"127.0.0.1:{port}=127.0.0.1:{target}"]  # fmt: skip

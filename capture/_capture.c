@@ -12,6 +12,7 @@
  *   frame's 4 checksum bytes. Frames whose payload hashes to `expected` are appended,
  *   header then payload, with writev() (a short write is completed); the result says
  *   which. Raises OSError when the write fails (nothing is known to be written then).
+ *   A negative fd checks only. Loaded through capture/batch.py, which has the Python twin.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -151,7 +152,7 @@ static PyObject *write_checked(PyObject *self, PyObject *args)
             }
         }
         EVP_MD_CTX_free(ctx);
-        if (!failed_hash)
+        if (!failed_hash && fd >= 0)
             err = write_all(fd, iov, n_iov);
     }
     Py_END_ALLOW_THREADS
@@ -186,12 +187,12 @@ done:
 static PyMethodDef methods[] = {
     {"write_checked", write_checked, METH_VARARGS,
      "write_checked(fd, [(header, parts, expected), ...]) -> list[bool]: append the frames "
-     "whose payload hashes to `expected`, with the GIL released once."},
+     "whose payload hashes to `expected`, with the GIL released once (fd < 0: check only)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "capture._capture",
+    PyModuleDef_HEAD_INIT, "msgcap.capture._capture",
     "Checksum checks and capture writes without the GIL.", -1, methods, NULL, NULL, NULL, NULL,
 };
 

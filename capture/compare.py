@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capture.layout import RECV_FILE, SENT_FILE
-from capture.records import Damage, Record, read_records
+from msgcap.capture.conversation import CaptureFile, file_records
+from msgcap.capture.records import Damage, Direction
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +94,16 @@ class PairResult:
 
 
 def _messages(path: Path, damage: list[str]) -> Iterator[Message]:
-    """The file's records in order; a missing file has none; damage is noted and ends it."""
+    """The file's records in time order; a missing file has none; damage is noted."""
     if not path.exists():
         return
-    with open(path, "rb") as f:
-        for i, item in enumerate(read_records(f)):
-            if isinstance(item, Damage):
-                damage.append(f"{path} at byte {item.offset}: {item.reason}")
-                return
-            assert isinstance(item, Record)
-            yield Message(i, item.msgtype_bytes.decode("ascii", "replace"), item.payload)
+
+    def noted(source: CaptureFile, d: Damage) -> None:
+        damage.append(f"{source.path} at byte {d.offset}: {d.reason}")
+
+    for i, item in enumerate(file_records(CaptureFile.at(path), noted)):
+        rec = item.record
+        yield Message(i, rec.msgtype.label, rec.payload)
 
 
 def compare_files(a_file: Path, b_file: Path) -> PairResult:
@@ -136,8 +136,8 @@ def compare_files(a_file: Path, b_file: Path) -> PairResult:
 
 def compare_folders(a: Path, b: Path, mirror: bool = False) -> list[PairResult]:
     """Compare the recv and sent files of two capture folders (see the module doc)."""
-    b_recv, b_sent = (SENT_FILE, RECV_FILE) if mirror else (RECV_FILE, SENT_FILE)
-    return [
-        compare_files(a / RECV_FILE, b / b_recv),
-        compare_files(a / SENT_FILE, b / b_sent),
-    ]
+    pairs = []
+    for direction in (Direction.RECV, Direction.SENT):
+        other = direction.opposite if mirror else direction
+        pairs.append(compare_files(a / direction.file_name, b / other.file_name))
+    return pairs

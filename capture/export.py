@@ -15,30 +15,19 @@ import hashlib
 import ipaddress
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from capture.framing import checksum
-from capture.layout import RECV_FILE, SENT_FILE
-from capture.records import Record, read_records
+from msgcap.capture.conversation import DamageReport, conversation, folder_conversation, warn_damage
+from msgcap.capture.framing import checksum
+from msgcap.capture.records import Direction, Record
 
 
 def frame_raw(magic: bytes, raw_msgtype: bytes, payload: bytes) -> bytes:
     """A v1 wire message from a record's raw 12-byte type field (kept byte for byte)."""
     return magic + raw_msgtype + struct.pack("<I", len(payload)) + checksum(payload) + payload
-
-
-def capture_records(paths: Iterable[Path]) -> Iterator[tuple[Path, Record]]:
-    """Every record of every ``.dat`` file under ``paths`` (files or folders)."""
-    for p in paths:
-        files = sorted(p.rglob("*.dat")) if p.is_dir() else [p]
-        for f in files:
-            with open(f, "rb") as fh:
-                for rec in read_records(fh):
-                    if isinstance(rec, Record):
-                        yield f, rec
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +39,21 @@ class FuzzExport:
 
 
 def export_fuzz(
-    paths: Iterable[Path], out: Path, magic: bytes, *, payloads: bool = False
+    paths: Iterable[Path],
+    out: Path,
+    magic: bytes,
+    *,
+    payloads: bool = False,
+    on_damage: DamageReport = warn_damage,
 ) -> FuzzExport:
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     messages = written = 0
-    for _, rec in capture_records(paths):
+    for item in conversation(paths, on_damage):
+        rec = item.record
         messages += 1
         if payloads:
-            name = rec.msgtype_bytes.decode("ascii", "replace")
+            name = rec.msgtype.label
             if not re.fullmatch(r"[a-z0-9]+", name):
                 continue
             data = rec.payload
@@ -141,16 +136,12 @@ def _peer_endpoint(folder_name: str, index: int) -> tuple[bytes, int]:
         return ipaddress.IPv4Address(f"10.0.1.{index % 250 + 1}").packed, port
 
 
-def _folder_messages(folder: Path) -> list[tuple[int, int, Record]]:
+def _folder_messages(folder: Path, on_damage: DamageReport) -> list[tuple[int, int, Record]]:
     """(time, side, record): side 0 is the node (sent), 1 the peer (recv)."""
-    out: list[tuple[int, int, Record]] = []
-    for name, side in ((SENT_FILE, 0), (RECV_FILE, 1)):
-        path = folder / name
-        if path.exists():
-            with open(path, "rb") as f:
-                out.extend((r.time, side, r) for r in read_records(f) if isinstance(r, Record))
-    out.sort(key=lambda x: x[0])
-    return out
+    return [
+        (item.record.time, int(item.direction is Direction.RECV), item.record)
+        for item in folder_conversation(folder, on_damage)
+    ]
 
 
 def capture_folders(paths: Iterable[Path]) -> list[Path]:
@@ -163,13 +154,15 @@ def capture_folders(paths: Iterable[Path]) -> list[Path]:
     return sorted(folders)
 
 
-def export_pcap(paths: Iterable[Path], out: Path, magic: bytes) -> int:
+def export_pcap(
+    paths: Iterable[Path], out: Path, magic: bytes, on_damage: DamageReport = warn_damage
+) -> int:
     """Write a pcap with one TCP connection per capture folder; returns the message count."""
     count = 0
     with open(out, "wb") as f:
         f.write(_PCAP_HEADER)
         for i, folder in enumerate(capture_folders(paths)):
-            messages = _folder_messages(folder)
+            messages = _folder_messages(folder, on_damage)
             if not messages:
                 continue
             peer_ip, peer_port = _peer_endpoint(folder.name, i)
@@ -177,7 +170,7 @@ def export_pcap(paths: Iterable[Path], out: Path, magic: bytes) -> int:
             peer = _Endpoint(peer_ip, peer_port, 2_000_000 * (i + 1))
             conv = _Conversation(f, node, peer)
             # The side that sent the first version dialed the connection.
-            first_version = next((s for _, s, r in messages if r.msgtype_bytes == b"version"), 0)
+            first_version = next((s for _, s, r in messages if r.msgtype.name == b"version"), 0)
             client = first_version
             t0 = messages[0][0] - 3
             conv.packet(t0, client, SYN)

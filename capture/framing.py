@@ -82,6 +82,49 @@ def msgtype_is_valid(raw: bytes) -> bool:
     return all(0x20 <= c <= 0x7E for c in text)
 
 
+@dataclass(frozen=True, slots=True)
+class MsgType:
+    """The 12-byte message type field, as on the wire and in capture records.
+
+    Every reader goes through this one type (:meth:`of` interns them: a capture holds few
+    distinct types). ``raw`` is the field as stored, NUL padded; ``name`` its bytes up to
+    the first NUL (what Core's parser reads); ``text`` those bytes as text when they are
+    valid UTF-8 and printable, else None (printed ``UNREADABLE``: the one decode policy,
+    Core's parser's); ``valid`` is Core's ``IsMessageTypeValid`` (printable ASCII up to the
+    first NUL, only NULs after it), which decides whether a frame is a message at all.
+    """
+
+    raw: bytes
+    name: bytes
+    text: str | None
+    valid: bool
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def of(raw: bytes) -> MsgType:
+        raw = raw.ljust(MSGTYPE_SIZE, b"\0")[:MSGTYPE_SIZE]
+        name = raw.split(b"\0", 1)[0]
+        try:
+            text: str | None = name.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and not text.isprintable():
+            text = None
+        return MsgType(raw, name, text, msgtype_is_valid(raw))
+
+    @classmethod
+    def from_text(cls, text: str) -> MsgType:
+        return cls.of(encode_msgtype(text))
+
+    @property
+    def label(self) -> str:
+        """``text``, or ``UNREADABLE`` for a name that is not printable text."""
+        return "UNREADABLE" if self.text is None else self.text
+
+    def __str__(self) -> str:
+        return self.label
+
+
 def encode_msgtype(msgtype: str) -> bytes:
     raw = msgtype.encode("ascii")
     if len(raw) > MSGTYPE_SIZE:
@@ -124,11 +167,25 @@ class Frame:
         return HEADER_SIZE + len(self.payload)
 
 
+class FrameProblem(enum.Enum):
+    """Why a frame is not a message; the values are the event log's names.
+
+    Core drops a frame with a bad checksum or an invalid type and keeps the connection
+    (:class:`InvalidFrame`); a wrong magic or an oversize length ends the stream
+    (:class:`StreamError`).
+    """
+
+    BAD_CHECKSUM = "bad_checksum"
+    INVALID_TYPE = "invalid_type"
+    BAD_MAGIC = "bad_magic"
+    OVERSIZE = "oversize"
+
+
 @dataclass(frozen=True, slots=True)
 class InvalidFrame:
     """A complete frame Core would drop without disconnecting (bad checksum or type)."""
 
-    reason: str
+    reason: FrameProblem
     raw_msgtype: bytes
     length: int
     offset: int
@@ -136,7 +193,7 @@ class InvalidFrame:
     actual_checksum: bytes
 
     def describe(self) -> str:
-        if self.reason == "bad checksum":
+        if self.reason is FrameProblem.BAD_CHECKSUM:
             return (
                 f"bad checksum at offset {self.offset}: type {self.raw_msgtype!r} length "
                 f"{self.length}, header says {self.expected_checksum.hex()}, payload hashes to "
@@ -175,13 +232,23 @@ class UncheckedFrame(NamedTuple):
         actual = checksum(self.payload)
         if actual != self.expected_checksum:
             return InvalidFrame(
-                "bad checksum", raw, length, self.offset, self.expected_checksum, actual
+                FrameProblem.BAD_CHECKSUM,
+                raw,
+                length,
+                self.offset,
+                self.expected_checksum,
+                actual,
             )
         if not msgtype_is_valid(raw):
             return InvalidFrame(
-                "invalid message type", raw, length, self.offset, self.expected_checksum, actual
+                FrameProblem.INVALID_TYPE,
+                raw,
+                length,
+                self.offset,
+                self.expected_checksum,
+                actual,
             )
-        return Frame(raw.rstrip(b"\0").decode("ascii"), self.payload, self.offset)
+        return Frame(MsgType.of(raw).label, self.payload, self.offset)
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -190,12 +257,16 @@ class UncheckedFrame(NamedTuple):
 class StreamError(Exception):
     """A framing error on which Core disconnects: nothing after it can be framed."""
 
+    problem: FrameProblem
+
     def __init__(self, message: str, offset: int) -> None:
         super().__init__(message)
         self.offset = offset
 
 
 class BadMagic(StreamError):
+    problem = FrameProblem.BAD_MAGIC
+
     def __init__(self, expected: bytes, actual: bytes, offset: int) -> None:
         super().__init__(
             f"wrong magic at offset {offset}: expected {expected.hex()}, got {actual.hex()}", offset
@@ -205,6 +276,8 @@ class BadMagic(StreamError):
 
 
 class Oversize(StreamError):
+    problem = FrameProblem.OVERSIZE
+
     def __init__(self, length: int, limit: int, raw_msgtype: bytes, offset: int) -> None:
         super().__init__(
             f"oversize message at offset {offset}: type {raw_msgtype!r} declares {length} "

@@ -10,13 +10,15 @@ file stops making sense, a :class:`Damage` item that names the byte offset.
 
 from __future__ import annotations
 
+import enum
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
-from capture.framing import MAX_PROTOCOL_MESSAGE_LENGTH, encode_msgtype
+from msgcap.capture.framing import MAX_PROTOCOL_MESSAGE_LENGTH, MsgType, encode_msgtype
+from msgcap.capture.layout import RECV_FILE, SENT_FILE
 
 RECORD_HEADER: Final = struct.Struct("<Q12sI")
 RECORD_HEADER_SIZE: Final = RECORD_HEADER.size  # 24
@@ -27,25 +29,41 @@ MAX_RECORD_PAYLOAD: Final = MAX_PROTOCOL_MESSAGE_LENGTH
 _READ_CHUNK: Final = 1 << 20
 
 
-def encode_record(time_us: int, msgtype: str, payload: bytes | bytearray | memoryview) -> bytes:
+class Direction(enum.StrEnum):
+    """Which way a message went, always from the capturing node's point of view (a
+    string enum: ``Direction.RECV == "recv"``)."""
+
+    RECV = "recv"
+    """Received by the node: sent by the peer (``msgs_recv.dat``)."""
+    SENT = "sent"
+    """Sent by the node (``msgs_sent.dat``)."""
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike[str]) -> Direction:
+        """Core's parser's rule: ``recv`` when the file stem contains 'recv'."""
+        stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        return cls.RECV if "recv" in stem else cls.SENT
+
+    @property
+    def file_name(self) -> str:
+        return RECV_FILE if self is Direction.RECV else SENT_FILE
+
+    @property
+    def opposite(self) -> Direction:
+        return Direction.SENT if self is Direction.RECV else Direction.RECV
+
+
+def record_header(time_us: int, msgtype: MsgType | str, length: int) -> bytes:
+    """The 24 bytes that precede a payload in a record (the one place they are packed)."""
+    raw = msgtype.raw if isinstance(msgtype, MsgType) else encode_msgtype(msgtype)
+    return RECORD_HEADER.pack(time_us, raw, length)
+
+
+def encode_record(
+    time_us: int, msgtype: MsgType | str, payload: bytes | bytearray | memoryview
+) -> bytes:
     """One record, byte-identical to what Core's CaptureMessageToFile writes."""
     return record_header(time_us, msgtype, len(payload)) + payload
-
-
-def record_header(time_us: int, msgtype: str, length: int) -> bytes:
-    """The 24 bytes that precede a payload in a record."""
-    return RECORD_HEADER.pack(time_us, encode_msgtype(msgtype), length)
-
-
-def encode_record_raw(time_us: int, raw_msgtype: bytes, payload: bytes) -> bytes:
-    """One record with a raw 12-byte type field (for tests and replays of odd files)."""
-    return RECORD_HEADER.pack(time_us, raw_msgtype.ljust(12, b"\0")[:12], len(payload)) + payload
-
-
-def is_recv_file(path: str | os.PathLike[str]) -> bool:
-    """Core's parser rule: direction is ``recv`` when the file stem contains 'recv'."""
-    stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    return "recv" in stem
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +78,8 @@ class Record:
     """Byte offset of the record in its file."""
 
     @property
-    def msgtype_bytes(self) -> bytes:
-        """The type up to the first NUL, as Core's parser reads it."""
-        return self.raw_msgtype.split(b"\0", 1)[0]
+    def msgtype(self) -> MsgType:
+        return MsgType.of(self.raw_msgtype)
 
     @property
     def size(self) -> int:
@@ -97,7 +114,7 @@ def _implausible(offset: int, length: int, skipped: int) -> Damage:
 
 
 def _truncated_payload(offset: int, raw_type: bytes, length: int, have: int) -> Damage:
-    name = raw_type.split(b"\0", 1)[0]
+    name = MsgType.of(raw_type).name
     return Damage(
         offset,
         f"truncated record: type {name!r} declares {length} payload bytes, "

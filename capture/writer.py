@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from capture.layout import RECV_FILE, SENT_FILE
-from capture.records import encode_record
+from msgcap.capture.batch import write_all
+from msgcap.capture.layout import RECV_FILE, SENT_FILE
+from msgcap.capture.records import Direction, encode_record
 
-_IOV_MAX: Final = 1024
 _FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -56,30 +56,17 @@ class CaptureWriter:
             raise
         self.closed = False
 
-    def fd(self, recv: bool) -> int:
-        """The descriptor of one file (``recv`` from the node's point of view)."""
-        return self._recv_fd if recv else self._sent_fd
+    def fd(self, direction: Direction) -> int:
+        """The descriptor of one file (the direction is from the node's point of view)."""
+        return self._recv_fd if direction is Direction.RECV else self._sent_fd
 
-    def write(self, recv: bool, time_us: int, msgtype: str, payload: bytes) -> int:
-        """Append one record; ``recv`` is from the node's point of view. Returns its size."""
-        return self.write_parts(recv, [encode_record(time_us, msgtype, payload)])
+    def write(self, direction: Direction, time_us: int, msgtype: str, payload: bytes) -> int:
+        """Append one record. Returns its size."""
+        return self.write_parts(direction, [encode_record(time_us, msgtype, payload)])
 
-    def write_parts(self, recv: bool, parts: Sequence[bytes | memoryview]) -> int:
-        """Append the concatenation of ``parts`` (whole records) with one ``writev()``,
-        without copying them together. A short write, which regular files only do when
-        the disk is full, is completed with further writes or raises."""
-        fd = self._recv_fd if recv else self._sent_fd
-        total = 0
-        for i in range(0, len(parts), _IOV_MAX):
-            batch = parts[i : i + _IOV_MAX]
-            size = sum(map(len, batch))
-            n = os.writev(fd, batch)
-            if n < size:
-                rest = memoryview(b"".join(batch))[n:]
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
-            total += size
-        return total
+    def write_parts(self, direction: Direction, parts: Sequence[bytes | memoryview]) -> int:
+        """Append the concatenation of ``parts`` (whole records) with one ``writev()``."""
+        return write_all(self.fd(direction), parts)
 
     def close(self) -> None:
         if self.closed:

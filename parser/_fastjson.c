@@ -5,7 +5,10 @@
  * tests/test_fastjson.py checks all three renderers (typed, Python, native) agree.
  *
  * render(msgtype: str, payload: bytes, reverse: bool) -> bytes
- * raises ValueError(reason) for a payload that is not a valid serialization.
+ * raises ValueError(reason, offset) for a payload that is not a valid serialization,
+ * with the reason and payload offset parser.wire.DecodeError carries when the typed codec
+ * (Reader) rejects it. The checks on the way stay as coarse as before (80 bytes for a
+ * header, 36 for an outpoint); only once one fails is Reader's field worked out.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -14,14 +17,58 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define COLD __attribute__((cold, noinline))
+#else
+#define COLD
+#endif
+
+/* Why a payload was rejected; render() words it as Reader does. */
+enum {
+    E_NEED = 1,     /* "need {a} bytes, {n - at} left" */
+    E_COUNT,        /* "count {a} needs at least {a * b} bytes, {left} left" */
+    E_NONCANONICAL, /* "non-canonical CompactSize {a}" */
+    E_TRAILING,     /* "{n - at} trailing bytes" */
+    E_TEXT,         /* text */
+    E_NOMEM,
+};
+
 typedef struct {
     const uint8_t *p;
     size_t n, pos;
     int reverse;
     char *out;
     size_t len, cap;
-    const char *err;
+    int err;   /* an E_ value once rendering failed */
+    size_t at; /* where: the payload offset DecodeError reports */
+    size_t left;
+    uint64_t a, b;
+    const char *text;
 } Ctx;
+
+static COLD int fail(Ctx *c, int err, size_t at, uint64_t a) {
+    c->err = err;
+    c->at = at;
+    c->a = a;
+    return -1;
+}
+
+static COLD int fail_text(Ctx *c, size_t at, const char *text) {
+    c->text = text;
+    return fail(c, E_TEXT, at, 0);
+}
+
+/* Fixed-size fields from c->pos on do not all fit: fail at the first that does not, as
+   Reader reading them one at a time does. */
+static COLD int fail_fields(Ctx *c, const uint8_t *sizes, int count) {
+    size_t at = c->pos;
+    int i = 0;
+    while (i < count - 1 && sizes[i] <= c->n - at) at += sizes[i++];
+    return fail(c, E_NEED, at, sizes[i]);
+}
+
+static const uint8_t HEADER_FIELDS[] = {4, 32, 32, 4, 4, 4}; /* 80 bytes */
+static const uint8_t OUTPOINT_FIELDS[] = {32, 4};             /* 36 bytes */
 
 static const char HEX[] = "0123456789abcdef";
 
@@ -30,7 +77,7 @@ static int grow(Ctx *c, size_t extra) {
     size_t cap = c->cap ? c->cap : 256;
     while (cap < c->len + extra) cap *= 2;
     char *o = realloc(c->out, cap);
-    if (!o) { c->err = "out of memory"; return -1; }
+    if (!o) return fail(c, E_NOMEM, c->pos, 0);
     c->out = o;
     c->cap = cap;
     return 0;
@@ -77,10 +124,9 @@ static int put_hex(Ctx *c, const uint8_t *p, size_t n, int reverse) {
     return 0;
 }
 
-#define TRUNC(c) ((c)->err = "payload ends inside a field", -1)
-
+/* c->pos <= c->n always: every advance is checked against what is left. */
 static int need(Ctx *c, size_t k) {
-    if (c->pos + k > c->n || c->pos + k < c->pos) return TRUNC(c);
+    if (k > c->n - c->pos) return fail(c, E_NEED, c->pos, k);
     return 0;
 }
 
@@ -110,14 +156,22 @@ static int rd_compact(Ctx *c, uint64_t *v) {
     int k = first == 0xfd ? 2 : first == 0xfe ? 4 : 8;
     uint64_t floor = first == 0xfd ? 0xfd : first == 0xfe ? 0x10000 : 0x100000000ULL;
     if (rd_le(c, k, v)) return -1;
-    if (*v < floor) { c->err = "non-canonical CompactSize"; return -1; }
+    if (*v < floor) return fail(c, E_NONCANONICAL, c->pos - 1 - (size_t)k, *v);
     return 0;
+}
+
+/* A (canonical) count v just read does not fit: fail where it starts. */
+static COLD int fail_count(Ctx *c, uint64_t v, uint64_t min_size) {
+    size_t size = v < 0xfd ? 1 : v <= 0xffff ? 3 : v <= 0xffffffffULL ? 5 : 9;
+    c->b = min_size;
+    c->left = c->n - c->pos;
+    return fail(c, E_COUNT, c->pos - size, v);
 }
 
 /* A count of items of at least min_size bytes each that the rest can hold. */
 static int rd_count(Ctx *c, uint64_t min_size, uint64_t *v) {
     if (rd_compact(c, v)) return -1;
-    if (*v > (c->n - c->pos) / min_size) return TRUNC(c);
+    if (*v > (c->n - c->pos) / min_size) return fail_count(c, *v, min_size);
     return 0;
 }
 
@@ -153,10 +207,12 @@ static int tx(Ctx *c) {
     if (put(c, ",\"vin\":[")) return -1;
     for (uint64_t i = 0; i < n_in; i++) {
         uint64_t k;
-        if (need(c, 36)) return -1;
+        if (36 > c->n - c->pos) return fail_fields(c, OUTPOINT_FIELDS, 2);
         const uint8_t *prev = c->p + c->pos;
         c->pos += 36;
-        if (rd_count(c, 1, &k) || need(c, k + 4)) return -1;
+        if (rd_count(c, 1, &k)) return -1;
+        /* k bytes fit (rd_count): then nSequence */
+        if (c->n - c->pos - (size_t)k < 4) return fail(c, E_NEED, c->pos + (size_t)k, 4);
         if (put(c, i ? ",{\"nSequence\":" : "{\"nSequence\":")) return -1;
         if (put_u64(c, le(c->p + c->pos + k, 4)) || put(c, ",\"prevout\":{\"hash\":")) return -1;
         if (put_hex(c, prev, 32, c->reverse) || put(c, ",\"n\":") || put_u64(c, le(prev + 32, 4)))
@@ -208,7 +264,7 @@ static int txs(Ctx *c) {
 }
 
 static int header(Ctx *c) {
-    if (need(c, 80)) return -1;
+    if (80 > c->n - c->pos) return fail_fields(c, HEADER_FIELDS, 6);
     const uint8_t *h = c->p + c->pos;
     if (put(c, "{\"hashMerkleRoot\":") || put_hex(c, h + 36, 32, c->reverse)) return -1;
     if (put(c, ",\"hashPrevBlock\":") || put_hex(c, h + 4, 32, c->reverse)) return -1;
@@ -238,7 +294,7 @@ static int body(Ctx *c, const char *t) {
         return put(c, "{\"tx\":") || tx(c) || put(c, "}");
     }
     if (!strcmp(t, "block")) {
-        if (need(c, 80)) return -1;
+        if (80 > c->n) return fail_fields(c, HEADER_FIELDS, 6);
         c->pos = 80;
         return put(c, "{\"block\":{\"vtx\":") || txs(c) || put(c, "}}");
     }
@@ -247,8 +303,9 @@ static int body(Ctx *c, const char *t) {
         if (rd_count(c, 81, &n) || put(c, "{\"headers\":[")) return -1;
         for (uint64_t i = 0; i < n; i++) {
             if ((i && put(c, ",")) || header(c)) return -1;
+            size_t at = c->pos;
             if (rd_compact(c, &zero)) return -1;
-            if (zero) { c->err = "header with a non-zero transaction count"; return -1; }
+            if (zero) return fail_text(c, at, "header with a non-zero transaction count");
         }
         return put(c, "]}");
     }
@@ -281,8 +338,50 @@ static int body(Ctx *c, const char *t) {
     }
     if (!strcmp(t, "inv") || !strcmp(t, "getdata")) return inventory(c, "{\"inv\":[");
     if (!strcmp(t, "notfound")) return inventory(c, "{\"vec\":[");
-    c->err = "no native renderer for this message type";
-    return -1;
+    return fail_text(c, 0, "no native renderer for this message type");
+}
+
+/* Raise ValueError(reason, offset), the reason in Reader's words. */
+static COLD void raise_error(const Ctx *c) {
+    PyObject *reason = NULL;
+    switch (c->err) {
+    case E_NOMEM:
+        PyErr_NoMemory();
+        return;
+    case E_NEED:
+        reason = PyUnicode_FromFormat("need %llu bytes, %zu left", (unsigned long long)c->a,
+                                      c->n - c->at);
+        break;
+    case E_COUNT: {
+        /* n * min_size can pass 2**64: multiply as Python ints */
+        PyObject *n = PyLong_FromUnsignedLongLong(c->a);
+        PyObject *size = PyLong_FromUnsignedLongLong(c->b);
+        PyObject *total = n && size ? PyNumber_Multiply(n, size) : NULL;
+        if (total)
+            reason = PyUnicode_FromFormat("count %S needs at least %S bytes, %zu left", n,
+                                          total, c->left);
+        Py_XDECREF(n);
+        Py_XDECREF(size);
+        Py_XDECREF(total);
+        break;
+    }
+    case E_NONCANONICAL:
+        reason = PyUnicode_FromFormat("non-canonical CompactSize %llu", (unsigned long long)c->a);
+        break;
+    case E_TRAILING:
+        reason = PyUnicode_FromFormat("%zu trailing bytes", c->n - c->at);
+        break;
+    case E_TEXT:
+        reason = PyUnicode_FromString(c->text);
+        break;
+    default:
+        reason = PyUnicode_FromString("cannot render");
+    }
+    if (!reason) return;
+    PyObject *args = Py_BuildValue("(Nn)", reason, (Py_ssize_t)c->at);
+    if (!args) return;
+    PyErr_SetObject(PyExc_ValueError, args);
+    Py_DECREF(args);
 }
 
 static PyObject *render(PyObject *self, PyObject *args) {
@@ -290,18 +389,15 @@ static PyObject *render(PyObject *self, PyObject *args) {
     Py_buffer payload;
     int reverse;
     if (!PyArg_ParseTuple(args, "sy*p", &msgtype, &payload, &reverse)) return NULL;
-    Ctx c = {payload.buf, (size_t)payload.len, 0, reverse, NULL, 0, 0, NULL};
+    Ctx c = {.p = payload.buf, .n = (size_t)payload.len, .reverse = reverse};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = body(&c, msgtype);
     Py_END_ALLOW_THREADS
     PyObject *result = NULL;
-    if (rc == 0 && c.pos != c.n) {
-        c.err = "trailing bytes";
-        rc = -1;
-    }
+    if (rc == 0 && c.pos != c.n) rc = fail(&c, E_TRAILING, c.pos, 0);
     if (rc) {
-        PyErr_SetString(PyExc_ValueError, c.err ? c.err : "cannot render");
+        raise_error(&c);
     } else {
         result = PyBytes_FromStringAndSize(c.out, (Py_ssize_t)c.len);
     }
@@ -315,6 +411,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastjson", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "msgcap.parser._fastjson", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__fastjson(void) { return PyModule_Create(&module); }

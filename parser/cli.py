@@ -23,9 +23,10 @@ from typing import IO, Any
 
 import orjson
 
-from capture.records import RECORD_HEADER_SIZE, Damage
-from parser.render import Problem, render
-from parser.sources import CaptureFile, Item, UsageError, expand_paths, merged
+from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged
+from msgcap.capture.records import RECORD_HEADER_SIZE, Damage
+from msgcap.errors import UsageError
+from msgcap.parser.render import Problem, render
 
 _MAX_WARNINGS_PER_KIND = 10
 _WRITE_CHUNK = 1 << 20
@@ -120,7 +121,7 @@ def select(args: argparse.Namespace, files: list[CaptureFile], warn: Warnings) -
     if patterns is not None:
         files = [f for f in files if any(fnmatch.fnmatchcase(f.peer, p) for p in patterns)]
     if args.direction is not None:
-        files = [f for f in files if f.recv == (args.direction == "recv")]
+        files = [f for f in files if f.direction.value == args.direction]
     types = _split_list(args.type)
     wanted = None if types is None else {t.encode("utf-8", "surrogateescape") for t in types}
     since, until = args.since, args.until
@@ -130,7 +131,7 @@ def select(args: argparse.Namespace, files: list[CaptureFile], warn: Warnings) -
             continue
         if until is not None and rec.time > until:
             continue
-        if wanted is not None and rec.raw_msgtype.split(b"\0", 1)[0] not in wanted:
+        if wanted is not None and rec.msgtype.name not in wanted:
             continue
         yield item
 
@@ -192,7 +193,7 @@ def run_parse(args: argparse.Namespace) -> int:
         if not args.jsonl:
             out.write(b"[")
         for item in select(args, files, warn):
-            obj, problem = render(item.record, item.source.recv, args.display_hashes)
+            obj, problem = render(item.record, item.direction, args.display_hashes)
             if problem is not None:
                 warn.problem(item, problem)
             if args.with_peer:
@@ -238,9 +239,7 @@ def run_stats(args: argparse.Namespace) -> int:
     counts: Counter[tuple[str, str, str]] = Counter()
     sizes: Counter[tuple[str, str, str]] = Counter()
     for item in select(args, files, warn):
-        name = item.record.raw_msgtype.split(b"\0", 1)[0]
-        msgtype = name.decode("utf-8", "backslashreplace")
-        key = (item.source.peer, "recv" if item.source.recv else "sent", msgtype)
+        key = (item.source.peer, item.direction.value, item.record.msgtype.label)
         counts[key] += 1
         sizes[key] += len(item.record.payload)
     rows: list[tuple[str, ...]] = [("peer", "direction", "msgtype", "messages", "bytes")]

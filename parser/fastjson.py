@@ -12,7 +12,10 @@ available). Set ``MSGCAP_PURE_PYTHON=1`` to use the Python code regardless.
 
 Hex strings are cut out of one ``payload.hex()`` per message. Any read past the end
 shows up as an IndexError or struct.error, or as a final position past the end, and
-becomes a :class:`~parser.wire.DecodeError`.
+becomes a :class:`~parser.wire.DecodeError`. That error is the typed codec's, with its
+reason and payload offset: the Python renderer does not track where it stopped, so a
+rejected payload is decoded again with :func:`~parser.messages.decode_message` (only
+rejected payloads pay for it). The native renderer tracks the offset itself.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from typing import Any, Final
 
 import orjson
 
-from parser.wire import DecodeError
+from msgcap.parser.messages import decode_message
+from msgcap.parser.wire import DecodeError
 
 
 def _load_native() -> Callable[[str, bytes, bool], bytes] | None:
     if os.environ.get("MSGCAP_PURE_PYTHON"):
         return None
     try:
-        from parser._fastjson import render
+        from msgcap.parser._fastjson import render
     except ImportError:  # not compiled: the Python renderer below is used
         return None
     return render
@@ -281,8 +285,9 @@ def native_body(msgtype: str, payload: bytes, reverse: bool) -> bytes:
     assert _native is not None
     try:
         return _native(msgtype, payload, reverse)
-    except ValueError as e:
-        raise DecodeError(msgtype, 0, str(e)) from None
+    except ValueError as e:  # args: the reason and the payload offset, as DecodeError's
+        reason, offset = e.args
+        raise DecodeError(msgtype, offset, reason) from None
 
 
 def python_body(msgtype: str, payload: bytes, reverse: bool) -> Any:
@@ -290,12 +295,19 @@ def python_body(msgtype: str, payload: bytes, reverse: bool) -> Any:
     c = _Ctx(payload, reverse)
     try:
         body, pos = FAST_BODIES[msgtype](c)
-    except (IndexError, struct.error):
-        raise DecodeError(msgtype, len(payload), "payload ends inside a field") from None
-    except _NonCanonical:
-        raise DecodeError(msgtype, 0, "non-canonical CompactSize") from None
+    except (IndexError, struct.error, _NonCanonical):
+        raise _rejection(msgtype, payload) from None
     if pos != len(payload):
-        if pos > len(payload):
-            raise DecodeError(msgtype, len(payload), "payload ends inside a field")
-        raise DecodeError(msgtype, pos, f"{len(payload) - pos} trailing bytes")
+        raise _rejection(msgtype, payload)
     return body
+
+
+def _rejection(msgtype: str, payload: bytes) -> DecodeError:
+    """The typed codec's error for a payload this renderer rejected: the same reason at
+    the same offset whichever renderer runs."""
+    try:
+        decode_message(msgtype, payload)
+    except DecodeError as e:
+        return e
+    # The renderers disagree on this payload (the tests check they never do).
+    return DecodeError(msgtype, len(payload), "rejected by the fast renderer only")

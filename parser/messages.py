@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
-from parser import wire
-from parser.structures import (
+from msgcap.parser import wire
+from msgcap.parser.structures import (
     AddressV1,
     AddressV2,
     Block,
@@ -27,7 +27,7 @@ from parser.structures import (
     encode_list,
     read_inventory,
 )
-from parser.wire import HashHex, Reader
+from msgcap.parser.wire import HashHex, Reader
 
 M = TypeVar("M", bound="Message")
 
@@ -756,7 +756,7 @@ class Unknown:
         return self.payload
 
 
-MESSAGES: Final[dict[str, type[Any]]] = {
+MESSAGES: Final[dict[str, type[Message]]] = {
     "addr": Addr,
     "addrv2": AddrV2,
     "block": BlockMsg,
@@ -796,9 +796,9 @@ MESSAGES: Final[dict[str, type[Any]]] = {
 """Every message type Core's test framework decodes, by wire name."""
 
 
-def decode_message(msgtype: str, payload: bytes) -> Any:
+def decode_message(msgtype: str, payload: bytes) -> Message | Unknown:
     """Decode one payload. Unknown types give :class:`Unknown`; bad payloads raise
-    :class:`~parser.wire.DecodeError`."""
+    :class:`~msgcap.parser.wire.DecodeError`."""
     cls = MESSAGES.get(msgtype)
     if cls is None:
         return Unknown(msgtype, payload)

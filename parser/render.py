@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from capture.records import Record
-from parser.fastjson import FAST_BODIES, fast_body
-from parser.messages import MESSAGES
-from parser.wire import DecodeError, Reader, display_hash, wire_hash
+from msgcap.capture.records import Direction, Record
+from msgcap.parser.fastjson import FAST_BODIES, fast_body
+from msgcap.parser.messages import MESSAGES
+from msgcap.parser.wire import DecodeError, Reader, display_hash, wire_hash
 
 UNRECOGNIZED: Final = "Unrecognized message type."
 UNDECODABLE: Final = "Unable to deserialize message."
@@ -17,15 +17,6 @@ UNDECODABLE: Final = "Unable to deserialize message."
 _BY_BYTES: Final[dict[bytes, tuple[str, type[Any]]]] = {
     name.encode("ascii"): (name, cls) for name, cls in MESSAGES.items()
 }
-
-
-def msgtype_text(name: bytes) -> str | None:
-    """The type as text if Core's parser would print it, else None (``UNREADABLE``)."""
-    try:
-        text = name.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if text.isprintable() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +31,7 @@ class Problem:
 
 
 def render(
-    rec: Record, recv: bool, display_hashes: bool = False
+    rec: Record, direction: Direction, display_hashes: bool = False
 ) -> tuple[dict[str, Any], Problem | None]:
     """One record as Core's parser renders it, and what went wrong with it, if anything.
 
@@ -48,19 +39,19 @@ def render(
     """
     payload = rec.payload
     out: dict[str, Any] = {
-        "direction": "recv" if recv else "sent",
+        "direction": direction.value,
         "time": rec.time,
         "size": len(payload),
     }
-    name = rec.raw_msgtype.split(b"\0", 1)[0]
-    known = _BY_BYTES.get(name)
+    kind = rec.msgtype
+    known = _BY_BYTES.get(kind.name)
     if known is None:
-        text = msgtype_text(name)
-        out["msgtype"] = "UNREADABLE" if text is None else text
+        text = kind.text
+        out["msgtype"] = kind.label
         out["body"] = payload.hex()
         out["error"] = UNRECOGNIZED
         if text is None:
-            return out, Problem(UNRECOGNIZED, f"unreadable message type {name!r}", False)
+            return out, Problem(UNRECOGNIZED, f"unreadable message type {kind.name!r}", False)
         return out, Problem(UNRECOGNIZED, f"unrecognized message type {text!r}", True)
     msgtype, cls = known
     out["msgtype"] = msgtype

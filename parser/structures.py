@@ -15,8 +15,8 @@ from base64 import b32encode
 from dataclasses import dataclass
 from typing import Any, Final
 
-from parser import wire
-from parser.wire import HashHex, Reader
+from msgcap.parser import wire
+from msgcap.parser.wire import HashHex, Reader
 
 JsonDict = dict[str, Any]
 

@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capture.framing import parse_magic
-from capture.layout import Layout
-
-
-class ConfigError(ValueError):
-    """A bad config file or flag: exit status 2 with this one-line reason."""
+from msgcap.capture.framing import parse_magic
+from msgcap.capture.layout import Layout
+from msgcap.errors import ConfigError
 
 
 class V2Policy(enum.Enum):

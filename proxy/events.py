@@ -1,38 +1,228 @@
 """The event log (JSON lines beside the captures) and the live view.
 
-Every event is one line: ``{"ts": ISO time, "event": name, ...facts}``, also logged
-through :mod:`logging` so anomalies show on stderr as they happen.
+Events are a closed set of frozen dataclasses (:data:`EVENTS`), each with its log name and
+whether it is an anomaly. Every event is one line, ``{"ts": ISO time, "event": name,
+...fields}`` (fields that are None are left out), also logged through :mod:`logging`, so
+anomalies show on stderr as they happen. The README documents the schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import orjson
 
+from msgcap.capture.framing import FrameProblem
+from msgcap.capture.records import Direction
+
 log = logging.getLogger("msgcap")
 
-ANOMALIES = frozenset(
-    {
-        "bad_checksum",
-        "invalid_type",
-        "bad_magic",
-        "oversize",
-        "v2_downgrade",
-        "v2_passthrough",
-        "socks_error",
-        "capture_limit",
-        "capture_error",
-        "connection_limit",
-        "upstream_error",
-        "timeout",
-    }
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event: ``name`` is the log's ``event`` field."""
+
+    name: ClassVar[str]
+    anomaly: ClassVar[bool] = False
+
+    @property
+    def event_name(self) -> str:
+        return self.name
+
+    def fields(self) -> dict[str, Any]:
+        """The event's facts, None ones left out, enums by value."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = value.value if isinstance(value, FrameProblem | Direction) else value
+        return out
+
+
+# --- the proxy's life ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen(Event):
+    name = "listen"
+    route: str
+    listen: str
+    upstream: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stop(Event):
+    name = "stop"
+    captured_bytes: int
+
+
+# --- connections ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Open(Event):
+    name = "open"
+    conn: int
+    route: str
+    client: str
+    peer: str
+    node: str
+    """``client`` or ``upstream``: which side is the node."""
+    capture: str | None
+    """The capture folder (None: nothing is captured)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close(Event):
+    name = "close"
+    conn: int
+    peer: str
+    reason: str
+    route: str | None = None
+    recv: dict[str, int] | None = None
+    """Bytes, messages, captured and invalid messages, in the node's recv direction."""
+    sent: dict[str, int] | None = None
+    captured_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionLimit(Event):
+    name = "connection_limit"
+    anomaly = True
+    conn: int
+    route: str
+    client: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamError(Event):
+    name = "upstream_error"
+    anomaly = True
+    conn: int
+    peer: str
+    upstream: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocksError(Event):
+    name = "socks_error"
+    anomaly = True
+    conn: int
+    client: str
+    error: str
+    peer: str | None = None
+    destination: str | None = None
+    reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeout(Event):
+    name = "timeout"
+    anomaly = True
+    conn: int
+    peer: str
+    after: float | None = None
+    """Seconds idle (idle timeout)."""
+    during: str | None = None
+    """What was awaited (handshake timeout)."""
+
+
+# --- frames ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrameError(Event):
+    """A frame that is not a message; the log name is the :class:`FrameProblem`'s."""
+
+    anomaly = True
+    reason: FrameProblem
+    conn: int
+    peer: str
+    direction: Direction
+    detail: str
+
+    @property
+    def event_name(self) -> str:
+        return self.reason.value
+
+    def fields(self) -> dict[str, Any]:
+        out = Event.fields(self)
+        del out["reason"]  # it is the event's name
+        return out
+
+
+# --- BIP324 ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2Downgrade(Event):
+    name = "v2_downgrade"
+    anomaly = True
+    conn: int
+    peer: str
+    first_bytes: str
+    note: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2Passthrough(Event):
+    name = "v2_passthrough"
+    anomaly = True
+    conn: int
+    peer: str
+    first_bytes: str
+
+
+# --- capture --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureLimit(Event):
+    name = "capture_limit"
+    anomaly = True
+    conn: int
+    peer: str
+    limit: str
+    note: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureError(Event):
+    name = "capture_error"
+    anomaly = True
+    error: str
+    policy: str
+    conn: int | None = None
+    peer: str | None = None
+    note: str | None = None
+
+
+EVENTS: tuple[type[Event], ...] = (
+    Listen,
+    Stop,
+    Open,
+    Close,
+    ConnectionLimit,
+    UpstreamError,
+    SocksError,
+    Timeout,
+    FrameError,
+    V2Downgrade,
+    V2Passthrough,
+    CaptureLimit,
+    CaptureError,
 )
+"""Every kind of event the proxy logs."""
 
 
 class EventLog:
@@ -44,8 +234,9 @@ class EventLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(path, "ab", buffering=0)
 
-    def emit(self, event: str, **facts: Any) -> None:
-        record = {"ts": dt.datetime.now(dt.UTC).isoformat(), "event": event, **facts}
+    def emit(self, event: Event) -> None:
+        name, facts = event.event_name, event.fields()
+        record = {"ts": dt.datetime.now(dt.UTC).isoformat(), "event": name, **facts}
         line = orjson.dumps(record, default=str) + b"\n"
         with self._lock:
             if self._f is not None:
@@ -53,8 +244,8 @@ class EventLog:
                     self._f.write(line)
                 except OSError as e:
                     log.error("cannot write event log %s: %s", self.path, e)
-        level = logging.WARNING if event in ANOMALIES else logging.INFO
-        log.log(level, "%s %s", event, orjson.dumps(facts, default=str).decode())
+        level = logging.WARNING if event.anomaly else logging.INFO
+        log.log(level, "%s %s", name, orjson.dumps(facts, default=str).decode())
 
     def close(self) -> None:
         with self._lock:
@@ -69,7 +260,9 @@ class LiveView:
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stdout
 
-    def message(self, time_us: int, peer: str, recv: bool, msgtype: str, size: int) -> None:
+    def message(
+        self, time_us: int, peer: str, direction: Direction, msgtype: str, size: int
+    ) -> None:
         when = dt.datetime.fromtimestamp(time_us / 1e6, dt.UTC).strftime("%H:%M:%S.%f")
-        self.stream.write(f"{when} {peer} {'recv' if recv else 'sent'} {msgtype} {size}\n")
+        self.stream.write(f"{when} {peer} {direction.value} {msgtype} {size}\n")
         self.stream.flush()

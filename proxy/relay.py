@@ -16,20 +16,13 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from capture.framing import (
-    HEADER_SIZE,
-    BadMagic,
-    Frame,
-    FrameDecoder,
-    UncheckedFrame,
-    checksum,
-    msgtype_is_valid,
-)
-from capture.writer import Clock
-from proxy.conn import Conn
-from proxy.events import EventLog, LiveView
-from proxy.store import CaptureStopped, ConnectionCapture
-from proxy.worker import CaptureWorker
+from msgcap.capture.framing import HEADER_SIZE, Frame, FrameDecoder, MsgType, UncheckedFrame
+from msgcap.capture.records import Direction
+from msgcap.capture.writer import Clock
+from msgcap.proxy.conn import Conn
+from msgcap.proxy.events import EventLog, FrameError, LiveView, Timeout
+from msgcap.proxy.store import CaptureStopped, ConnectionCapture
+from msgcap.proxy.worker import CaptureWorker
 
 
 @dataclass(slots=True)
@@ -47,13 +40,14 @@ class Side:
     """One end of a relayed connection."""
 
     conn: Conn
-    recv: bool
-    """True when the bytes this side sends us are received by the node."""
+    direction: Direction
+    """Of the bytes this side sends us, from the node's point of view (RECV: this side
+    is the peer)."""
     stats: DirectionStats = field(default_factory=DirectionStats)
 
 
-class Direction:
-    """The bytes from ``src`` to ``dst``: a :class:`~proxy.conn.Sink` of ``src``."""
+class Flow:
+    """The bytes from ``src`` to ``dst``: a :class:`~msgcap.proxy.conn.Sink` of ``src``."""
 
     __slots__ = ("decoder", "dst", "ended", "relay", "src")
 
@@ -131,7 +125,7 @@ class Relay:
         self.close_reason = "eof"
         self.finished = False
         self._done: asyncio.Future[None] | None = None
-        self._directions: tuple[Direction, Direction] | None = None
+        self._directions: tuple[Flow, Flow] | None = None
 
     async def run(self, a: Side, b: Side, first_bytes: bytes = b"") -> None:
         """Relay ``a -> b`` and ``b -> a`` until both directions end or one side is lost.
@@ -141,7 +135,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._done = loop.create_future()
-        ab, ba = Direction(self, a, b), Direction(self, b, a)
+        ab, ba = Flow(self, a, b), Flow(self, b, a)
         self._directions = (ab, ba)
         a.conn.feeder, b.conn.feeder = b.conn, a.conn
         if first_bytes:
@@ -177,17 +171,17 @@ class Relay:
             await asyncio.sleep(min(self.idle_timeout / 4, 5.0))
             if time.monotonic() - self.last_activity > self.idle_timeout:
                 self.events.emit(
-                    "timeout", conn=self.conn_id, peer=self.peer, after=self.idle_timeout
+                    Timeout(conn=self.conn_id, peer=self.peer, after=self.idle_timeout)
                 )
                 self.finish("idle timeout")
                 return
 
-    def take(self, direction: Direction, data: bytes) -> int | None:
+    def take(self, flow: Flow, data: bytes) -> int | None:
         """Frame and capture a chunk. Returns None to forward it all, or how many of its
         bytes precede a fatal framing error (forward those, then close)."""
         if self.raw:
             return None
-        src, decoder = direction.src, direction.decoder
+        src, decoder = flow.src, flow.decoder
         start = decoder.offset + decoder.buffered
         decoder.receive_data(data)
         frames, fatal = decoder.take_unchecked()
@@ -195,69 +189,40 @@ class Relay:
             # The frames of one read completed together: consecutive microseconds.
             t0 = self.clock.stamps(len(frames))
             size = sum(f.length for f in frames) + HEADER_SIZE * len(frames)
-            self.worker.submit(lambda: self._check_and_capture(src, t0, frames, size), size)
+            self.worker.submit(lambda: self._check_and_capture(src, t0, frames), size)
         if fatal is None:
             return None
         self.events.emit(
-            "bad_magic" if isinstance(fatal, BadMagic) else "oversize",
-            conn=self.conn_id,
-            peer=self.peer,
-            direction="recv" if src.recv else "sent",
-            detail=str(fatal),
-        )
+            FrameError(reason=fatal.problem, conn=self.conn_id, peer=self.peer,
+                       direction=src.direction, detail=str(fatal))
+        )  # fmt: skip
         return max(0, min(len(data), fatal.offset - start))
 
-    def _check_and_capture(
-        self, src: Side, t0: int, frames: list[UncheckedFrame], size: int
-    ) -> None:
+    def _check_and_capture(self, src: Side, t0: int, frames: list[UncheckedFrame]) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones
-        (the i-th at time ``t0 + i``; ``size`` is their records' total)."""
+        (the i-th at time ``t0 + i``), count them and log the invalid ones."""
         try:
-            result = self.capture.write_checked(src.recv, t0, frames, size)  # natively
-            if result is None:
-                result = self._check_and_write(src.recv, t0, frames)
+            ok, captured = self.capture.capture(src.direction, t0, frames)
         except CaptureStopped:
-            self._loop.call_soon_threadsafe(self._stop_for_capture_error)
+            self._loop.call_soon_threadsafe(self.finish, "capture error")
             return
-        ok, captured = result
         stats = src.stats
+        valid = ok.count(True)
         stats.captured += captured
-        for valid, unchecked in zip(ok, frames, strict=True):
-            if valid:
+        stats.messages += valid
+        if valid == len(frames) and self.live is None:
+            return
+        for i, (good, unchecked) in enumerate(zip(ok, frames, strict=True)):
+            if good:
+                if self.live is not None:
+                    kind = MsgType.of(unchecked.raw_msgtype)
+                    self.live.message(t0 + i, self.peer, src.direction, kind.label,
+                                      unchecked.length)  # fmt: skip
                 continue
             ev = unchecked.check()
             assert not isinstance(ev, Frame)
             stats.invalid += 1
             self.events.emit(
-                "bad_checksum" if ev.reason == "bad checksum" else "invalid_type",
-                conn=self.conn_id,
-                peer=self.peer,
-                direction="recv" if src.recv else "sent",
-                detail=ev.describe(),
-            )
-        stats.messages += ok.count(True)
-        if self.live is not None:
-            for i, (valid, unchecked) in enumerate(zip(ok, frames, strict=True)):
-                if valid:
-                    msgtype = unchecked.raw_msgtype.rstrip(b"\0").decode("ascii")
-                    self.live.message(t0 + i, self.peer, src.recv, msgtype, unchecked.length)
-
-    def _check_and_write(
-        self, recv: bool, t0: int, frames: list[UncheckedFrame]
-    ) -> tuple[list[bool], int]:
-        """The pure-Python way: which frames are valid, and how many were captured."""
-        ok: list[bool] = []
-        good: list[tuple[int, bytes, bytes]] = []
-        for i, (raw, parts, _length, _offset, expected) in enumerate(frames):
-            # One hashlib call per payload: it releases the GIL once, not once per piece.
-            payload = parts[0]
-            if len(parts) > 1 or type(payload) is not bytes:
-                payload = b"".join(parts)
-            valid = checksum(payload) == expected and msgtype_is_valid(raw)
-            ok.append(valid)
-            if valid:
-                good.append((t0 + i, raw, payload))
-        return ok, self.capture.write(recv, good) if good else 0
-
-    def _stop_for_capture_error(self) -> None:
-        self.finish("capture error")
+                FrameError(reason=ev.reason, conn=self.conn_id, peer=self.peer,
+                           direction=src.direction, detail=ev.describe())
+            )  # fmt: skip

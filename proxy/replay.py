@@ -20,30 +20,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import os
 import random
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from capture.framing import NEED_DATA, Frame, FrameDecoder, StreamError, encode_frame
-from capture.layout import RECV_FILE, SENT_FILE
-from capture.records import Record, is_recv_file, read_records
+from msgcap.capture.conversation import DamageReport, conversation, warn_damage
+from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder, StreamError, encode_frame
+from msgcap.capture.records import Direction
+from msgcap.errors import UsageError
+from msgcap.parser.messages import Version, decode_message
+from msgcap.parser.wire import DecodeError
 
 Side = Literal["peer", "node"]
+"""Which recorded party the replayer plays: the peer said what the node received."""
+
+SIDE_DIRECTION: dict[Side, Direction] = {"peer": Direction.RECV, "node": Direction.SENT}
 
 HANDSHAKE = frozenset({"version", "verack", "wtxidrelay", "sendaddrv2", "sendtxrcncl"})
 """Types exchanged before ``verack``; the replayer's own handshake takes care of them."""
 NOISE = frozenset({"ping", "pong"})
 """Types whose count depends on timing, not on the conversation."""
-
-_VERSION_TIME = struct.Struct("<q")  # offset 12 in a version payload
-_VERSION_NONCE_OFFSET = 4 + 8 + 8 + 26 + 26
 
 
 class ReplayError(Exception):
@@ -55,42 +57,34 @@ class Step:
     """One recorded message."""
 
     time: int
-    side: Side
+    direction: Direction
+    """From the recorded node's point of view: RECV was said by the peer."""
     msgtype: str
     payload: bytes
 
-
-def _side_files(path: Path) -> list[tuple[Path, Side]]:
-    if path.is_dir():
-        found = [(path / RECV_FILE, "peer"), (path / SENT_FILE, "node")]
-        files: list[tuple[Path, Side]] = [(p, s) for p, s in found if p.exists()]  # type: ignore[misc]
-        if not files:
-            raise ReplayError(f"{path}: no {RECV_FILE} or {SENT_FILE} in this folder")
-        return files
-    if not path.exists():
-        raise ReplayError(f"{path}: no such file or folder")
-    return [(path, "peer" if is_recv_file(path) else "node")]
+    @property
+    def side(self) -> Side:
+        return "peer" if self.direction is Direction.RECV else "node"
 
 
-def load_conversation(paths: Iterable[str | os.PathLike[str]]) -> list[Step]:
-    """Both sides of a recorded connection, merged by time (stable, recv first on ties).
+def load_conversation(
+    paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn_damage
+) -> list[Step]:
+    """Both sides of a recorded connection in time order (the conversation reader's order).
 
-    Records with undecodable types or damage are skipped; replay needs valid frames.
+    A path is a capture folder (its two files) or capture files. Records whose type is
+    not a valid message type are left out (they were never messages); damage is reported
+    through ``on_damage``.
     """
-    steps: list[Step] = []
-    for p in paths:
-        for path, side in _side_files(Path(p)):
-            with open(path, "rb") as f:
-                for rec in read_records(f):
-                    if not isinstance(rec, Record):
-                        continue
-                    try:
-                        msgtype = rec.msgtype_bytes.decode("ascii")
-                    except UnicodeDecodeError:
-                        continue
-                    steps.append(Step(rec.time, side, msgtype, rec.payload))
-    steps.sort(key=lambda s: s.time)
-    return steps
+    try:
+        items = list(conversation(paths, on_damage))
+    except UsageError as e:
+        raise ReplayError(str(e)) from e
+    return [
+        Step(item.record.time, item.direction, kind.label, item.record.payload)
+        for item in items
+        if (kind := item.record.msgtype).valid
+    ]
 
 
 @dataclass(slots=True)
@@ -162,13 +156,15 @@ class Report:
 
 
 def _fresh_version(payload: bytes) -> bytes:
-    """The recorded version with the current time and a new random nonce."""
-    if len(payload) < _VERSION_NONCE_OFFSET + 8:
+    """The recorded version with the current time and a new random nonce (as it was
+    recorded when it does not decode)."""
+    try:
+        version = decode_message("version", payload)
+    except DecodeError:
         return payload
-    out = bytearray(payload)
-    _VERSION_TIME.pack_into(out, 12, int(time.time()))
-    out[_VERSION_NONCE_OFFSET : _VERSION_NONCE_OFFSET + 8] = random.randbytes(8)
-    return bytes(out)
+    assert isinstance(version, Version)
+    fresh = dataclasses.replace(version, timestamp=int(time.time()), nonce=random.getrandbits(64))
+    return fresh.encode()
 
 
 def _type_diff(recorded: list[str], live: list[str]) -> list[dict[str, Any]]:
@@ -258,8 +254,9 @@ class Replayer:
     ) -> Report:
         started = time.monotonic()
         self._writer = writer
-        mine = [s for s in self.steps if s.side == self.play]
-        theirs = [s for s in self.steps if s.side != self.play]
+        played = SIDE_DIRECTION[self.play]
+        mine = [s for s in self.steps if s.direction is played]
+        theirs = [s for s in self.steps if s.direction is not played]
         version = next((s for s in mine if s.msgtype == "version"), None)
         if version is None:
             raise ReplayError(f"the recorded {self.play} side has no version message")

@@ -12,15 +12,29 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from capture.framing import v1_version_prefix
-from capture.layout import peer_folder_name
-from proxy import socks5
-from proxy.config import CaptureErrorPolicy, Config, HostPort, Route, V2Policy
-from proxy.conn import Conn, connect, serve
-from proxy.events import EventLog, LiveView
-from proxy.relay import DirectionStats, Relay, Side
-from proxy.store import CaptureStopped, CaptureStore
-from proxy.worker import CaptureWorker
+from msgcap.capture.framing import v1_version_prefix
+from msgcap.capture.layout import peer_folder_name
+from msgcap.capture.records import Direction
+from msgcap.proxy import socks5
+from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, V2Policy
+from msgcap.proxy.conn import Conn, connect, serve
+from msgcap.proxy.events import (
+    Close,
+    ConnectionLimit,
+    EventLog,
+    Listen,
+    LiveView,
+    Open,
+    SocksError,
+    Stop,
+    Timeout,
+    UpstreamError,
+    V2Downgrade,
+    V2Passthrough,
+)
+from msgcap.proxy.relay import DirectionStats, Relay, Side
+from msgcap.proxy.store import CaptureStopped, CaptureStore
+from msgcap.proxy.worker import CaptureWorker
 
 log = logging.getLogger("msgcap")
 
@@ -96,14 +110,11 @@ class Proxy:
             for route in self.config.routes:
                 await self._listen(route.listen, functools.partial(self._on_route, route))
                 self.events.emit(
-                    "listen",
-                    route=route.kind,
-                    listen=str(route.listen),
-                    upstream=str(route.upstream),
+                    Listen(route=route.kind, listen=str(route.listen), upstream=str(route.upstream))
                 )
             if self.config.socks5 is not None:
                 await self._listen(self.config.socks5.listen, self._on_socks)
-                self.events.emit("listen", route="socks5", listen=str(self.config.socks5.listen))
+                self.events.emit(Listen(route="socks5", listen=str(self.config.socks5.listen)))
         except BaseException:
             await self.stop()
             raise
@@ -149,7 +160,7 @@ class Proxy:
                 await s.wait_closed()
         # Everything forwarded is queued for capture: let the capture thread finish it.
         await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
-        self.events.emit("stop", captured_bytes=self.store.total)
+        self.events.emit(Stop(captured_bytes=self.store.total))
         self.events.close()
 
     def handle_signals(self) -> asyncio.Event:
@@ -170,11 +181,12 @@ class Proxy:
         conn_id = next(self.ids)
         if self.active >= self.config.limits.max_connections:
             self.events.emit(
-                "connection_limit",
-                conn=conn_id,
-                route=kind,
-                client=_peername(conn),
-                limit=self.config.limits.max_connections,
+                ConnectionLimit(
+                    conn=conn_id,
+                    route=kind,
+                    client=_peername(conn),
+                    limit=self.config.limits.max_connections,
+                )
             )
             conn.abort()
             return None
@@ -226,7 +238,7 @@ class Proxy:
                 async with asyncio.timeout(self.config.limits.handshake_timeout or None):
                     req = await socks5.negotiate(conn, cfg)
             except socks5.SocksError as e:
-                self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+                self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
                 if e.reply is not None:
                     socks5.reply(conn, e.reply)
                     with contextlib.suppress(ConnectionError):
@@ -234,11 +246,11 @@ class Proxy:
                 return
             except TimeoutError:
                 self.events.emit(
-                    "socks_error", conn=conn_id, client=client, error="timeout during negotiation"
+                    SocksError(conn=conn_id, client=client, error="timeout during negotiation")
                 )
                 return
             except (ConnectionError, OSError) as e:
-                self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+                self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
                 return
             peer = peer_folder_name(req.host, req.port)
             dest = HostPort(req.host, req.port)
@@ -249,13 +261,14 @@ class Proxy:
             except (OSError, TimeoutError) as e:
                 code = socks5.reply_for(e)
                 self.events.emit(
-                    "socks_error",
-                    conn=conn_id,
-                    client=client,
-                    peer=peer,
-                    destination=str(dest),
-                    error=describe_error(e),
-                    reply=code.name,
+                    SocksError(
+                        conn=conn_id,
+                        client=client,
+                        peer=peer,
+                        destination=str(dest),
+                        error=describe_error(e),
+                        reply=code.name,
+                    )
                 )
                 socks5.reply(conn, code)
                 with contextlib.suppress(ConnectionError):
@@ -268,7 +281,7 @@ class Proxy:
                 return
             await self._relay(conn_id, "socks5", client, peer, True, conn, upstream, first)
         except (ConnectionError, OSError) as e:
-            self.events.emit("socks_error", conn=conn_id, client=client, error=str(e))
+            self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
         finally:
             self.active -= 1
             _close(conn)
@@ -280,7 +293,7 @@ class Proxy:
         try:
             first = await read_initial(conn, self.v1_prefix, self.config.limits.handshake_timeout)
         except TimeoutError:
-            self.events.emit("timeout", conn=conn_id, peer=peer, during="first bytes")
+            self.events.emit(Timeout(conn=conn_id, peer=peer, during="first bytes"))
             return None
         except (ConnectionError, OSError):
             return None
@@ -288,18 +301,19 @@ class Proxy:
         if first[: len(prefix)] == prefix:
             return first
         if not first or (len(first) < len(prefix) and prefix.startswith(first)):
-            self.events.emit("close", conn=conn_id, peer=peer, reason="closed before handshake")
+            self.events.emit(Close(conn=conn_id, peer=peer, reason="closed before handshake"))
             return None
         if self.config.v2 is V2Policy.DOWNGRADE:
             self.events.emit(
-                "v2_downgrade",
-                conn=conn_id,
-                peer=peer,
-                first_bytes=first[:16].hex(),
-                note="closed before sending a byte",
+                V2Downgrade(
+                    conn=conn_id,
+                    peer=peer,
+                    first_bytes=first[:16].hex(),
+                    note="closed before sending a byte",
+                )
             )
             return None
-        self.events.emit("v2_passthrough", conn=conn_id, peer=peer, first_bytes=first[:16].hex())
+        self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
         return first
 
     async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Conn | None:
@@ -307,11 +321,7 @@ class Proxy:
             return await connect_any(to.host, to.port, self.config.limits.handshake_timeout)
         except (OSError, TimeoutError) as e:
             self.events.emit(
-                "upstream_error",
-                conn=conn_id,
-                peer=peer,
-                upstream=str(to),
-                error=describe_error(e),
+                UpstreamError(conn=conn_id, peer=peer, upstream=str(to), error=describe_error(e))
             )
             return None
 
@@ -342,16 +352,18 @@ class Proxy:
             self.worker,
             raw=raw,
         )
-        a = Side(client_side, recv=not node_is_client)
-        b = Side(upstream, recv=node_is_client)
+        # The node's received bytes come from the side that is not the node.
+        a = Side(client_side, Direction.SENT if node_is_client else Direction.RECV)
+        b = Side(upstream, Direction.RECV if node_is_client else Direction.SENT)
         self.events.emit(
-            "open",
-            conn=conn_id,
-            route=route,
-            client=client,
-            peer=peer,
-            node="client" if node_is_client else "upstream",
-            capture=str(capture.writer.folder) if capture.writer else None,
+            Open(
+                conn=conn_id,
+                route=route,
+                client=client,
+                peer=peer,
+                node="client" if node_is_client else "upstream",
+                capture=str(capture.writer.folder) if capture.writer else None,
+            )
         )
         try:
             await relay.run(a, b, first)
@@ -359,16 +371,19 @@ class Proxy:
 
             def finish() -> None:  # in the capture thread, after this connection's frames
                 capture.close()
-                recv, sent = (a.stats, b.stats) if a.recv else (b.stats, a.stats)
+                recv, sent = (
+                    (a.stats, b.stats) if a.direction is Direction.RECV else (b.stats, a.stats)
+                )
                 self.events.emit(
-                    "close",
-                    conn=conn_id,
-                    route=route,
-                    peer=peer,
-                    reason=relay.close_reason,
-                    recv=_stats(recv),
-                    sent=_stats(sent),
-                    captured_bytes=capture.bytes,
+                    Close(
+                        conn=conn_id,
+                        route=route,
+                        peer=peer,
+                        reason=relay.close_reason,
+                        recv=_stats(recv),
+                        sent=_stats(sent),
+                        captured_bytes=capture.bytes,
+                    )
                 )
 
             self.worker.submit(finish)

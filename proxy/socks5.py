@@ -17,8 +17,8 @@ import re
 import socket
 from dataclasses import dataclass
 
-from proxy.config import Socks5
-from proxy.conn import Conn
+from msgcap.proxy.config import Socks5
+from msgcap.proxy.conn import Conn
 
 VERSION = 5
 NO_AUTH = 0x00

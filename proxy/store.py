@@ -1,28 +1,25 @@
-"""Capture files for live connections, with quotas and the capture-error policy."""
+"""Capture files for live connections, with quotas and the capture-error policy.
+
+:meth:`ConnectionCapture.capture` is the capture thread's whole job for one batch of
+frames: it checks them as Core does and appends the valid ones through
+:mod:`msgcap.capture.batch` (the native helper or its Python twin). Any exception on that
+path is a capture failure: a ``capture_error`` event, then the ``on_capture_error``
+policy (``stop`` raises :class:`CaptureStopped` so that the relay closes the connection).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 from collections import Counter
-from collections.abc import Callable
 
-from capture.framing import UncheckedFrame, msgtype_is_valid
-from capture.layout import Layout, capture_folder
-from capture.records import RECORD_HEADER, RECORD_HEADER_SIZE
-from capture.writer import CaptureWriter
-from proxy.config import CaptureErrorPolicy, Config
-from proxy.events import EventLog
-
-native_write_checked: (
-    Callable[[int, list[tuple[bytes, tuple[bytes | memoryview, ...], bytes]]], list[bool]] | None
-)
-try:  # the native helper (capture/_capture.c), when it was built
-    from capture._capture import write_checked as native_write_checked
-except ImportError:  # pragma: no cover - depends on the build
-    native_write_checked = None
-if os.environ.get("MSGCAP_PURE_PYTHON"):  # as for the parser: Python code regardless
-    native_write_checked = None
+from msgcap.capture import batch
+from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
+from msgcap.capture.layout import Layout, capture_folder
+from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header
+from msgcap.capture.writer import CaptureWriter
+from msgcap.proxy.config import CaptureErrorPolicy, Config
+from msgcap.proxy.events import CaptureError, CaptureLimit, EventLog
 
 
 class CaptureStopped(Exception):
@@ -30,7 +27,7 @@ class CaptureStopped(Exception):
 
 
 class ConnectionCapture:
-    """One connection's capture: writes records, counts them, enforces quotas."""
+    """One connection's capture: checks and writes records, enforces quotas."""
 
     def __init__(self, store: CaptureStore, peer: str, conn_id: int, enabled: bool) -> None:
         self.store = store
@@ -51,86 +48,84 @@ class ConnectionCapture:
             )
             self.writer = CaptureWriter(folder)
         except (OSError, ValueError) as e:
-            self._failed(f"cannot open capture files: {e}")
+            self.failed(f"cannot open capture files: {e}")
 
-    def write(self, recv: bool, frames: list[tuple[int, bytes, bytes]]) -> int:
-        """Capture ``(time, 12-byte raw type, payload)`` messages of one direction with
-        one write; returns how many were captured (fewer when a quota is hit or the disk
-        fails)."""
-        if not self.active or self.writer is None:
-            return 0
-        pack = RECORD_HEADER.pack
-        parts: list[bytes] = []
-        size = sum(len(payload) for _, _, payload in frames) + RECORD_HEADER_SIZE * len(frames)
-        if self.store.reserve(self.peer, size) is None:  # all of them, the usual case
-            for time_us, raw_msgtype, payload in frames:
-                parts += (pack(time_us, raw_msgtype, len(payload)), payload)
-            count = len(frames)
-        else:  # a quota is hit within these: capture up to it
-            count = size = 0
-            for time_us, raw_msgtype, payload in frames:
-                n = RECORD_HEADER_SIZE + len(payload)
-                quota = self.store.reserve(self.peer, n)
-                if quota is not None:
-                    self.active = False
-                    self.store.events.emit(
-                        "capture_limit",
-                        conn=self.conn_id,
-                        peer=self.peer,
-                        limit=quota,
-                        note="capture stopped, forwarding continues",
-                    )
-                    break
-                parts += (pack(time_us, raw_msgtype, len(payload)), payload)
-                size += n
-                count += 1
+    def capture(
+        self, direction: Direction, t0: int, frames: list[UncheckedFrame]
+    ) -> tuple[list[bool], int]:
+        """Check frames as Core would and capture the valid ones, the i-th at time
+        ``t0 + i``: which frames are valid, and how many were captured. Raises
+        :class:`CaptureStopped` when the capture failed under the ``stop`` policy."""
+        typed = [msgtype_is_valid(f.raw_msgtype) for f in frames]
+        items: list[batch.BatchItem] = [
+            (
+                record_header(t0 + i, MsgType.of(f.raw_msgtype), f.length),
+                f.parts,
+                f.expected_checksum,
+            )
+            for i, f in enumerate(frames)
+            if typed[i]
+        ]
+        size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
+        writer = self.writer if self.active else None
+        whole = writer is not None and self.store.reserve(self.peer, size) is None
+        try:
+            checked = batch.write_checked(writer.fd(direction) if whole and writer else -1, items)
+        except Exception as e:  # any failure here is a capture failure
+            if whole:
+                self.store.release(self.peer, size)
+            self.failed(f"cannot write capture: {type(e).__name__}: {e}")
+            checked = batch.python_write_checked(-1, items)  # what is valid, for the stats
+            whole = False
+        verdicts = iter(checked)
+        ok = [t and next(verdicts) for t in typed]
+        if whole:
+            kept = sum(f.length + RECORD_HEADER_SIZE for f, v in zip(frames, ok, strict=True) if v)
+            self.store.release(self.peer, size - kept)
+            self.bytes += kept
+            return ok, ok.count(True)
+        if self.active and self.writer is not None:  # a quota is within reach
+            return ok, self._capture_up_to_quota(direction, items, checked)
+        return ok, 0
+
+    def _capture_up_to_quota(
+        self, direction: Direction, items: list[batch.BatchItem], valid: list[bool]
+    ) -> int:
+        """Capture the valid items until a quota is hit: how many were captured."""
+        assert self.writer is not None
+        parts: list[bytes | memoryview] = []
+        size = count = 0
+        for (header, pieces, _), v in zip(items, valid, strict=True):
+            if not v:
+                continue
+            n = RECORD_HEADER_SIZE + sum(map(len, pieces))
+            quota = self.store.reserve(self.peer, n)
+            if quota is not None:
+                self.active = False
+                self.store.events.emit(CaptureLimit(conn=self.conn_id, peer=self.peer,
+                    limit=quota, note="capture stopped, forwarding continues"))  # fmt: skip
+                break
+            parts += (header, *pieces)
+            size += n
+            count += 1
         if not parts:
             return 0
         try:
-            self.writer.write_parts(recv, parts)
-        except OSError as e:
+            self.writer.write_parts(direction, parts)
+        except Exception as e:  # any failure here is a capture failure
             self.store.release(self.peer, size)
-            self._failed(f"cannot write capture: {e}")
+            self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             return 0
         self.bytes += size
         return count
 
-    def write_checked(
-        self, recv: bool, t0: int, frames: list[UncheckedFrame], size: int
-    ) -> tuple[list[bool], int] | None:
-        """Check frames and capture the valid ones (the i-th at time ``t0 + i``; ``size``
-        is their records' total) in one native call that releases the GIL once: which
-        frames are valid, and how many were captured. None when it must be done the
-        Python way (no native helper, capture off, or a quota within reach)."""
-        if native_write_checked is None or not self.active or self.writer is None:
-            return None
-        if self.store.reserve(self.peer, size) is not None:
-            return None
-        pack = RECORD_HEADER.pack
-        typed = [msgtype_is_valid(f.raw_msgtype) for f in frames]
-        batch = [
-            (pack(t0 + i, f.raw_msgtype, f.length), f.parts, f.expected_checksum)
-            for i, f in enumerate(frames)
-            if typed[i]
-        ]
-        try:
-            written = iter(native_write_checked(self.writer.fd(recv), batch))
-        except OSError as e:
-            self.store.release(self.peer, size)
-            self._failed(f"cannot write capture: {e}")
-            return None  # the Python way tells valid from invalid; capture is off now
-        ok = [typed[i] and next(written) for i in range(len(frames))]
-        kept = sum(f.length for f, w in zip(frames, ok, strict=True) if w)
-        kept += RECORD_HEADER_SIZE * ok.count(True)
-        self.store.release(self.peer, size - kept)
-        self.bytes += kept
-        return ok, ok.count(True)
-
-    def _failed(self, reason: str) -> None:
+    def failed(self, reason: str) -> None:
+        """Capture has failed: log it, stop capturing, and apply the policy (``stop``
+        raises :class:`CaptureStopped`)."""
         self.active = False
         policy = self.store.on_error
         self.store.events.emit(
-            "capture_error", conn=self.conn_id, peer=self.peer, error=reason, policy=policy.value
+            CaptureError(conn=self.conn_id, peer=self.peer, error=reason, policy=policy.value)
         )
         if policy is CaptureErrorPolicy.STOP:
             raise CaptureStopped(reason)
@@ -154,9 +149,9 @@ class CaptureStore:
         problem = self._check_root()
         if problem is not None:
             self.writable = False
-            events.emit("capture_error", error=problem, policy=self.on_error.value,
-                        note="no capture until it is writable" if self.on_error is
-                        CaptureErrorPolicy.CONTINUE else "refusing connections")  # fmt: skip
+            note = ("no capture until it is writable" if self.on_error is
+                    CaptureErrorPolicy.CONTINUE else "refusing connections")  # fmt: skip
+            events.emit(CaptureError(error=problem, policy=self.on_error.value, note=note))
 
     def _check_root(self) -> str | None:
         """Why the capture directory cannot take files, or None."""

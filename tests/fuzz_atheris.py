@@ -17,12 +17,12 @@ import atheris
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 
 with atheris.instrument_imports():
-    from capture.framing import NEED_DATA, FrameDecoder, Network, StreamError
-    from capture.records import Damage, Record, encode_record_raw, read_records
-    from parser.messages import MESSAGES, decode_message
-    from parser.render import render
-    from parser.wire import DecodeError, wire_hash
-    from proxy.socks5 import host_name_problem
+    from msgcap.capture.framing import NEED_DATA, FrameDecoder, MsgType, Network, StreamError
+    from msgcap.capture.records import Damage, Direction, Record, encode_record, read_records
+    from msgcap.parser.messages import MESSAGES, decode_message
+    from msgcap.parser.render import render
+    from msgcap.parser.wire import DecodeError, wire_hash
+    from msgcap.proxy.socks5 import host_name_problem
 
 TYPES = sorted(MESSAGES)
 MAGIC = Network.REGTEST.magic
@@ -73,9 +73,9 @@ def render_target(data: bytes) -> None:
     if data[0] % 2:  # often a known type, to reach the decoders
         raw_type = TYPES[data[1] % len(TYPES)].encode().ljust(12, b"\0")
     rec = Record(0, raw_type, data[12:], 0)
-    render(rec, True)
-    render(rec, False, display_hashes=True)
-    encode_record_raw(0, raw_type, data[12:])
+    render(rec, Direction.RECV)
+    render(rec, Direction.SENT, display_hashes=True)
+    encode_record(0, MsgType.of(raw_type), data[12:])
 
 
 def hostnames(data: bytes) -> None:

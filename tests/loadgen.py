@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 
-from capture.framing import HEADER_SIZE, Network, encode_frame
+from msgcap.capture.framing import HEADER_SIZE, Network, encode_frame
 
 MAGIC = Network.REGTEST.magic
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from capture.compare import compare_folders
-from capture.framing import encode_frame
-from capture.records import Record, encode_record_raw, read_records
-from proxy.cli import main
+from msgcap.capture.compare import compare_folders
+from msgcap.capture.framing import MsgType, encode_frame
+from msgcap.capture.records import Record, encode_record, read_records
+from msgcap.cli import main
 from tests.test_relay import MAGIC, VERSION, Upstream, read_all, route_to, running_proxy
 
 PAIR = Path(__file__).parent / "data" / "core-v30-pair"
@@ -47,7 +47,7 @@ def rewrite(src: Path, dst: Path, edit: dict[int, bytes | None]) -> None:
             assert isinstance(rec, Record)
             payload = edit.get(i, rec.payload)
             if payload is not None:
-                out += encode_record_raw(rec.time + 7, rec.raw_msgtype, payload)
+                out += encode_record(rec.time + 7, MsgType.of(rec.raw_msgtype), payload)
     dst.write_bytes(bytes(out))
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from capture.layout import Layout
-from proxy.cli import add_proxy_args, build_parser, main, proxy_config
-from proxy.config import (
+from msgcap.capture.layout import Layout
+from msgcap.cli import add_proxy_args, build_parser, main, proxy_config
+from msgcap.proxy.config import (
     DEFAULT_CONFIG,
     CaptureErrorPolicy,
     ConfigError,

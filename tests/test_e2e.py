@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from capture.records import Record, read_records
-from parser.messages import BlockMsg, CmpctBlock, Headers, Version, decode_message
-from parser.wire import display_hash
+from msgcap.capture.records import Record, read_records
+from msgcap.parser.messages import BlockMsg, CmpctBlock, Headers, Version, decode_message
+from msgcap.parser.wire import display_hash
 from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ MINED = 60
 class ProxyProcess:
     def __init__(self, tmp: Path, *flags: str) -> None:
         self.capture_dir = tmp / "capture"
-        cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--capture-dir", str(self.capture_dir),
+        cmd = [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(self.capture_dir),
                "--network", "regtest", *flags]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=open(tmp / "proxy.log", "wb"), text=True
@@ -79,12 +79,12 @@ def check_capture(
     sent = records(folder / "msgs_sent.dat")
     decoded = {}
     for r in recv + sent:
-        msgtype = r.msgtype_bytes.decode()
+        msgtype = r.msgtype.name.decode()
         decoded[(id(r))] = decode_message(msgtype, r.payload)  # raises if it does not decode
     # Handshake, from the node's point of view.
-    assert recv[0].msgtype_bytes == b"version" and sent[0].msgtype_bytes == b"version"
-    assert b"verack" in {r.msgtype_bytes for r in recv}
-    assert b"verack" in {r.msgtype_bytes for r in sent}
+    assert recv[0].msgtype.name == b"version" and sent[0].msgtype.name == b"version"
+    assert b"verack" in {r.msgtype.name for r in recv}
+    assert b"verack" in {r.msgtype.name for r in sent}
     v_recv, v_sent = decoded[id(recv[0])], decoded[id(sent[0])]
     assert isinstance(v_recv, Version) and isinstance(v_sent, Version)
     # B starts empty, A had PRE_MINED blocks: the heights say who sent which version.
@@ -189,7 +189,7 @@ def test_default_config_banner(tmp_path: Path) -> None:
     if any(_in_use(p) for p in (9050, 18555)):
         pytest.skip("default ports 9050/18555 are taken on this machine")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "proxy"],
+        [sys.executable, "-m", "msgcap", "proxy"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -1,27 +1,37 @@
 """The direct payload-to-JSON renderers (Python and native) agree with the typed classes,
-value for value and on which payloads they reject."""
+value for value and on which payloads they reject, and why: the same error at the same
+payload offset."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parser.fastjson import FAST_BODIES, NATIVE, native_body, python_body
-from parser.messages import decode_message
-from parser.wire import DecodeError, display_hash, wire_hash
+from msgcap.capture.records import Record, read_records
+from msgcap.parser.fastjson import FAST_BODIES, NATIVE, native_body, python_body
+from msgcap.parser.messages import decode_message
+from msgcap.parser.wire import DecodeError, display_hash, wire_hash
 from tests.vectors import VECTORS
+
+PAIR = Path(__file__).parent / "data" / "core-v30-pair" / "a" / "127.0.0.1_39912"
+
+
+def rejection(e: DecodeError) -> tuple[str, str, int, str]:
+    """What a renderer reports about a payload it rejects; all three must say the same."""
+    return ("error", e.msgtype, e.offset, e.reason)
 
 
 def typed(msgtype: str, payload: bytes, reverse: bool) -> Any:
     try:
         msg = decode_message(msgtype, payload)
-    except DecodeError:
-        return "error"
+    except DecodeError as e:
+        return rejection(e)
     return msg.json(display_hash if reverse else wire_hash)
 
 
@@ -29,15 +39,36 @@ def fast(msgtype: str, payload: bytes, reverse: bool) -> Any:
     """The Python renderer's body; the native one's too, which must be the same."""
     try:
         body = python_body(msgtype, payload, reverse)
-    except DecodeError:
-        body = "error"
+    except DecodeError as e:
+        body = rejection(e)
     if NATIVE:
         try:
             native = json.loads(native_body(msgtype, payload, reverse))
-        except DecodeError:
-            native = "error"
+        except DecodeError as e:
+            native = rejection(e)
         assert native == body
     return body
+
+
+def _real_payloads() -> dict[str, list[bytes]]:
+    """A few payloads of each fast-path type: from Core's own capture (one per distinct
+    size, the three largest), then the frozen vector (the only one for the types the
+    session did not send, such as blocktxn and notfound)."""
+    by_size: dict[str, dict[int, bytes]] = {t: {} for t in FAST_BODIES}
+    for path in sorted(PAIR.glob("msgs_*.dat")):
+        with path.open("rb") as f:
+            for rec in read_records(f):
+                if isinstance(rec, Record):
+                    name = rec.raw_msgtype.split(b"\0", 1)[0].decode("ascii", "replace")
+                    if name in by_size:
+                        by_size[name].setdefault(len(rec.payload), rec.payload)
+    return {
+        t: [sizes[n] for n in sorted(sizes, reverse=True)[:3]] + [bytes.fromhex(VECTORS[t])]
+        for t, sizes in by_size.items()
+    }
+
+
+REAL = _real_payloads()
 
 
 def test_native_renderer_is_built_where_required() -> None:
@@ -74,3 +105,32 @@ def test_mutated_payloads_agree(
 @given(msgtype=st.sampled_from(sorted(FAST_BODIES)), data=st.binary(max_size=200))
 def test_random_payloads_agree(msgtype: str, data: bytes) -> None:
     assert fast(msgtype, data, False) == typed(msgtype, data, False)
+
+
+def test_real_payloads_cover_the_bulk_types() -> None:
+    from_capture = {t for t, ps in REAL.items() if len(ps) > 1}
+    assert from_capture >= {"block", "cmpctblock", "getdata", "headers", "inv", "tx"}
+
+
+@pytest.mark.parametrize("msgtype", sorted(FAST_BODIES))
+def test_truncated_real_payloads_fail_alike(msgtype: str) -> None:
+    """Every cut of real payloads (and one trailing byte): the typed codec, the Python
+    renderer and the native one reject it with the same reason at the same offset."""
+    for payload in REAL[msgtype]:
+        cuts = [payload[:cut] for cut in range(len(payload))] + [payload + b"\0"]
+        for data in cuts:
+            want = typed(msgtype, data, False)
+            assert want[:2] == ("error", msgtype), (len(data), want)
+            try:
+                python_body(msgtype, data, False)
+            except DecodeError as e:
+                assert rejection(e) == want, len(data)
+            else:
+                raise AssertionError(f"Python renderer accepted {len(data)} bytes: {want}")
+            if NATIVE:
+                try:
+                    native_body(msgtype, data, False)
+                except DecodeError as e:
+                    assert rejection(e) == want, len(data)
+                else:
+                    raise AssertionError(f"native renderer accepted {len(data)} bytes: {want}")

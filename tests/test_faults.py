@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from capture.framing import NEED_DATA, Frame, FrameDecoder, Network, encode_frame
-from capture.records import Damage, Record, read_records
-from proxy.config import config_from_dict
-from proxy.server import Proxy
+from msgcap.capture import batch
+from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder, Network, encode_frame
+from msgcap.capture.records import Damage, Record, read_records
+from msgcap.proxy.config import config_from_dict
+from msgcap.proxy.server import Proxy
 from tests.test_relay import read_all
 
 MAGIC = Network.REGTEST.magic
@@ -66,7 +67,7 @@ async def test_peer_reset_mid_frame(tmp_path: Path) -> None:
     folder = next((tmp_path / "cap").glob("127.0.0.1_*"))
     with open(folder / "msgs_recv.dat", "rb") as f:
         recs = list(read_records(f))
-    assert [r.msgtype_bytes for r in recs if isinstance(r, Record)] == [b"version"]
+    assert [r.msgtype.name for r in recs if isinstance(r, Record)] == [b"version"]
     assert not any(isinstance(r, Damage) for r in recs)
     close = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "close"]
     assert close and close[0]["reason"] in ("ConnectionResetError", "eof")
@@ -150,8 +151,29 @@ async def test_silent_upstream_hits_idle_timeout(tmp_path: Path) -> None:
     assert any(e["event"] == "close" and e.get("reason") == "idle timeout" for e in evs)
 
 
+@pytest.mark.parametrize("failure", ["disk full", "OpenSSL failure"])
+@pytest.mark.parametrize("way", ["native", "python"])
 @pytest.mark.parametrize("policy", ["continue", "stop"])
-async def test_disk_full(tmp_path: Path, policy: str) -> None:
+async def test_capture_failure(
+    tmp_path: Path,
+    policy: str,
+    way: str,
+    failure: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A capture that fails (the disk, or the native helper raising as it does when
+    OpenSSL fails) is a capture_error, and the policy holds, in both implementations."""
+    impl = batch.native_write_checked if way == "native" else batch.python_write_checked
+    if impl is None:
+        pytest.skip("capture/_capture.c not compiled")
+    monkeypatch.setattr(batch, "write_checked", impl)
+    if failure == "OpenSSL failure":
+
+        def broken(fd: int, items: list[batch.BatchItem]) -> list[bool]:
+            raise RuntimeError("OpenSSL SHA-256 failed")
+
+        monkeypatch.setattr(batch, "write_checked", broken)
     got = bytearray()
 
     async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -163,7 +185,8 @@ async def test_disk_full(tmp_path: Path, policy: str) -> None:
     port = server.sockets[0].getsockname()[1]
     folder = tmp_path / "cap" / f"127.0.0.1_{port}"
     folder.mkdir(parents=True)
-    os.symlink("/dev/full", folder / "msgs_sent.dat")  # every write: ENOSPC
+    if failure == "disk full":
+        os.symlink("/dev/full", folder / "msgs_sent.dat")  # every write: ENOSPC
     proxy = await start(tmp_path, port, on_capture_error=policy)
     data = VERSION + PING * 50
     try:
@@ -183,7 +206,9 @@ async def test_disk_full(tmp_path: Path, policy: str) -> None:
         await proxy.stop()
         server.close()
     errs = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "capture_error"]
-    assert errs and "No space left" in errs[0]["error"] and errs[0]["policy"] == policy
+    expected = "No space left" if failure == "disk full" else "OpenSSL SHA-256 failed"
+    assert errs and expected in errs[0]["error"] and errs[0]["policy"] == policy
+    assert "capture job failed" not in caplog.text  # no traceback: a capture error, logged
     if policy == "continue":
         assert bytes(got) == data  # forwarding went on without capture
     else:
@@ -195,7 +220,7 @@ async def test_disk_full(tmp_path: Path, policy: str) -> None:
 def test_unwritable_capture_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the capture directory should be")
-    cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--capture-dir", str(blocker / "cap"),
+    cmd = [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(blocker / "cap"),
            "--event-log", str(tmp_path / "events.jsonl"), "--route",
            "127.0.0.1:0=127.0.0.1:1", "--socks5", "off"]  # fmt: skip
     stop = subprocess.run([*cmd, "--on-capture-error", "stop"], capture_output=True, text=True,
@@ -218,7 +243,7 @@ def test_unwritable_capture_dir(tmp_path: Path) -> None:
 LOAD_SCRIPT = r"""
 import random, socket, sys, threading, time
 sys.path.insert(0, {root!r})
-from capture.framing import encode_frame, Network
+from msgcap.capture.framing import encode_frame, Network
 from tests.vectors import VECTORS
 MAGIC = Network.REGTEST.magic
 port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -287,7 +312,7 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
     listen.close()
     cap = tmp_path / "cap"
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "proxy", "--capture-dir", str(cap), "--socks5", "off",
+        [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(cap), "--socks5", "off",
          "--route", f"127.0.0.1:{port}=127.0.0.1:{srv.getsockname()[1]}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
@@ -315,7 +340,7 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
         # Writes are whole records, but the kernel may cut a large write short when the
         # process is killed: at most the last record is incomplete, and it is reported.
         assert damage == [] or (len(damage) == 1 and recs[-1] is damage[0])
-    captured = [(r.msgtype_bytes.decode(), r.payload) for r in recs if isinstance(r, Record)]
+    captured = [(r.msgtype.name.decode(), r.payload) for r in recs if isinstance(r, Record)]
     forwarded = [_frames(bytes(b)) for b in received.values()]
     assert sum(map(len, forwarded)) > 1000
     if sig == signal.SIGTERM:
@@ -328,7 +353,7 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
                 pos = remaining.index(fr, pos) + 1
         assert len(captured) >= sum(map(len, forwarded))
     # Either way, msgcap parse reads the files.
-    res = subprocess.run([sys.executable, "-m", "proxy.cli", "parse", "--jsonl", str(cap)],
+    res = subprocess.run([sys.executable, "-m", "msgcap", "parse", "--jsonl", str(cap)],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert res.returncode == (1 if damage else 0), res.stderr[-500:]
     assert len(res.stdout.splitlines()) == len(captured)

@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capture.framing import (
+from msgcap.capture.framing import (
     MAX_PROTOCOL_MESSAGE_LENGTH,
     NEED_DATA,
     BadMagic,
     Frame,
     FrameDecoder,
+    FrameProblem,
     InvalidFrame,
     Network,
     Oversize,
@@ -148,7 +149,7 @@ def test_bad_checksum_is_reported_and_skipped() -> None:
     bad = bytearray(encode_frame(REGTEST, "ping", b"12345678"))
     bad[20] ^= 0xFF
     events = feed([bytes(bad) + encode_frame(REGTEST, "verack", b"")])
-    assert isinstance(events[0], InvalidFrame) and events[0].reason == "bad checksum"
+    assert isinstance(events[0], InvalidFrame) and events[0].reason is FrameProblem.BAD_CHECKSUM
     assert events[0].expected_checksum != events[0].actual_checksum
     assert "bad checksum" in events[0].describe()
     assert summary(events) == [("verack", b"", 32)]
@@ -176,7 +177,7 @@ def test_invalid_type_is_reported_and_skipped() -> None:
     frame = REGTEST + b"ba\x01d\0\0\0\0\0\0\0\0" + len(payload).to_bytes(4, "little")
     frame += checksum(payload) + payload
     events = feed([frame + encode_frame(REGTEST, "verack", b"")])
-    assert isinstance(events[0], InvalidFrame) and events[0].reason == "invalid message type"
+    assert isinstance(events[0], InvalidFrame) and events[0].reason is FrameProblem.INVALID_TYPE
     assert summary(events) == [("verack", b"", len(frame))]
 
 

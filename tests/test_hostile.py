@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from capture.framing import Network, checksum, encode_frame
-from proxy.config import config_from_dict
-from proxy.server import Proxy
+from msgcap.capture.framing import Network, checksum, encode_frame
+from msgcap.proxy.config import config_from_dict
+from msgcap.proxy.server import Proxy
 
 MAGIC = Network.REGTEST.magic
 VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)

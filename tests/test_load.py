@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from capture.framing import Network, encode_frame
-from capture.records import Record, read_records
+from msgcap.capture.framing import Network, encode_frame
+from msgcap.capture.records import Record, read_records
 
 ROOT = Path(__file__).parent.parent
 CONNECTIONS = int(os.environ.get("MSGCAP_LOAD_CONNECTIONS", "100"))
@@ -53,7 +53,7 @@ def stream_digest(folder: Path, name: str) -> tuple[str, int, bytes]:
     with open(folder / name, "rb") as f:
         for rec in read_records(f):
             assert isinstance(rec, Record), f"damage in {folder / name}: {rec}"
-            frame = encode_frame(MAGIC, rec.msgtype_bytes.decode(), rec.payload)
+            frame = encode_frame(MAGIC, rec.msgtype.name.decode(), rec.payload)
             h.update(frame)
             n += len(frame)
             if not first:
@@ -71,7 +71,7 @@ def test_load(tmp_path: Path) -> None:
     )  # fmt: skip
     assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "proxy", "--capture-dir", str(cap), "--layout",
+        [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(cap), "--layout",
          "session", "--socks5", "off", "--route", f"127.0.0.1:{listen}=127.0.0.1:{peer_port}",
          "--max-connections", str(CONNECTIONS + 10),
          "--capture-bytes-per-peer", str(1 << 40), "--capture-bytes-total", str(1 << 40)],

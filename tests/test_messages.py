@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from verystable.core import messages as vm
 
-from parser.messages import MESSAGES, Unknown, Version, decode_message
-from parser.structures import AddressV2, Net
-from parser.wire import DecodeError, Reader, display_hash, wire_hash
+from msgcap.parser.messages import MESSAGES, Unknown, Version, decode_message
+from msgcap.parser.structures import AddressV2, Net
+from msgcap.parser.wire import DecodeError, Reader, display_hash, wire_hash
 from tests.oracle import reference_body, with_documented_deviations
 from tests.vectors import VECTORS
 
@@ -321,7 +321,7 @@ def test_block_hash_of_regtest_genesis() -> None:
         "7a7b12b27ac72c3e67768f617fc81bc3888a51323a9fb8aa4b1e5e4adae5494dffff7f2002000000"
     )
     r = Reader(genesis, "headers")
-    from parser.structures import BlockHeader
+    from msgcap.parser.structures import BlockHeader
 
     header = BlockHeader.read(r)
     assert display_hash(header.hash) == (

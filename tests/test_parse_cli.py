@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capture.records import Record, encode_record, encode_record_raw, read_records
-from proxy.cli import main
+from msgcap.capture.framing import MsgType
+from msgcap.capture.records import Record, encode_record, read_records
+from msgcap.cli import main
 from tests.core_reference import parse_files
 from tests.oracle import correct_message
 from tests.vectors import VECTORS
@@ -165,8 +166,8 @@ def test_bad_files_warn_with_offsets_and_keep_the_rest(tmp_path: Path) -> None:
     weird = tmp_path / "cap" / "10.0.0.3_8333"
     write(
         weird / "msgs_recv.dat",
-        encode_record_raw(4, b"\x01bad", b"ab")
-        + encode_record_raw(5, b"\xc3\x28", b"")
+        encode_record(4, MsgType.of(b"\x01bad"), b"ab")
+        + encode_record(5, MsgType.of(b"\xc3\x28"), b"")
         + encode_record(6, "ping", b"\x01\x02\x03")
         + encode_record(7, "newthing", b"\x00"),
     )
@@ -238,7 +239,7 @@ def test_stats_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_console_script_prints_to_stdout() -> None:
     exe = shutil.which("msgcap") or ""
-    cmd = [exe] if exe else [sys.executable, "-m", "proxy.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "msgcap"]
     res = subprocess.run(
         [*cmd, "parse", str(FOLDERS[0] / "msgs_recv.dat")], capture_output=True, check=False
     )
@@ -273,7 +274,7 @@ def test_arbitrary_files_never_crash(tmp_path: Path, chunks: list[bytes]) -> Non
 def test_progress_bar_draws_to_the_terminal() -> None:
     import io
 
-    from parser.cli import Progress
+    from msgcap.parser.cli import Progress
 
     out = io.StringIO()
     bar = Progress(1000, out)
@@ -296,7 +297,7 @@ def test_many_files_and_the_open_file_limit(tmp_path: Path, hard: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (60, hard))
 
     res = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "parse", "--jsonl", str(tmp_path / "cap")],
+        [sys.executable, "-m", "msgcap", "parse", "--jsonl", str(tmp_path / "cap")],
         capture_output=True, text=True, preexec_fn=limit, check=False,
     )  # fmt: skip
     if hard < 164:

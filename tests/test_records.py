@@ -11,24 +11,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capture.layout import (
+from msgcap.capture.framing import MsgType
+from msgcap.capture.layout import (
     Layout,
     addr_port_string,
     capture_folder,
     peer_folder_name,
     peer_of_capture_file,
 )
-from capture.records import (
+from msgcap.capture.records import (
     RECORD_HEADER_SIZE,
     Damage,
+    Direction,
     Record,
     encode_record,
-    encode_record_raw,
-    is_recv_file,
     read_record_headers,
     read_records,
 )
-from capture.writer import CaptureWriter, Clock
+from msgcap.capture.writer import CaptureWriter, Clock
 
 DATA = Path(__file__).parent / "data" / "core-v30-pair"
 CORE_FILES = sorted(DATA.rglob("*.dat"))
@@ -41,7 +41,7 @@ def test_reencoding_core_files_is_byte_identical(path: Path) -> None:
         records = list(read_records(f))
     assert records and all(isinstance(r, Record) for r in records)
     again = b"".join(
-        encode_record(r.time, r.msgtype_bytes.decode(), r.payload)
+        encode_record(r.time, r.msgtype.name.decode(), r.payload)
         for r in records
         if isinstance(r, Record)
     )
@@ -69,7 +69,7 @@ def test_empty_file() -> None:
 
 def test_truncated_header() -> None:
     out = records_of(GOOD + b"\x01\x02\x03")
-    assert [r.msgtype_bytes for r in out[:2] if isinstance(r, Record)] == [b"verack", b"ping"]
+    assert [r.msgtype.name for r in out[:2] if isinstance(r, Record)] == [b"verack", b"ping"]
     assert isinstance(out[2], Damage)
     assert out[2].offset == len(GOOD) and out[2].skipped == 3
     assert "truncated record header" in out[2].reason
@@ -92,7 +92,7 @@ def test_implausible_length_stops_the_file() -> None:
 
 
 def test_odd_types_keep_the_boundary() -> None:
-    data = encode_record_raw(1, b"\xff\xfe\x01", b"abc") + GOOD
+    data = encode_record(1, MsgType.of(b"\xff\xfe\x01"), b"abc") + GOOD
     out = records_of(data)
     assert len(out) == 3 and all(isinstance(r, Record) for r in out)
 
@@ -120,10 +120,10 @@ def test_reader_never_raises_and_accounts_for_every_byte(data: bytes) -> None:
     assert total == len(data)
 
 
-def test_is_recv_file() -> None:
-    assert is_recv_file("x/msgs_recv.dat")
-    assert not is_recv_file("x/msgs_sent.dat")
-    assert not is_recv_file("recv_folder/msgs_sent.dat")  # Core looks at the stem only
+def test_direction_of_file() -> None:
+    assert Direction.of_file("x/msgs_recv.dat") is Direction.RECV
+    assert Direction.of_file("x/msgs_sent.dat") is Direction.SENT
+    assert Direction.of_file("recv_folder/msgs_sent.dat") is Direction.SENT  # the stem only
 
 
 @pytest.mark.parametrize(
@@ -195,11 +195,11 @@ def test_clock_strictly_increases() -> None:
 def test_writer_appends_like_core(tmp_path: Path) -> None:
     folder = tmp_path / "127.0.0.1_18444"
     w = CaptureWriter(folder)
-    w.write(True, 10, "version", b"v")
-    w.write(False, 11, "verack", b"")
+    w.write(Direction.RECV, 10, "version", b"v")
+    w.write(Direction.SENT, 11, "verack", b"")
     w.close()
     w2 = CaptureWriter(folder)  # a second session appends, as Core does
-    w2.write(True, 20, "ping", b"12345678")
+    w2.write(Direction.RECV, 20, "ping", b"12345678")
     w2.close()
     assert (folder / "msgs_recv.dat").read_bytes() == encode_record(
         10, "version", b"v"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-import proxy.store
-from capture.framing import Network, checksum, encode_frame
-from capture.records import Record, read_records
-from proxy.config import config_from_dict
-from proxy.server import Proxy
+from msgcap.capture import batch
+from msgcap.capture.framing import Network, checksum, encode_frame
+from msgcap.capture.records import Record, read_records
+from msgcap.proxy.config import config_from_dict
+from msgcap.proxy.server import Proxy
 
 MAGIC = Network.REGTEST.magic
 VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
@@ -71,7 +71,7 @@ def capture(tmp: Path, port: int, name: str) -> list[tuple[str, bytes]]:
         return []
     with open(path, "rb") as f:
         recs = [r for r in read_records(f) if isinstance(r, Record)]
-    return [(r.msgtype_bytes.decode(), r.payload) for r in recs]
+    return [(r.msgtype.name.decode(), r.payload) for r in recs]
 
 
 def events(tmp: Path) -> list[dict[str, Any]]:
@@ -110,8 +110,8 @@ async def test_bit_exact_forwarding_both_directions(
     """Random frames, random chunking, both directions at once; with the capture thread's
     native helper (when built) and without it."""
     if way == "python":
-        monkeypatch.setattr(proxy.store, "native_write_checked", None)
-    elif proxy.store.native_write_checked is None:
+        monkeypatch.setattr(batch, "write_checked", batch.python_write_checked)
+    elif batch.native_write_checked is None:
         pytest.skip("capture/_capture.c not compiled")
     rng = random.Random(seed)
     up_frames = [("version", b"\x02" * 100), *random_frames(rng, 150)]
@@ -433,7 +433,7 @@ async def test_slow_capture_disk_slows_forwarding(
     """Frames waiting for the capture thread are bounded: forwarding waits for the disk."""
     import time as _time
 
-    from capture.writer import CaptureWriter
+    from msgcap.capture.writer import CaptureWriter
 
     real = CaptureWriter.write_parts
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from capture.export import export_fuzz, export_pcap
-from capture.framing import Frame, FrameDecoder, Network, encode_frame
-from capture.records import Record, encode_record, read_records
-from proxy.replay import Report
+from msgcap.capture.export import export_fuzz, export_pcap
+from msgcap.capture.framing import Frame, FrameDecoder, Network, encode_frame
+from msgcap.capture.records import Record, encode_record, read_records
+from msgcap.proxy.replay import Report
 from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
 from tests.test_e2e import ProxyProcess
 from tests.vectors import VECTORS
@@ -62,7 +62,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
 
 
 def msgcap(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "msgcap", *args], capture_output=True,
                           text=True, timeout=timeout, check=False)  # fmt: skip
 
 
@@ -86,7 +86,7 @@ def test_replay_miner_to_fresh_node(tmp_path: Path, recording: Recording) -> Non
 def test_replay_miner_as_listener(tmp_path: Path, recording: Recording) -> None:
     listen = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "replay", str(recording.folder), "--listen",
+        [sys.executable, "-m", "msgcap", "replay", str(recording.folder), "--listen",
          f"127.0.0.1:{listen}", "--play", "peer", "--timeout", "5", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -168,7 +168,7 @@ def test_strict_fails_when_the_conversation_cannot_be_reproduced(
         server, got = await scripted_node(answer_inv=faithful)
         port = server.sockets[0].getsockname()[1]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "replay", str(folder), "--to",
+            sys.executable, "-m", "msgcap", "replay", str(folder), "--to",
             f"127.0.0.1:{port}", "--strict", "--timeout", "1", "--json",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -208,7 +208,7 @@ def test_version_is_refreshed_unless_verbatim(tmp_path: Path) -> None:
 
             server = await asyncio.start_server(handle, "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
-            from proxy.replay import load_conversation, replay_to
+            from msgcap.proxy.replay import load_conversation, replay_to
 
             await replay_to(load_conversation([folder]), "127.0.0.1", port, magic=MAGIC,
                             verbatim=verbatim, timeout=0.5)  # fmt: skip
@@ -327,7 +327,7 @@ def test_export_pcap_reads_in_tshark(tmp_path: Path) -> None:
             with open(folder / name, "rb") as fh:
                 recs += [r for r in read_records(fh) if isinstance(r, Record)]
         recs.sort(key=lambda r: r.time)
-        expected.append([(r.msgtype_bytes.decode(), len(r.payload)) for r in recs])
+        expected.append([(r.msgtype.name.decode(), len(r.payload)) for r in recs])
     assert [by_stream[k] for k in sorted(by_stream, key=int)] == expected
 
 

@@ -1,36 +1,53 @@
-"""Capture files as one time-ordered stream of records, read with bounded memory.
+"""Capture files as one conversation: a time-ordered stream of records, bounded memory.
+
+This is the one reader of conversations: parse, stats, export, compare, replay and the
+pytest fixtures all take their records from :func:`conversation` (or :func:`merged`).
 
 The order is Core's parser's: a stable sort by time over the files in the order given.
-Files Core wrote are in time order already, so they are merged as streams; a file whose
-clock went backwards is indexed (offset and time per record) and read in sorted order.
+Ties (equal times) go to the file given first; a folder's files are taken sorted by
+path, so within one capture folder ``msgs_recv.dat`` comes before ``msgs_sent.dat``.
+(msgcap's own captures never tie within a connection: its clock is strictly increasing
+across both files.) Files Core wrote are in time order already, so they are merged as
+streams; a file whose clock went backwards is indexed (offset and time per record) and
+read in sorted order.
+
+Damage (a truncated record, garbage, an unreadable file) is reported once per file
+through a callback, with the file and byte offset, and everything readable before it is
+still given. The default callback logs a warning.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from capture.layout import peer_of_capture_file
-from capture.records import Damage, Record, is_recv_file, read_record_at, read_record_headers
-from capture.records import read_records as _read_records
+from msgcap.capture.layout import peer_of_capture_file
+from msgcap.capture.records import (
+    Damage,
+    Direction,
+    Record,
+    read_record_at,
+    read_record_headers,
+    read_records,
+)
+from msgcap.errors import UsageError
 
-
-class UsageError(Exception):
-    """Bad paths or options: exit status 2."""
+log = logging.getLogger("msgcap")
 
 
 @dataclass(frozen=True, slots=True)
 class CaptureFile:
     path: Path
-    recv: bool
+    direction: Direction
     peer: str
 
     @classmethod
     def at(cls, path: Path) -> CaptureFile:
-        return cls(path, is_recv_file(path), peer_of_capture_file(path))
+        return cls(path, Direction.of_file(path), peer_of_capture_file(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +57,17 @@ class Item:
     record: Record
     source: CaptureFile
 
+    @property
+    def direction(self) -> Direction:
+        return self.source.direction
+
 
 DamageReport = Callable[[CaptureFile, Damage], None]
+
+
+def warn_damage(source: CaptureFile, damage: Damage) -> None:
+    """The default damage report: one warning per damaged file."""
+    log.warning("%s: at byte %d: %s", source.path, damage.offset, damage.reason)
 
 
 def expand_paths(paths: Iterable[str]) -> list[CaptureFile]:
@@ -79,7 +105,7 @@ def file_records(source: CaptureFile, on_damage: DamageReport) -> Iterator[Item]
         ordered = _is_time_ordered(source.path)
         with open(source.path, "rb") as f:
             if ordered:
-                for rec in _read_records(f):
+                for rec in read_records(f):
                     if isinstance(rec, Damage):
                         on_damage(source, rec)
                     else:
@@ -130,3 +156,25 @@ def merged(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Item]:
     if len(streams) == 1:
         return streams[0]
     return heapq.merge(*streams, key=lambda item: item.record.time)
+
+
+def folder_conversation(folder: Path, on_damage: DamageReport = warn_damage) -> Iterator[Item]:
+    """The conversation of one capture folder: its ``msgs_recv.dat`` and ``msgs_sent.dat``
+    (those that exist), merged by time, ``recv`` first on ties."""
+    files = [folder / d.file_name for d in (Direction.RECV, Direction.SENT)]
+    found = [CaptureFile.at(f) for f in files if f.is_file()]
+    if not found:
+        raise UsageError(f"{folder}: no {files[0].name} or {files[1].name} in this folder")
+    return merged(found, on_damage)
+
+
+def conversation(
+    paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn_damage
+) -> Iterator[Item]:
+    """The records of capture files and folders (searched recursively for ``*.dat``) as
+    one time-ordered stream, with the tie rule and damage reports of the module doc.
+
+    Raises :class:`~msgcap.errors.UsageError` for a path that does not exist or a folder
+    without capture files.
+    """
+    return merged(expand_paths(os.fspath(p) for p in paths), on_damage)

@@ -19,30 +19,31 @@ from typing import Any
 
 import pytest
 
-from capture.framing import parse_magic
-from proxy.config import HostPort
-from proxy.replay import Report, Side, load_conversation, replay_listen, replay_to
+from msgcap.capture.framing import parse_magic
+from msgcap.capture.records import Direction
+from msgcap.parser.messages import Message, Unknown, decode_message
+from msgcap.proxy.config import HostPort
+from msgcap.proxy.replay import Report, Side, load_conversation, replay_listen, replay_to
 
 
 @dataclass(frozen=True, slots=True)
 class CapturedMessage:
     time: int
-    direction: str
-    """``recv`` or ``sent``, from the recorded node's point of view."""
+    direction: Direction
+    """``recv`` or ``sent`` (a string enum), from the recorded node's point of view."""
     msgtype: str
-    message: Any
-    """The typed message (``parser.messages``), or ``parser.messages.Unknown``."""
+    message: Message | Unknown
+    """The typed message (``msgcap.parser.messages``), or ``Unknown``."""
     payload: bytes
 
 
 def load_capture(*paths: str | os.PathLike[str]) -> list[CapturedMessage]:
-    """Decode a capture; raises ``parser.wire.DecodeError`` on an undecodable payload."""
-    from parser.messages import decode_message
-
+    """Decode a capture; raises ``msgcap.parser.wire.DecodeError`` on an undecodable
+    payload."""
     return [
         CapturedMessage(
             s.time,
-            "recv" if s.side == "peer" else "sent",
+            s.direction,
             s.msgtype,
             decode_message(s.msgtype, s.payload),
             s.payload,

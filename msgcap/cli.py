@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
-from parser.sources import UsageError
-from proxy.config import (
+from msgcap.errors import ConfigError, UsageError
+from msgcap.parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
+from msgcap.proxy.config import (
     DEFAULT_CONFIG,
     SCALAR_KEYS,
     Config,
-    ConfigError,
     config_from_dict,
     load_toml,
 )
@@ -123,7 +122,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    from proxy.server import StartupError
+    from msgcap.proxy.server import StartupError
 
     try:
         return int(runner(_serve(config)))
@@ -136,7 +135,7 @@ def run_proxy(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> int:
-    from proxy.server import Proxy
+    from msgcap.proxy.server import Proxy
 
     proxy = Proxy(config)
     stop = proxy.handle_signals()
@@ -191,9 +190,9 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
 def run_replay(args: argparse.Namespace) -> int:
     import orjson
 
-    from capture.framing import parse_magic
-    from proxy.config import HostPort
-    from proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
+    from msgcap.capture.framing import parse_magic
+    from msgcap.proxy.config import HostPort
+    from msgcap.proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
 
     try:
         magic = parse_magic(args.network)
@@ -233,8 +232,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from capture.export import export_fuzz, export_pcap
-    from capture.framing import parse_magic
+    from msgcap.capture.export import export_fuzz, export_pcap
+    from msgcap.capture.framing import parse_magic
 
     try:
         magic = parse_magic(args.network)
@@ -266,8 +265,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     import orjson
 
-    from capture.compare import compare_folders
-    from capture.layout import RECV_FILE, SENT_FILE
+    from msgcap.capture.compare import compare_folders
+    from msgcap.capture.layout import RECV_FILE, SENT_FILE
 
     folders = [Path(args.a), Path(args.b)]
     for folder in folders:

@@ -1,0 +1,78 @@
+"""Check a batch of frames as Core does and append the valid ones to a capture file.
+
+This is the capture thread's one write path. :func:`write_checked` takes the frames of one
+read (record header, payload pieces, the checksum the frame's header claims), checks each
+payload's checksum, and appends the records of the valid ones with one ``writev()``. It
+runs the native helper (``capture/_capture.c``: OpenSSL's SHA-256 and the write with the
+GIL released once) when it was built, and the same work with ``hashlib`` and ``os.writev``
+otherwise (``MSGCAP_PURE_PYTHON=1`` forces that, as for the parser's renderer).
+
+Whatever goes wrong raises (``OSError`` from the disk, ``RuntimeError`` from OpenSSL, or
+anything else): callers treat every exception here as a capture failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from msgcap.capture.framing import checksum
+
+BatchItem = tuple[bytes, tuple[bytes | memoryview, ...], bytes]
+"""``(24-byte record header, payload pieces, expected 4 checksum bytes)``."""
+
+WriteChecked = Callable[[int, list[BatchItem]], list[bool]]
+
+_IOV_MAX: Final = 1024
+
+
+def write_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
+    """Append the concatenation of ``parts`` with ``writev()``, without joining them.
+
+    A short write, which regular files only do when the disk is full, is completed with
+    further writes or raises. Returns the bytes written.
+    """
+    total = 0
+    for i in range(0, len(parts), _IOV_MAX):
+        chunk = parts[i : i + _IOV_MAX]
+        size = sum(map(len, chunk))
+        n = os.writev(fd, chunk)
+        if n < size:
+            rest = memoryview(b"".join(chunk))[n:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        total += size
+    return total
+
+
+def python_write_checked(fd: int, batch: list[BatchItem]) -> list[bool]:
+    """The pure-Python twin of the native helper (same arguments, result and errors)."""
+    ok: list[bool] = []
+    records: list[bytes | memoryview] = []
+    for header, pieces, expected in batch:
+        # One hashlib call per payload: it releases the GIL once, not once per piece.
+        payload = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+        valid = checksum(payload) == expected
+        ok.append(valid)
+        if valid:
+            records += (header, payload)
+    if fd >= 0 and records:
+        write_all(fd, records)
+    return ok
+
+
+native_write_checked: WriteChecked | None
+try:  # built by pip where a compiler and OpenSSL's headers exist
+    from msgcap.capture._capture import write_checked as native_write_checked
+except ImportError:  # pragma: no cover - depends on the build
+    native_write_checked = None
+
+NATIVE: Final = native_write_checked is not None and not os.environ.get("MSGCAP_PURE_PYTHON")
+"""Whether :func:`write_checked` runs the native helper."""
+
+write_checked: WriteChecked = (
+    native_write_checked if NATIVE and native_write_checked else python_write_checked
+)
+"""``write_checked(fd, batch) -> list[bool]``: which frames are valid; the valid ones'
+records are appended to ``fd`` in one write (``fd < 0``: check only, write nothing)."""
