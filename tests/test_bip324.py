@@ -48,7 +48,7 @@ from msgcap.capture.bip324 import (
     v1_prefix,
 )
 
-DATA = Path("/work/shared/data/bip324")
+DATA = Path(__file__).parent / "data" / "bip324"  # copied from BIP324's repository
 MAINNET = bytes.fromhex("f9beb4d9")
 REGTEST = bytes.fromhex("fabfb5da")
 

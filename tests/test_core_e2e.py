@@ -1,0 +1,494 @@
+"""Real Bitcoin Core through the real ``msgcap proxy`` process, over loopback.
+
+Node B listens; node A reaches B only through the proxy (outbound route, inbound route
+with B dialing A, SOCKS5). Both nodes run ``-capturemessages``. They mine past coinbase
+maturity, send wallet transactions both ways and mine again until both have the same tip
+and empty mempools; then the proxy is stopped (SIGTERM, exit 0) and the nodes too. Checked:
+
+- ``getpeerinfo`` on each node shows exactly the one connection through the proxy, with
+  the transport the v2 policy implies;
+- ``msgcap compare`` finds Core's own capture of the proxy's node equal to the proxy's
+  capture, and (``--mirror``) Core's capture of the other node too, message by message in
+  both directions;
+- the proxy's event log shows the v2 attempts it closed, one ``open`` and one ``close``
+  whose counts match the capture files, and nothing else.
+
+The one edge of Core's own capture that the comparison must know about (DESIGN.md §4):
+under ``downgrade`` the dialing node queues a ``version`` for its v2 attempt, and Core
+captures a sent message when it queues it; whether that happens before Core notices the
+close is a race (seen both ways). Such stale ``version`` records lead the dialer's
+``msgs_sent.dat``; the test counts them, checks that there are no more than the proxy's
+``v2_downgrade`` events and that they all predate the v1 session, checks that plain
+``msgcap compare`` reports exactly that difference and nothing else, and compares a copy
+of the folder without them, which must agree exactly.
+
+The v2 policy is a parameter (:data:`POLICIES`): a new policy adds one entry saying what
+``getpeerinfo`` reports and whether v2 attempts are closed, plus its own checks in
+:func:`check_policy`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bitcoind import (
+    BitcoinNode,
+    NodeFactory,
+    ProxyProcess,
+    free_port,
+    msgcap,
+    wait_mempools,
+    wait_synced,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+CAPTURE = "-capturemessages"
+# Peers on loopback get `noban`, as in Core's functional tests: transactions are announced
+# to them at once instead of on the trickle timer (Poisson, 2–5 s mean, seen up to 23 s).
+# A SOCKS5 connection made by name has no address, so it matches only on B's side.
+FAST_RELAY = "-whitelist=noban,in,out@127.0.0.1"
+MATURITY = 101  # blocks before A's first coinbase can be spent
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A ``v2`` policy and what it implies for two v2-capable Core nodes."""
+
+    name: str
+    transport: str
+    """``transport_protocol_type`` both nodes report for the proxied connection."""
+    closes_v2: bool
+    """The proxy closes v2 attempts (the dialer then retries with v1)."""
+
+
+POLICIES = [Policy("downgrade", transport="v1", closes_v2=True)]
+
+
+# --- Core's capture files, read directly (no project imports) ---------------------------
+
+_HEADER = struct.Struct("<Q12sI")  # time (µs), message type (NUL-padded), payload length
+
+
+@dataclass(frozen=True)
+class CoreRecord:
+    time_us: int
+    msgtype: str
+    raw: bytes  # the whole record, header included
+
+
+def core_records(path: Path) -> list[CoreRecord]:
+    data = path.read_bytes() if path.exists() else b""
+    out, pos = [], 0
+    while pos < len(data):
+        assert pos + _HEADER.size <= len(data), f"{path}: truncated header at {pos}"
+        time_us, msgtype, length = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        assert end <= len(data), f"{path}: truncated payload at {pos}"
+        out.append(CoreRecord(time_us, msgtype.rstrip(b"\0").decode(), data[pos:end]))
+        pos = end
+    return out
+
+
+def folder_name(addr: str) -> str:
+    """Core's capture folder for a peer address (``:`` becomes ``_``)."""
+    return addr.replace(":", "_")
+
+
+def event_time_us(event: dict[str, Any]) -> int:
+    t = dt.datetime.fromisoformat(str(event["ts"]))
+    return int(t.timestamp() * 1_000_000)
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes with ``nodes(name, *args)``; all are stopped when the test ends."""
+    factory = NodeFactory(tmp_path / "nodes")  # skips (or fails) without bitcoind
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start ``msgcap proxy`` with ``start_proxy(*flags, config=None)``; killed at the end
+    if the test did not stop it."""
+    started: list[ProxyProcess] = []
+
+    def start(*flags: str, config: str | None = None) -> ProxyProcess:
+        proxy = ProxyProcess(tmp_path / f"proxy{len(started)}", *flags, config=config)
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            proxy.kill()
+
+
+# --- one session through the proxy ------------------------------------------------------
+
+
+@dataclass
+class Session:
+    route: str
+    """The proxy's name for the route, as in its event log."""
+    policy: Policy
+    a: BitcoinNode
+    """The proxy's node: its capture is compared with the proxy's as is."""
+    b: BitcoinNode
+    """A's peer: its capture is compared with the proxy's with ``--mirror``."""
+    dialer: BitcoinNode
+    proxy: ProxyProcess
+    listen: str
+    proxy_folder: str
+    a_folder: str | None = None
+    """Core's folder for the connection in A's capture (None: from ``getpeerinfo``)."""
+    dialer_addrbind: str = ""
+    """The dialer's own socket: the proxy's ``client``."""
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def only_peer(node: BitcoinNode) -> dict[str, Any]:
+    peers = node.peers()
+    assert len(peers) == 1, f"{node.name}: expected one peer, got {peers}"
+    return peers[0]
+
+
+def wait_connected(*group: BitcoinNode, timeout: float = 30) -> None:
+    """Until each node has exactly one peer whose version handshake is done."""
+
+    def ready() -> bool:
+        for node in group:
+            peers = node.peers()
+            if len(peers) != 1 or not peers[0].get("version"):
+                return False
+        return True
+
+    wait_until(ready, timeout, f"one handshaken peer on each of {group}", poll=0.1)
+
+
+def wait_quiet(*group: BitcoinNode, settle: float = 1.0, timeout: float = 30) -> None:
+    """Until no node's byte counters move for ``settle`` seconds (nothing in flight)."""
+    last: list[Any] = []
+    since = [0.0]
+
+    def quiet() -> bool:
+        now = [
+            [(p["addr"], p["bytessent"], p["bytesrecv"]) for p in node.peers()] for node in group
+        ]
+        if now != last:
+            last[:] = now
+            since[0] = time.monotonic()
+            return False
+        return time.monotonic() - since[0] >= settle
+
+    wait_until(quiet, timeout, f"no traffic for {settle}s on {group}", poll=0.2)
+
+
+def run_scenario(a: BitcoinNode, b: BitcoinNode) -> dict[str, float]:
+    """Mine past maturity on A, pay B, mine on B, pay A back, mine on A; both synced.
+    Returns the seconds each step took."""
+    took: dict[str, float] = {}
+    start = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal start
+        took[name] = round(time.monotonic() - start, 2)
+        start = time.monotonic()
+
+    wait_connected(a, b)
+    step("connect")
+    a.create_wallet()
+    b.create_wallet()
+    a.mine(MATURITY)
+    wait_synced([a, b])
+    step("mine")
+    to_b = [a.send(b.new_address(), 1.25) for _ in range(3)]
+    wait_mempools([a, b], to_b)
+    step("relay_a_to_b")
+    b.mine(1)  # confirms A's payments: B can spend them
+    wait_synced([a, b])
+    to_a = [b.send(a.new_address(), 0.5) for _ in range(2)]
+    wait_mempools([a, b], to_a)
+    step("relay_b_to_a")
+    a.mine(1)
+    wait_synced([a, b])
+    step("final_block")
+    assert a.height() == b.height() == MATURITY + 2
+    return took
+
+
+def outbound_session(
+    nodes: NodeFactory, start_proxy: Callable[..., ProxyProcess], policy: Policy
+) -> Session:
+    b = nodes("b", CAPTURE, FAST_RELAY)
+    listen = f"127.0.0.1:{free_port()}"
+    proxy = start_proxy("--route", f"{listen}={b.address}", "--socks5", "off", "--v2", policy.name)
+    a = nodes("a", CAPTURE, FAST_RELAY, f"-connect={listen}")
+    # A dialed the proxy's listener: Core names its folder after that address.
+    return Session("outbound", policy, a, b, a, proxy, listen, folder_name(b.address),
+                   a_folder=folder_name(listen))  # fmt: skip
+
+
+def inbound_session(
+    nodes: NodeFactory, start_proxy: Callable[..., ProxyProcess], policy: Policy
+) -> Session:
+    a = nodes("a", CAPTURE, FAST_RELAY)
+    listen = f"127.0.0.1:{free_port()}"
+    proxy = start_proxy("--inbound", f"{listen}={a.address}", "--socks5", "off",
+                        "--v2", policy.name)  # fmt: skip
+    b = nodes("b", CAPTURE, FAST_RELAY, f"-connect={listen}")
+    # The proxy names its folder after the connecting peer: B's socket, B's `addrbind`.
+    return Session("inbound", policy, a, b, b, proxy, listen, proxy_folder="")
+
+
+def socks5_session(
+    nodes: NodeFactory, start_proxy: Callable[..., ProxyProcess], policy: Policy
+) -> Session:
+    b = nodes("b", CAPTURE, FAST_RELAY)
+    listen = f"127.0.0.1:{free_port()}"
+    # A config file with no forward route at all (the flags cannot remove the default one).
+    config = f'network = "regtest"\nv2 = "{policy.name}"\n\n[socks5]\nlisten = "{listen}"\n'
+    proxy = start_proxy(config=config)
+    # Core dials loopback addresses directly even with -proxy: name the peer.
+    a = nodes("a", CAPTURE, FAST_RELAY, f"-proxy={listen}", f"-connect=localhost:{b.port}")
+    # Core's CNode for a connection made by name through a proxy has no address (`[::]:0`).
+    return Session("socks5", policy, a, b, a, proxy, listen, f"localhost_{b.port}",
+                   a_folder="[__]_0")  # fmt: skip
+
+
+SESSIONS = {"outbound": outbound_session, "inbound": inbound_session, "socks5": socks5_session}
+
+
+# --- checks -----------------------------------------------------------------------------
+
+
+def check_peers(s: Session) -> None:
+    """Each node has exactly one peer, the proxied connection, over the expected transport."""
+    a_peer, b_peer = only_peer(s.a), only_peer(s.b)
+    dialer_peer, dialed_peer = (a_peer, b_peer) if s.dialer is s.a else (b_peer, a_peer)
+    assert dialer_peer["connection_type"] == "manual" and not dialer_peer["inbound"]
+    assert dialed_peer["connection_type"] == "inbound" and dialed_peer["inbound"]
+    # The dialed node sees the proxy's socket, never the dialer's own.
+    assert dialed_peer["addr"] != dialer_peer["addrbind"]
+    assert dialed_peer["addrbind"] == (s.b.address if s.dialer is s.a else s.a.address)
+    if s.route == "socks5":
+        assert dialer_peer["addr"] == f"localhost:{s.b.port}", dialer_peer
+    else:
+        assert dialer_peer["addr"] == s.listen, dialer_peer
+    s.dialer_addrbind = dialer_peer["addrbind"]
+    if s.route == "inbound":
+        s.proxy_folder = folder_name(b_peer["addrbind"])
+    for name, peer in (("a", a_peer), ("b", b_peer)):
+        s.report[f"{name}_transport"] = peer["transport_protocol_type"]
+        s.report[f"{name}_session_id"] = peer["session_id"]
+        s.report[f"{name}_peer_addr"] = peer["addr"]
+        assert peer["transport_protocol_type"] == s.policy.transport, peer
+    if s.policy.transport == "v1":
+        assert a_peer["session_id"] == b_peer["session_id"] == ""
+    s.report["a_folder_expected"] = s.a_folder or folder_name(a_peer["addr"])
+    s.report["b_folder_expected"] = folder_name(b_peer["addr"])
+
+
+def check_events(s: Session, counts: dict[str, int], sizes: dict[str, int]) -> list[int]:
+    """The event log: v2 attempts closed, one open, one close matching the files, a stop.
+    Returns the times (µs) of the ``v2_downgrade`` events."""
+    events = s.proxy.events()
+    kinds = Counter(e["event"] for e in events)
+    s.report["events"] = dict(kinds)
+    assert set(kinds) <= {"listen", "v2_downgrade", "open", "close", "stop"}, events
+    assert events[-1]["event"] == "stop", events[-1]
+    opens = [e for e in events if e["event"] == "open"]
+    closes = [e for e in events if e["event"] == "close"]
+    assert len(opens) == 1 and len(closes) == 1, events
+    (opened,), (closed,) = opens, closes
+    assert opened["route"] == s.route
+    assert opened["peer"] == closed["peer"] == s.proxy_folder
+    assert opened["node"] == ("client" if s.dialer is s.a else "upstream")
+    assert opened["client"] == s.dialer_addrbind
+    assert closed["conn"] == opened["conn"]
+    for direction in ("recv", "sent"):
+        stats = closed[direction]
+        assert stats["messages"] == stats["captured"] == counts[direction], (direction, stats)
+        assert stats["bytes"] == sizes[direction] and stats["invalid"] == 0, (direction, stats)
+    downgrades = [e for e in events if e["event"] == "v2_downgrade"]
+    if s.policy.closes_v2:
+        # Core tries v2 first on a manual connection; every attempt is closed and logged
+        # before the v1 session opens.
+        assert downgrades, "no v2 attempt was closed"
+        assert all(events.index(d) < events.index(opened) for d in downgrades)
+        assert all(d["note"] == "closed before sending a byte" for d in downgrades)
+    else:
+        assert not downgrades, downgrades
+    return [event_time_us(d) for d in downgrades]
+
+
+def stale_versions(folder: Path, downgrade_times: list[int], dialer: bool) -> int:
+    """How many stale ``version`` records (queued for closed v2 attempts) lead the sent
+    file; checks they are versions, predate the v1 session, and are no more than the
+    attempts the proxy closed."""
+    sent = core_records(folder / "msgs_sent.dat")
+    recv = core_records(folder / "msgs_recv.dat")
+    leading = next((i for i, r in enumerate(sent) if r.msgtype != "version"), len(sent))
+    assert leading >= 1, f"{folder}: sent does not start with version"
+    stale = leading - 1
+    if not dialer:
+        assert stale == 0, f"{folder}: the dialed node has {stale} extra versions"
+        return 0
+    assert stale <= len(downgrade_times), (stale, downgrade_times)
+    if downgrade_times:
+        session_start = sent[stale].time_us
+        # The v1 session began after the last attempt was closed; the stale ones before it.
+        assert session_start > max(downgrade_times), (session_start, downgrade_times)
+        assert all(r.time_us < session_start for r in sent[:stale])
+        assert all(r.time_us > max(downgrade_times) for r in recv)
+    return stale
+
+
+def without_stale(folder: Path, stale: int, dest: Path) -> Path:
+    """A copy of ``folder`` with the first ``stale`` records of msgs_sent.dat left out."""
+    dest.mkdir(parents=True)
+    shutil.copyfile(folder / "msgs_recv.dat", dest / "msgs_recv.dat")
+    sent = core_records(folder / "msgs_sent.dat")
+    (dest / "msgs_sent.dat").write_bytes(b"".join(r.raw for r in sent[stale:]))
+    return dest
+
+
+def compare(a: Path, b: Path, mirror: bool) -> tuple[int, list[dict[str, Any]], str]:
+    res = msgcap("compare", "--json", *(["--mirror"] if mirror else []), str(a), str(b))
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode, json.loads(res.stdout), res.stdout
+
+
+def check_core_capture(s: Session, node: BitcoinNode, folder: Path, mirror: bool,
+                       downgrade_times: list[int], tmp: Path) -> None:  # fmt: skip
+    """Core's own capture of the connection (``folder``) against the proxy's."""
+    proxy_folder = s.proxy.capture_dir / s.proxy_folder
+    stale = stale_versions(folder, downgrade_times, dialer=node is s.dialer)
+    s.report[f"{node.name}_stale_versions"] = stale
+    rc, results, text = compare(folder, proxy_folder, mirror)
+    if stale:
+        # Exactly the stale versions differ, at the start of the sent file: nothing else.
+        recv_pair, sent_pair = results
+        assert rc == 1 and recv_pair["identical"], text
+        assert sent_pair["a_count"] == sent_pair["b_count"] + stale, text
+        first = sent_pair["first_difference"]
+        assert first["a"]["index"] == first["b"]["index"] == 0, text
+        assert first["a"]["msgtype"] == first["b"]["msgtype"] == "version", text
+        assert sent_pair["type_counts"] == {"version": {"a": 1 + stale, "b": 1}}, text
+        folder = without_stale(folder, stale, tmp / f"{node.name}-{folder.name}-trimmed")
+        rc, results, text = compare(folder, proxy_folder, mirror)
+    assert rc == 0 and all(r["identical"] for r in results), text
+    assert all(r["a_count"] == r["b_count"] > 0 for r in results), text
+
+
+def parse_counts(folder: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """``msgcap parse --jsonl`` of a capture folder: messages and wire bytes per direction."""
+    res = msgcap("parse", "--jsonl", str(folder))
+    assert res.returncode == 0, res.stderr
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for line in res.stdout.splitlines():
+        m = json.loads(line)
+        counts[m["direction"]] += 1
+        sizes[m["direction"]] += 24 + m["size"]
+    return dict(counts), dict(sizes)
+
+
+def check_policy(s: Session) -> None:
+    """Checks specific to one v2 policy (beyond ``Policy.transport``/``closes_v2``)."""
+    if s.policy.name == "downgrade":
+        # Both legs were v1: nothing but v1 crossed the proxy, so no session ids.
+        assert s.report["a_session_id"] == s.report["b_session_id"] == ""
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"v2={p.name}")
+@pytest.mark.parametrize("route", list(SESSIONS))
+def test_core_through_proxy(
+    route: str,
+    policy: Policy,
+    nodes: NodeFactory,
+    start_proxy: Callable[..., ProxyProcess],
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    s = SESSIONS[route](nodes, start_proxy, policy)
+    s.report["seconds"] = run_scenario(s.a, s.b)
+    quiet = time.monotonic()
+    wait_quiet(s.a, s.b)
+    s.report["seconds"]["quiet"] = round(time.monotonic() - quiet, 2)
+    check_peers(s)
+    # Stop the proxy first (the connection ends with nothing in flight), then the nodes.
+    assert s.proxy.stop() == 0, s.proxy.stderr()
+    assert s.a.stop() == 0 and s.b.stop() == 0
+
+    proxy_folder = s.proxy.capture_dir / s.proxy_folder
+    assert sorted(p.name for p in s.proxy.capture_dir.iterdir()) == sorted(
+        [s.proxy_folder, "events.jsonl"]
+    )
+    counts, sizes = parse_counts(proxy_folder)
+    downgrade_times = check_events(s, counts, sizes)
+    check_policy(s)
+
+    # Each node's own capture holds exactly one folder: the proxied connection.
+    for node, mirror in ((s.a, False), (s.b, True)):
+        expected = s.report[f"{node.name}_folder_expected"]
+        folders = sorted(p.name for p in node.capture_dir.iterdir())
+        s.report[f"{node.name}_core_folders"] = folders
+        assert folders == [expected], (node.name, folders)
+        parse_counts(node.capture_dir / expected)  # Core's files parse cleanly
+        check_core_capture(s, node, node.capture_dir / expected, mirror, downgrade_times,
+                           tmp_path)  # fmt: skip
+
+    for key, value in s.report.items():
+        record_property(key, value)
+    print(f"\n{route} v2={policy.name}: {json.dumps(s.report, sort_keys=True)}")
+
+
+def test_direct_v2_reference(nodes: NodeFactory, tmp_path: Path) -> None:
+    """Two Core nodes without the proxy: they speak BIP324 (v2), and their own captures
+    mirror each other. The reference the proxied sessions are measured against."""
+    b = nodes("b", CAPTURE, FAST_RELAY)
+    a = nodes("a", CAPTURE, FAST_RELAY, f"-connect={b.address}")
+    wait_connected(a, b)
+    b.create_wallet()
+    b.mine(2)
+    wait_synced([a, b])
+    wait_quiet(a, b)
+    a_peer, b_peer = only_peer(a), only_peer(b)
+    assert a_peer["addr"] == b.address and b_peer["addr"] == a_peer["addrbind"]
+    for peer in (a_peer, b_peer):
+        assert peer["transport_protocol_type"] == "v2", peer
+        assert HEX64.fullmatch(peer["session_id"]), peer
+    assert a_peer["session_id"] == b_peer["session_id"]
+    assert a.stop() == 0 and b.stop() == 0
+
+    a_folders = sorted(p.name for p in a.capture_dir.iterdir())
+    b_folders = sorted(p.name for p in b.capture_dir.iterdir())
+    assert a_folders == [folder_name(b.address)] and b_folders == [folder_name(b_peer["addr"])]
+    a_folder, b_folder = a.capture_dir / a_folders[0], b.capture_dir / b_folders[0]
+    # No v2 attempt failed: no stale version.
+    assert stale_versions(a_folder, [], dialer=True) == 0
+    rc, results, text = compare(a_folder, b_folder, mirror=True)
+    assert rc == 0 and all(r["identical"] and r["a_count"] > 0 for r in results), text
+    print(f"\ndirect: v2 session {a_peer['session_id']}, folders {a_folders} / {b_folders}")
