@@ -35,7 +35,7 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--magic", help="custom network magic, 8 hex digits in wire order")
     g.add_argument("--capture-dir", help="where capture folders go")
     g.add_argument("--layout", choices=("core", "session"))
-    g.add_argument("--v2", choices=("downgrade", "passthrough"), help="BIP324 policy")
+    g.add_argument("--v2", choices=("decrypt", "downgrade", "passthrough"), help="BIP324 policy")
     g.add_argument("--on-capture-error", choices=("continue", "stop"))
     g.add_argument("--event-log", help="JSON lines event log (default: CAPTURE_DIR/events.jsonl)")
     g.add_argument("--live", action="store_true", default=None, help="print every message")

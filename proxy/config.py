@@ -20,6 +20,9 @@ from msgcap.errors import ConfigError
 
 
 class V2Policy(enum.Enum):
+    DECRYPT = "decrypt"
+    """End BIP324 on each leg (responder to the side that opened it, initiator to the
+    other, v1 there if it only speaks v1) and capture the plaintext messages."""
     DOWNGRADE = "downgrade"
     """Close a BIP324 attempt before sending a byte; Core reconnects with v1."""
     PASSTHROUGH = "passthrough"

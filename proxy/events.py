@@ -183,6 +183,61 @@ class V2Passthrough(Event):
     first_bytes: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2SessionEvent(Event):
+    """One leg's BIP324 session is up (``decrypt``): ``session_id`` is as the node at the
+    other end of that leg prints it in ``getpeerinfo``."""
+
+    name = "v2_session"
+    conn: int
+    peer: str
+    leg: str
+    """``client`` (the side that dialed the proxy) or ``upstream``."""
+    node: bool
+    """Whether the node (the capturing point of view) is at the other end of this leg."""
+    role: str
+    """The proxy's BIP324 role on this leg: ``responder`` or ``initiator``."""
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2Fallback(Event):
+    """The other side closed before the proxy's BIP324 handshake completed: that leg
+    speaks v1, as Core falls back to it."""
+
+    name = "v2_fallback"
+    conn: int
+    peer: str
+    leg: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2StreamError(Event):
+    """A BIP324 condition on which Core disconnects (no garbage terminator, bad tag,
+    oversize packet, a stalled handshake): nothing more is forwarded."""
+
+    name = "v2_error"
+    anomaly = True
+    conn: int
+    peer: str
+    direction: Direction
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class V2Decoys(Event):
+    """Many decoy packets on one leg (not messages: Core ignores them, so do we)."""
+
+    name = "v2_decoys"
+    anomaly = True
+    conn: int
+    peer: str
+    direction: Direction
+    count: int
+
+
 # --- capture --------------------------------------------------------------------------
 
 
@@ -219,6 +274,10 @@ EVENTS: tuple[type[Event], ...] = (
     FrameError,
     V2Downgrade,
     V2Passthrough,
+    V2SessionEvent,
+    V2Fallback,
+    V2StreamError,
+    V2Decoys,
     CaptureLimit,
     CaptureError,
 )

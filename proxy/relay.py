@@ -135,11 +135,12 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._done = loop.create_future()
-        ab, ba = Flow(self, a, b), Flow(self, b, a)
+        ab, ba = self.flows(a, b)
         self._directions = (ab, ba)
         a.conn.feeder, b.conn.feeder = b.conn, a.conn
         if first_bytes:
             ab.data(first_bytes)
+        self.started(ab, ba)
         a.conn.relay(ab)
         b.conn.relay(ba)
         watchdog = asyncio.create_task(self._watch_idle())
@@ -149,6 +150,13 @@ class Relay:
             self.finished = True
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
+
+    def flows(self, a: Side, b: Side) -> tuple[Flow, Flow]:
+        """The two directions (a subclass relays messages instead of bytes)."""
+        return Flow(self, a, b), Flow(self, b, a)
+
+    def started(self, ab: Flow, ba: Flow) -> None:
+        """Called once both directions exist, before either side is read."""
 
     def direction_ended(self) -> None:
         assert self._directions is not None

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
 from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
@@ -30,10 +31,22 @@ from msgcap.proxy.events import (
     Timeout,
     UpstreamError,
     V2Downgrade,
+    V2Fallback,
     V2Passthrough,
+    V2SessionEvent,
+    V2StreamError,
 )
 from msgcap.proxy.relay import DirectionStats, Relay, Side
 from msgcap.proxy.store import CaptureStopped, CaptureStore
+from msgcap.proxy.v2 import (
+    HandshakeClosed,
+    Leg,
+    Message,
+    MessageRelay,
+    V1Leg,
+    V2Leg,
+    handshake,
+)
 from msgcap.proxy.worker import CaptureWorker
 
 log = logging.getLogger("msgcap")
@@ -219,6 +232,7 @@ class Proxy:
                 conn,
                 upstream,
                 first,
+                route.upstream,
             )
         finally:
             self.active -= 1
@@ -279,7 +293,7 @@ class Proxy:
             first = await self._initial(conn_id, conn, peer)
             if first is None:
                 return
-            await self._relay(conn_id, "socks5", client, peer, True, conn, upstream, first)
+            await self._relay(conn_id, "socks5", client, peer, True, conn, upstream, first, dest)
         except (ConnectionError, OSError) as e:
             self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
         finally:
@@ -289,7 +303,7 @@ class Proxy:
 
     async def _initial(self, conn_id: int, conn: Conn, peer: str) -> bytes | None:
         """The initiator's first bytes if the connection is to be relayed (v1, or BIP324
-        under ``passthrough``); None to close it (logged)."""
+        under ``decrypt`` and ``passthrough``); None to close it (logged)."""
         try:
             first = await read_initial(conn, self.v1_prefix, self.config.limits.handshake_timeout)
         except TimeoutError:
@@ -313,7 +327,8 @@ class Proxy:
                 )
             )
             return None
-        self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
+        if self.config.v2 is V2Policy.PASSTHROUGH:
+            self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
         return first
 
     async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Conn | None:
@@ -325,6 +340,75 @@ class Proxy:
             )
             return None
 
+    async def _v2_legs(
+        self,
+        conn_id: int,
+        peer: str,
+        node_is_client: bool,
+        client_side: Conn,
+        upstream: Conn,
+        first: bytes,
+        upstream_addr: HostPort,
+    ) -> tuple[tuple[Leg, Leg], tuple[list[Message], list[Message]], Conn | None] | None:
+        """Set up both legs of a BIP324 connection under ``decrypt``: the client's as its
+        responder, the upstream's as initiator (v1 if it closes first: then a new
+        upstream connection is returned). None when it failed (logged)."""
+        magic = self.config.magic
+        responder = V2Session(initiator=False, magic=magic)
+        initiator = V2Session(initiator=True, magic=magic)
+        replaced: Conn | None = None
+
+        def session_event(leg: str, role: str, session: V2Session) -> None:
+            assert session.session_id is not None
+            self.events.emit(V2SessionEvent(conn=conn_id, peer=peer, leg=leg, role=role,
+                node=node_is_client == (leg == "client"),
+                session_id=session_id_hex(session.session_id)))  # fmt: skip
+
+        async def client_leg() -> list[Message]:
+            early = await handshake(client_side, responder, first)
+            session_event("client", "responder", responder)
+            return early
+
+        async def upstream_leg() -> tuple[Leg, list[Message]]:
+            nonlocal replaced
+            try:
+                early = await handshake(upstream, initiator)
+            except (HandshakeClosed, ConnectionError) as e:
+                self.events.emit(V2Fallback(conn=conn_id, peer=peer, leg="upstream",
+                                            error=describe_error(e)))  # fmt: skip
+                upstream.close()
+                replaced = await connect_any(
+                    upstream_addr.host, upstream_addr.port, self.config.limits.handshake_timeout
+                )
+                return V1Leg(magic), []
+            session_event("upstream", "initiator", initiator)
+            return V2Leg(initiator), early
+
+        # The client side sends the node's bytes when the node is the client.
+        client_dir = Direction.SENT if node_is_client else Direction.RECV
+        failing = client_dir
+        try:
+            async with asyncio.timeout(self.config.limits.handshake_timeout or None):
+                async with asyncio.TaskGroup() as tg:
+                    a = tg.create_task(client_leg())
+                    b = tg.create_task(upstream_leg())
+            leg_b, early_b = b.result()
+            return (V2Leg(responder), leg_b), (a.result(), early_b), replaced
+        except* V2Error as group:
+            e = group.exceptions[0]
+            assert isinstance(e, V2Error)
+            if b.done() and not b.cancelled() and b.exception() is e:
+                failing = client_dir.opposite
+            self.events.emit(V2StreamError(conn=conn_id, peer=peer, direction=failing,
+                                           reason=e.reason.value, detail=str(e)))  # fmt: skip
+        except* TimeoutError:
+            self.events.emit(Timeout(conn=conn_id, peer=peer, during="BIP324 handshake"))
+        except* (ConnectionError, OSError) as group:
+            self.events.emit(UpstreamError(conn=conn_id, peer=peer, upstream=str(upstream_addr),
+                                           error=describe_error(group.exceptions[0])))  # fmt: skip
+        _close(replaced)
+        return None
+
     async def _relay(
         self,
         conn_id: int,
@@ -335,22 +419,33 @@ class Proxy:
         client_side: Conn,
         upstream: Conn,
         first: bytes,
+        upstream_addr: HostPort,
     ) -> None:
-        raw = not first.startswith(self.v1_prefix)
+        v2 = not first.startswith(self.v1_prefix)
+        decrypt = v2 and self.config.v2 is V2Policy.DECRYPT
+        replaced: Conn | None = None
+        if decrypt:
+            legs = await self._v2_legs(
+                conn_id, peer, node_is_client, client_side, upstream, first, upstream_addr
+            )
+            if legs is None:
+                return
+            (leg_a, leg_b), early, replaced = legs
+            if replaced is not None:
+                upstream = replaced
+            first = b""
+        raw = v2 and not decrypt
         try:
             capture = self.store.open(peer, conn_id, enabled=not raw)
         except CaptureStopped:
+            _close(replaced)
             return
-        relay = Relay(
-            conn_id,
-            peer,
-            self.config.magic,
-            capture,
-            self.events,
-            self.live,
-            self.config.limits.idle_timeout,
-            self.worker,
-            raw=raw,
+        args = (conn_id, peer, self.config.magic, capture, self.events, self.live,
+                self.config.limits.idle_timeout, self.worker)  # fmt: skip
+        relay = (
+            MessageRelay(*args, legs=(leg_a, leg_b), early=early)
+            if decrypt
+            else Relay(*args, raw=raw)
         )
         # The node's received bytes come from the side that is not the node.
         a = Side(client_side, Direction.SENT if node_is_client else Direction.RECV)
@@ -368,6 +463,7 @@ class Proxy:
         try:
             await relay.run(a, b, first)
         finally:
+            _close(replaced)
 
             def finish() -> None:  # in the capture thread, after this connection's frames
                 capture.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections import Counter
+from collections.abc import Sequence
 
 from msgcap.capture import batch
 from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
@@ -87,6 +88,34 @@ class ConnectionCapture:
         if self.active and self.writer is not None:  # a quota is within reach
             return ok, self._capture_up_to_quota(direction, items, checked)
         return ok, 0
+
+    def capture_messages(
+        self, direction: Direction, t0: int, messages: Sequence[tuple[str, bytes | memoryview]]
+    ) -> int:
+        """Capture messages that need no check (decrypted BIP324 messages: the AEAD tag
+        was their check), the i-th at ``t0 + i``: how many were captured. Raises
+        :class:`CaptureStopped` as :meth:`capture` does."""
+        if not self.active or self.writer is None:
+            return 0
+        header = record_header
+        items: list[batch.BatchItem] = [
+            (header(t0 + i, MsgType.from_text(t), len(p)), (p,), b"")
+            for i, (t, p) in enumerate(messages)
+        ]
+        size = sum(len(p) for _, p in messages) + RECORD_HEADER_SIZE * len(messages)
+        if self.store.reserve(self.peer, size) is not None:  # a quota is within reach
+            return self._capture_up_to_quota(direction, items, [True] * len(items))
+        parts: list[bytes | memoryview] = []
+        for h, (p,), _ in items:
+            parts += (h, p)
+        try:
+            batch.write_all(self.writer.fd(direction), parts)
+        except Exception as e:  # any failure here is a capture failure
+            self.store.release(self.peer, size)
+            self.failed(f"cannot write capture: {type(e).__name__}: {e}")
+            return 0
+        self.bytes += size
+        return len(items)
 
     def _capture_up_to_quota(
         self, direction: Direction, items: list[batch.BatchItem], valid: list[bool]

@@ -1,0 +1,258 @@
+"""BIP324 under the ``decrypt`` policy: the proxy ends v2 separately on each leg.
+
+The side that opened v2 is answered as a BIP324 responder; the proxy opens its own BIP324
+session to the other side as initiator, and falls back to v1 on that leg if the other
+side closes before the handshake completes (Core does the same). Each leg has its own
+keys, garbage and session id. Once both legs are set up, each direction decrypts (or
+de-frames, on a v1 leg) the messages of one leg, captures them exactly as Core captures
+v2 messages, and encrypts (or frames) them for the other leg.
+
+The cryptography and the state machine are :mod:`msgcap.capture.bip324` (sans-IO); this
+module only moves bytes and messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from msgcap.capture.bip324 import (
+    HandshakeComplete,
+    UnknownShortId,
+    V2Error,
+    V2Message,
+    V2Session,
+    VersionPacket,
+)
+from msgcap.capture.framing import (
+    Frame,
+    FrameDecoder,
+    FrameProblem,
+    InvalidFrame,
+    StreamError,
+    encode_frame,
+)
+from msgcap.proxy.conn import Conn
+from msgcap.proxy.events import FrameError, V2Decoys, V2StreamError
+from msgcap.proxy.relay import Flow, Relay, Side
+from msgcap.proxy.store import CaptureStopped
+
+Message = tuple[str, bytes | memoryview]
+"""A message type and its payload, whichever transport carried it."""
+
+Dropped = tuple[FrameProblem, str]
+"""A packet or frame Core drops without disconnecting: why, described."""
+
+DECOY_WARNING = 1000
+"""Decoy packets on one leg after which the event log says so (Core ignores them)."""
+
+
+class Leg(Protocol):
+    """One side's transport once it is set up: bytes in, messages out, and back."""
+
+    transport: str
+    """``v1`` or ``v2``."""
+
+    def receive(self, data: bytes) -> tuple[list[Message], list[Dropped], Exception | None]:
+        """The messages ``data`` completes, the packets Core would drop, and
+        the error that ends the stream (nothing after it can be read)."""
+        ...
+
+    def encode(self, messages: Sequence[Message]) -> bytes:
+        """The bytes that carry ``messages`` to this side."""
+        ...
+
+
+class V1Leg:
+    transport = "v1"
+
+    def __init__(self, magic: bytes) -> None:
+        self.magic = magic
+        self.decoder = FrameDecoder(magic)
+
+    def receive(self, data: bytes) -> tuple[list[Message], list[Dropped], Exception | None]:
+        self.decoder.receive_data(data)
+        frames, fatal = self.decoder.take_unchecked()
+        messages: list[Message] = []
+        dropped: list[Dropped] = []
+        for unchecked in frames:
+            ev = unchecked.check()
+            if isinstance(ev, Frame):
+                messages.append((ev.msgtype, ev.payload))
+            else:
+                assert isinstance(ev, InvalidFrame)
+                dropped.append((ev.reason, ev.describe()))
+        return messages, dropped, fatal
+
+    def encode(self, messages: Sequence[Message]) -> bytes:
+        magic = self.magic
+        return b"".join(encode_frame(magic, t, bytes(p)) for t, p in messages)
+
+
+class V2Leg:
+    transport = "v2"
+
+    def __init__(self, session: V2Session) -> None:
+        self.session = session
+
+    def receive(self, data: bytes) -> tuple[list[Message], list[Dropped], Exception | None]:
+        session = self.session
+        session.receive_data(data)
+        events, error = session.take_events()
+        messages: list[Message] = []
+        dropped: list[Dropped] = []
+        for ev in events:
+            if isinstance(ev, V2Message):
+                messages.append((ev.msgtype, ev.payload))
+            elif isinstance(ev, UnknownShortId):
+                if ev.core_delivers:  # Core passes ids 29..32 on as type ""
+                    messages.append(("", ev.payload))
+                else:
+                    dropped.append((FrameProblem.INVALID_TYPE, f"unknown short id {ev.id}"))
+            elif not isinstance(ev, HandshakeComplete | VersionPacket):
+                dropped.append((FrameProblem.INVALID_TYPE, f"invalid message type {ev.raw!r}"))
+        return messages, dropped, error
+
+    def encode(self, messages: Sequence[Message]) -> bytes:
+        return self.session.encrypt_messages(messages)
+
+
+class HandshakeClosed(ConnectionError):
+    """The other side closed before the BIP324 handshake completed."""
+
+
+async def handshake(conn: Conn, session: V2Session, first: bytes = b"") -> list[Message]:
+    """Run one leg's BIP324 handshake until both version packets have passed; returns the
+    application messages that arrived with it. Raises :class:`V2Error`,
+    :class:`HandshakeClosed` or a connection error."""
+    if first:
+        session.receive_data(first)
+    messages: list[Message] = []
+    while True:
+        events, error = session.take_events()
+        out = session.data_to_send()
+        if out:
+            conn.write(out)
+        for ev in events:
+            if isinstance(ev, V2Message):
+                messages.append((ev.msgtype, ev.payload))
+        if error is not None:
+            raise error
+        if session.established and session.peer_version_received:
+            return messages
+        data = await conn.read(1 << 16)
+        if not data:
+            raise HandshakeClosed("closed before the BIP324 handshake completed")
+        session.receive_data(data)
+
+
+class MessageFlow(Flow):
+    """The messages from ``src`` to ``dst``: read on one leg, captured, sent on the other."""
+
+    __slots__ = ("decoys_reported", "dst_leg", "src_leg")
+
+    def __init__(self, relay: MessageRelay, src: Side, dst: Side, src_leg: Leg, dst_leg: Leg):
+        super().__init__(relay, src, dst)
+        self.src_leg = src_leg
+        self.dst_leg = dst_leg
+        self.decoys_reported = False
+
+    def data(self, data: bytes) -> None:
+        relay = self.relay
+        if relay.finished:
+            return
+        relay.last_activity = time.monotonic()
+        self.src.stats.bytes += len(data)
+        messages, dropped, fatal = self.src_leg.receive(data)
+        assert isinstance(relay, MessageRelay)
+        if dropped:
+            relay.dropped(self.src, dropped)
+        if messages:
+            self.messages(messages)
+        if isinstance(self.src_leg, V2Leg):
+            self._check_decoys(self.src_leg.session)
+        if fatal is not None:
+            relay.fatal(self.src, fatal)
+            self.dst.conn.close()
+            self.src.conn.abort()
+            relay.finish("framing error")
+            return
+        worker = relay.worker
+        if worker.full:  # the capture thread is behind (a slow disk): read no further
+            src = self.src.conn
+            src.hold("capture")
+            worker.when_room(lambda: src.release("capture"))
+
+    def messages(self, messages: list[Message]) -> None:
+        """Capture ``messages`` (from ``src``) and send them on to ``dst``."""
+        relay = self.relay
+        assert isinstance(relay, MessageRelay)
+        t0 = relay.clock.stamps(len(messages))
+        src = self.src
+        size = sum(len(p) for _, p in messages)
+        relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
+        self.dst.conn.write(self.dst_leg.encode(messages))
+
+    def _check_decoys(self, session: V2Session) -> None:
+        if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:
+            self.decoys_reported = True
+            relay = self.relay
+            relay.events.emit(V2Decoys(conn=relay.conn_id, peer=relay.peer,
+                                       direction=self.src.direction,
+                                       count=session.decoys_received))  # fmt: skip
+
+
+class MessageRelay(Relay):
+    """A relay of messages between two legs set up by :func:`handshake` (or v1)."""
+
+    def __init__(
+        self,
+        *args: object,
+        legs: tuple[Leg, Leg],
+        early: tuple[list[Message], list[Message]],
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.legs = legs
+        self.early = early
+
+    def flows(self, a: Side, b: Side) -> tuple[Flow, Flow]:
+        la, lb = self.legs
+        return MessageFlow(self, a, b, la, lb), MessageFlow(self, b, a, lb, la)
+
+    def started(self, ab: Flow, ba: Flow) -> None:
+        for flow, early in zip((ab, ba), self.early, strict=True):
+            if early:
+                assert isinstance(flow, MessageFlow)
+                flow.messages(early)
+
+    def capture_messages(self, src: Side, t0: int, messages: list[Message]) -> None:
+        """In the capture thread: capture one direction's messages, the i-th at
+        ``t0 + i``."""
+        try:
+            captured = self.capture.capture_messages(src.direction, t0, messages)
+        except CaptureStopped:
+            self._loop.call_soon_threadsafe(self.finish, "capture error")
+            return
+        src.stats.messages += len(messages)
+        src.stats.captured += captured
+        if self.live is not None:
+            for i, (msgtype, payload) in enumerate(messages):
+                self.live.message(t0 + i, self.peer, src.direction, msgtype, len(payload))
+
+    def dropped(self, src: Side, dropped: list[Dropped]) -> None:
+        src.stats.invalid += len(dropped)
+        for problem, detail in dropped:
+            self.events.emit(FrameError(reason=problem, conn=self.conn_id, peer=self.peer,
+                                        direction=src.direction, detail=detail))  # fmt: skip
+
+    def fatal(self, src: Side, error: Exception) -> None:
+        if isinstance(error, StreamError):
+            self.events.emit(FrameError(reason=error.problem, conn=self.conn_id, peer=self.peer,
+                                        direction=src.direction, detail=str(error)))  # fmt: skip
+        else:
+            reason = error.reason.value if isinstance(error, V2Error) else type(error).__name__
+            self.events.emit(V2StreamError(conn=self.conn_id, peer=self.peer,
+                                           direction=src.direction, reason=reason,
+                                           detail=str(error)))  # fmt: skip
