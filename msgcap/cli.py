@@ -176,10 +176,13 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="a capture folder or files")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="HOST:PORT", help="dial a live node and play to it")
-    where.add_argument("--listen", metavar="HOST:PORT", help="wait for one client, play to it")
+    where.add_argument("--listen", metavar="HOST:PORT",
+                       help="wait for one client (v1 or v2), play to it")  # fmt: skip
     p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
     p.add_argument("--play", choices=("peer", "node"),
                    help="side to play (default: peer with --to, node with --listen)")  # fmt: skip
+    p.add_argument("--transport", choices=("v1", "v2"), default="v1",
+                   help="with --to: v1 or BIP324 (v2); --listen takes either")  # fmt: skip
     p.add_argument("--fast", action="store_true", help="do not wait for the live side")
     p.add_argument("--verbatim", action="store_true", help="send the recorded version as is")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per step")
@@ -205,7 +208,8 @@ def run_replay(args: argparse.Namespace) -> int:
     try:
         if args.to:
             report = asyncio.run(replay_to(steps, target.host, target.port,
-                                           play=args.play or "peer", **options))  # fmt: skip
+                                           play=args.play or "peer", transport=args.transport,
+                                           **options))  # fmt: skip
         else:
             report = asyncio.run(replay_listen(steps, target.host, target.port,
                                                play=args.play or "node", **options))  # fmt: skip

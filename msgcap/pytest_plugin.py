@@ -1,5 +1,10 @@
-"""pytest fixtures for turning captures into regression tests (entry point ``pytest11``).
+"""pytest fixtures for capturing live traffic and turning captures into regression tests
+(entry point ``pytest11``).
 
+- ``msgcap_proxy(config)``: start a capturing proxy (the ``msgcap proxy`` TOML keys, as a
+  dict) on its own event loop in a background thread, and get a :class:`RunningProxy`:
+  its listen addresses, capture folder, typed messages captured so far and event log.
+  Callable more than once per test; every proxy is stopped when the test ends.
 - ``msgcap_capture(path, ...)``: a capture folder or files as a time-ordered list of
   :class:`CapturedMessage` with typed messages (``parser.messages``).
 - ``msgcap_replay(path, to="HOST:PORT", ...)``: play one side of a capture against a live
@@ -13,17 +18,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
+import orjson
 import pytest
 
 from msgcap.capture.framing import parse_magic
+from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.parser.messages import Message, Unknown, decode_message
-from msgcap.proxy.config import HostPort
-from msgcap.proxy.replay import Report, Side, load_conversation, replay_listen, replay_to
+from msgcap.proxy.config import Config, HostPort, config_from_dict
+from msgcap.proxy.replay import Report, Side, Step, load_conversation, replay_listen, replay_to
+from msgcap.proxy.server import Proxy
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +50,19 @@ class CapturedMessage:
     payload: bytes
 
 
+def _typed(steps: Iterable[Step]) -> list[CapturedMessage]:
+    return [
+        CapturedMessage(
+            s.time, s.direction, s.msgtype, decode_message(s.msgtype, s.payload), s.payload
+        )
+        for s in steps
+    ]
+
+
 def load_capture(*paths: str | os.PathLike[str]) -> list[CapturedMessage]:
     """Decode a capture; raises ``msgcap.parser.wire.DecodeError`` on an undecodable
     payload."""
-    return [
-        CapturedMessage(
-            s.time,
-            s.direction,
-            s.msgtype,
-            decode_message(s.msgtype, s.payload),
-            s.payload,
-        )
-        for s in load_conversation(paths)
-    ]
+    return _typed(load_conversation(paths))
 
 
 def replay(
@@ -86,6 +99,258 @@ def replay(
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, run()).result()
+
+
+# --- a live proxy -----------------------------------------------------------------------
+
+
+class RunningProxy:
+    """A capturing :class:`~msgcap.proxy.server.Proxy` on its own event loop in a
+    background thread, usable from sync and async tests alike.
+
+    Started (every listener bound) when the constructor returns; :meth:`stop` (or leaving
+    a ``with`` block) closes every connection, flushes and closes the capture files and
+    the event log, and ends the thread. Queries made after the stop read the files.
+    """
+
+    TIMEOUT = 30.0
+    """Seconds to wait for the proxy thread (start, stop) or the capture thread (flush)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._proxy: Proxy | None = None
+        self._listening: list[tuple[str, int]] = []
+        self._error: BaseException | None = None
+        self._stopped = False
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="msgcap-proxy", daemon=True
+        )
+        self._thread.start()
+        try:
+            started.result(self.TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+
+    # --- the proxy's thread -----------------------------------------------------------
+
+    def _run(self, started: concurrent.futures.Future[None]) -> None:
+        try:
+            asyncio.run(self._main(started))
+        except BaseException as e:  # reported by the constructor or by stop()
+            if not started.done():
+                started.set_exception(e)
+            else:
+                self._error = e
+
+    async def _main(self, started: concurrent.futures.Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        proxy = Proxy(self.config)
+        await proxy.start()  # on failure it has stopped itself
+        self._proxy = proxy
+        self._listening = proxy.addresses
+        started.set_result(None)
+        try:
+            await self._stopping.wait()
+        finally:
+            await proxy.stop()
+
+    # --- addresses --------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every listener's bound ``host:port`` (ports 0 in the config resolved), routes
+        first in config order, then SOCKS5."""
+        return [str(HostPort(host, port)) for host, port in self._listening]
+
+    def address(self, i: int = 0) -> str:
+        """The ``i``-th listener's ``host:port`` (see :attr:`addresses`)."""
+        return self.addresses[i]
+
+    @property
+    def routes(self) -> list[str]:
+        """The route listeners' ``host:port``, in config order (``-connect=`` these)."""
+        return self.addresses[: len(self.config.routes)]
+
+    @property
+    def socks5(self) -> str | None:
+        """The SOCKS5 listener's ``host:port`` (``-proxy=`` this), or None."""
+        return self.addresses[-1] if self.config.socks5 is not None else None
+
+    # --- captures ---------------------------------------------------------------------
+
+    @property
+    def capture_dir(self) -> Path:
+        return self.config.capture_dir
+
+    @property
+    def event_log(self) -> Path:
+        return self.config.event_log_path
+
+    def peer_dir(self, peer: str) -> Path:
+        """The capture folder of a peer, given as ``host:port`` (as in the config or
+        ``-connect=``) or as its folder name (``127.0.0.1_18444``). It may not exist yet."""
+        if ":" in peer:
+            hp = HostPort.parse(peer, "peer")
+            peer = peer_folder_name(hp.host, hp.port)
+        return self.capture_dir / peer
+
+    def peers(self) -> list[str]:
+        """The folder names of the peers captured so far."""
+        self.flush()
+        if not self.capture_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.capture_dir.iterdir() if p.is_dir())
+
+    def messages(self, peer: str | None = None) -> list[CapturedMessage]:
+        """The typed messages captured so far, in time order: of one peer (see
+        :meth:`peer_dir`), or of every peer merged. Directions are from the node's point
+        of view (``recv``: said by the peer). Everything the proxy has forwarded is in it
+        (the capture thread is waited for); an empty list before the first capture."""
+        folder = self.capture_dir if peer is None else self.peer_dir(peer)
+
+        def read() -> list[Step]:  # in the capture thread: no write is half done
+            if not folder.is_dir() or not any(folder.rglob("*.dat")):
+                return []
+            return load_conversation([folder])
+
+        return _typed(self._in_capture_thread(read))
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The event log so far (``{"ts": ..., "event": name, ...}`` each), optionally only
+        the events called ``name``."""
+        self.flush()
+        try:
+            data = self.event_log.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")[:-1]  # a line without its newline is still being written
+        out: list[dict[str, Any]] = [orjson.loads(line) for line in lines if line]
+        return [e for e in out if name is None or e.get("event") == name]
+
+    def flush(self) -> None:
+        """Wait until the capture thread has written everything the proxy has forwarded
+        (and logged the ``close`` of every connection that has ended)."""
+        self._in_capture_thread(lambda: None)
+
+    def _in_capture_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by the capture thread after every job queued so far, or directly
+        once the proxy has stopped."""
+        loop, proxy = self._loop, self._proxy
+        if self._stopped or loop is None or proxy is None:
+            return fn()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
+
+        try:
+            # Jobs are queued on the event loop only: after the frames it has forwarded.
+            loop.call_soon_threadsafe(proxy.worker.submit, job)
+        except RuntimeError:  # the loop has closed: the proxy has stopped
+            return fn()
+        try:
+            return done.result(self.TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            if not self._thread.is_alive():  # stopped meanwhile: the job ran or never will
+                return fn()
+            raise
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop the proxy: close its listeners and connections, flush and close the
+        capture files and the event log. Safe to call twice; re-raises an error the proxy
+        ended with."""
+        if not self._stopped:
+            self._stopped = True
+            loop, stopping = self._loop, self._stopping
+            if loop is not None and stopping is not None:
+                try:
+                    loop.call_soon_threadsafe(stopping.set)
+                except RuntimeError:  # the loop has closed already
+                    pass
+            self._thread.join(self.TIMEOUT)
+            if self._thread.is_alive():
+                raise TimeoutError(f"msgcap proxy did not stop in {self.TIMEOUT:g}s")
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> RunningProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"RunningProxy({', '.join(self.addresses)}, {self.capture_dir}, {state})"
+
+
+def start_proxy(config: Mapping[str, Any]) -> RunningProxy:
+    """Start a capturing proxy from a dict of ``msgcap proxy`` TOML keys (see
+    ``config.example.toml``); raises ``ConfigError`` for a bad config and ``OSError`` when
+    a listener cannot bind. Use ``with start_proxy(...) as proxy:`` or call ``stop()``."""
+    return RunningProxy(config_from_dict(dict(config)))
+
+
+class ProxyFactory(Protocol):
+    def __call__(self, config: Mapping[str, Any] | None = None, /, **keys: Any) -> RunningProxy: ...
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def msgcap_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+    """``msgcap_proxy({"route": [{"listen": "127.0.0.1:0", "peer": "127.0.0.1:18444"}]})``
+    -> a started :class:`RunningProxy`.
+
+    The keys are ``msgcap proxy``'s TOML keys (``config.example.toml``), given as a dict,
+    as keyword arguments, or both; a key set to None is left out (``"socks5": None``: no
+    SOCKS5 listener, which is also the default here). ``network`` defaults to regtest and
+    ``capture_dir`` to a fresh folder under the test's ``tmp_path``; port 0 picks a free
+    port. Every proxy started is stopped when the test ends.
+    """
+    started: list[RunningProxy] = []
+
+    def start(config: Mapping[str, Any] | None = None, /, **keys: Any) -> RunningProxy:
+        data = {k: v for k, v in {**(config or {}), **keys}.items() if v is not None}
+        for key in ("capture_dir", "event_log"):
+            if isinstance(data.get(key), os.PathLike):
+                data[key] = os.fspath(data[key])
+        if "capture_dir" not in data:
+            data["capture_dir"] = str(tmp_path / f"msgcap_proxy{len(started)}")
+        proxy = start_proxy(data)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    errors: list[BaseException] = []
+    for proxy in reversed(started):
+        try:
+            proxy.stop()
+        except Exception as e:  # keep stopping the others
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture

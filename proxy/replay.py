@@ -30,12 +30,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from msgcap.capture.bip324 import V2Error, V2Session
 from msgcap.capture.conversation import DamageReport, conversation, warn_damage
-from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder, StreamError, encode_frame
+from msgcap.capture.framing import StreamError, v1_version_prefix
 from msgcap.capture.records import Direction
 from msgcap.errors import UsageError
 from msgcap.parser.messages import Version, decode_message
 from msgcap.parser.wire import DecodeError
+from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+
+Transport = Literal["v1", "v2"]
+"""What the replayer speaks when it dials (``--transport``); listening, it takes either."""
 
 Side = Literal["peer", "node"]
 """Which recorded party the replayer plays: the peer said what the node received."""
@@ -108,6 +113,8 @@ class Report:
     """Opcodes turning the recorded type sequence of the other side into the live one."""
     error: str | None = None
     seconds: float = 0.0
+    transport: str = "v1"
+    """The transport spoken with the live side."""
 
     @property
     def diverged(self) -> bool:
@@ -116,6 +123,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "played": self.played,
+            "transport": self.transport,
             "sent": self.sent,
             "received": self.received,
             "sent_types": dict(self.sent_types),
@@ -206,28 +214,34 @@ class Replayer:
         self._reader_done = False
         self._given_up: Counter[str] = Counter()
         """Messages a stall stopped waiting for: later waits do not wait for them again."""
+        self.leg: Leg = V1Leg(magic)
+        """The transport spoken with the live side (v1, or a BIP324 session)."""
 
     def _send(self, msgtype: str, payload: bytes) -> None:
         assert self._writer is not None
-        self._writer.write(encode_frame(self.magic, msgtype, payload))
+        self._writer.write(self.leg.encode([(msgtype, payload)]))
         self.report.sent += 1
         self.report.sent_types[msgtype] += 1
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        decoder = FrameDecoder(self.magic)
+    def _received(self, messages: list[Message]) -> None:
+        for msgtype, payload in messages:
+            self.report.received += 1
+            self.report.received_types[msgtype] += 1
+            self._live.append(msgtype)
+            if msgtype == "ping" and self._writer is not None:
+                self._send("pong", bytes(payload))
+        self._changed.set()
+
+    async def _read(self, reader: asyncio.StreamReader, first: bytes = b"") -> None:
         try:
-            while data := await reader.read(1 << 16):
-                decoder.receive_data(data)
-                while (ev := decoder.next_event()) is not NEED_DATA:
-                    if not isinstance(ev, Frame):
-                        continue
-                    self.report.received += 1
-                    self.report.received_types[ev.msgtype] += 1
-                    self._live.append(ev.msgtype)
-                    if ev.msgtype == "ping" and self._writer is not None:
-                        self._send("pong", ev.payload)
-                    self._changed.set()
-        except (StreamError, ConnectionError) as e:
+            data = first or await reader.read(1 << 16)
+            while data:
+                messages, _dropped, fatal = self.leg.receive(data)
+                self._received(messages)
+                if fatal is not None:
+                    raise fatal
+                data = await reader.read(1 << 16)
+        except (StreamError, V2Error, ConnectionError) as e:
             self.report.error = f"live side: {e}"
         finally:
             self._changed.set()
@@ -250,10 +264,24 @@ class Replayer:
                 await asyncio.wait_for(self._changed.wait(), left)
 
     async def run(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, initiator: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        initiator: bool,
+        leg: Leg | None = None,
+        early: list[Message] | None = None,
+        first: bytes = b"",
     ) -> Report:
+        """Play over a connection: ``leg`` is its transport once set up (default v1),
+        ``early`` the messages its handshake already read, ``first`` bytes already read."""
         started = time.monotonic()
         self._writer = writer
+        if leg is not None:
+            self.leg = leg
+        self.report.transport = self.leg.transport
+        if early:
+            self._received(early)
         played = SIDE_DIRECTION[self.play]
         mine = [s for s in self.steps if s.direction is played]
         theirs = [s for s in self.steps if s.direction is not played]
@@ -273,7 +301,7 @@ class Replayer:
         to_play = [s for s in mine if id(s) not in handshake_ids and s.msgtype != "pong"]
         expected_after = [s for s in theirs if s.msgtype not in HANDSHAKE | NOISE]
 
-        reading = asyncio.create_task(self._read(reader))
+        reading = asyncio.create_task(self._read(reader, first))
         reading.add_done_callback(lambda _: setattr(self, "_reader_done", True))
         try:
             payload = version.payload if self.verbatim else _fresh_version(version.payload)
@@ -313,12 +341,63 @@ class Replayer:
         return self.report
 
 
+class _StreamIO:
+    """A stream pair as :func:`msgcap.proxy.v2.handshake` reads and writes it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def read(self, n: int) -> bytes:
+        return await self.reader.read(n)
+
+
 async def replay_to(
-    steps: list[Step], host: str, port: int, *, play: Side = "peer", **options: Any
+    steps: list[Step],
+    host: str,
+    port: int,
+    *,
+    play: Side = "peer",
+    transport: Transport = "v1",
+    **options: Any,
 ) -> Report:
-    """Dial a live node and play one side of the recording to it."""
+    """Dial a live node and play one side of the recording to it, over v1 or BIP324."""
     reader, writer = await asyncio.open_connection(host, port)
-    return await Replayer(steps, play=play, **options).run(reader, writer, initiator=True)
+    replayer = Replayer(steps, play=play, **options)
+    if transport == "v1":
+        return await replayer.run(reader, writer, initiator=True)
+    session = V2Session(initiator=True, magic=replayer.magic)
+    try:
+        async with asyncio.timeout(replayer.timeout or None):
+            early = await handshake(_StreamIO(reader, writer), session)
+    except (V2Error, ConnectionError, TimeoutError) as e:
+        writer.close()
+        replayer.report.transport = "v2"
+        replayer.report.error = f"BIP324 handshake failed: {type(e).__name__}: {e}"
+        return replayer.report
+    return await replayer.run(reader, writer, initiator=True, leg=V2Leg(session), early=early)
+
+
+async def _accept_transport(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replayer: Replayer
+) -> tuple[Leg, list[Message], bytes]:
+    """Whichever transport the client speaks: v1 when its first 16 bytes are the v1
+    ``version`` header (Core's rule), else a BIP324 handshake as responder."""
+    prefix = v1_version_prefix(replayer.magic)
+    first = b""
+    async with asyncio.timeout(replayer.timeout or None):
+        while len(first) < len(prefix) and prefix.startswith(first):
+            chunk = await reader.read(len(prefix) - len(first))
+            if not chunk:
+                raise ConnectionError("the client closed before it said anything")
+            first += chunk
+        if first == prefix:
+            return V1Leg(replayer.magic), [], first
+        session = V2Session(initiator=False, magic=replayer.magic)
+        early = await handshake(_StreamIO(reader, writer), session, first)
+    return V2Leg(session), early, b""
 
 
 async def replay_listen(
@@ -349,4 +428,11 @@ async def replay_listen(
         reader, writer = await asyncio.wait_for(conn, accept_timeout)
     finally:
         server.close()
-    return await Replayer(steps, play=play, **options).run(reader, writer, initiator=False)
+    replayer = Replayer(steps, play=play, **options)
+    try:
+        leg, early, first = await _accept_transport(reader, writer, replayer)
+    except (V2Error, ConnectionError, TimeoutError) as e:
+        writer.close()
+        replayer.report.error = f"no transport: {type(e).__name__}: {e}"
+        return replayer.report
+    return await replayer.run(reader, writer, initiator=False, leg=leg, early=early, first=first)

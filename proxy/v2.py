@@ -33,7 +33,6 @@ from msgcap.capture.framing import (
     StreamError,
     encode_frame,
 )
-from msgcap.proxy.conn import Conn
 from msgcap.proxy.events import FrameError, V2Decoys, V2StreamError
 from msgcap.proxy.relay import Flow, Relay, Side
 from msgcap.proxy.store import CaptureStopped
@@ -122,7 +121,15 @@ class HandshakeClosed(ConnectionError):
     """The other side closed before the BIP324 handshake completed."""
 
 
-async def handshake(conn: Conn, session: V2Session, first: bytes = b"") -> list[Message]:
+class Stream(Protocol):
+    """What a handshake needs of a connection (a :class:`Conn`, or a wrapped stream)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def read(self, n: int) -> bytes: ...
+
+
+async def handshake(conn: Stream, session: V2Session, first: bytes = b"") -> list[Message]:
     """Run one leg's BIP324 handshake until both version packets have passed; returns the
     application messages that arrived with it. Raises :class:`V2Error`,
     :class:`HandshakeClosed` or a connection error."""
@@ -171,7 +178,7 @@ class MessageFlow(Flow):
         if messages:
             self.messages(messages)
         if isinstance(self.src_leg, V2Leg):
-            self._check_decoys(self.src_leg.session)
+            self.check_decoys(self.src_leg.session)
         if fatal is not None:
             relay.fatal(self.src, fatal)
             self.dst.conn.close()
@@ -194,7 +201,7 @@ class MessageFlow(Flow):
         relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
         self.dst.conn.write(self.dst_leg.encode(messages))
 
-    def _check_decoys(self, session: V2Session) -> None:
+    def check_decoys(self, session: V2Session) -> None:
         if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:
             self.decoys_reported = True
             relay = self.relay
@@ -222,10 +229,13 @@ class MessageRelay(Relay):
         return MessageFlow(self, a, b, la, lb), MessageFlow(self, b, a, lb, la)
 
     def started(self, ab: Flow, ba: Flow) -> None:
+        """Relay what the handshakes already read."""
         for flow, early in zip((ab, ba), self.early, strict=True):
+            assert isinstance(flow, MessageFlow)
             if early:
-                assert isinstance(flow, MessageFlow)
                 flow.messages(early)
+            if isinstance(flow.src_leg, V2Leg):
+                flow.check_decoys(flow.src_leg.session)
 
     def capture_messages(self, src: Side, t0: int, messages: list[Message]) -> None:
         """In the capture thread: capture one direction's messages, the i-th at
