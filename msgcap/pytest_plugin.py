@@ -33,7 +33,15 @@ from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.parser.messages import Message, Unknown, decode_message
 from msgcap.proxy.config import Config, HostPort, config_from_dict
-from msgcap.proxy.replay import Report, Side, Step, load_conversation, replay_listen, replay_to
+from msgcap.proxy.replay import (
+    Report,
+    Side,
+    Step,
+    Transport,
+    load_conversation,
+    replay_listen,
+    replay_to,
+)
 from msgcap.proxy.server import Proxy
 
 T = TypeVar("T")
@@ -73,11 +81,13 @@ def replay(
     network: str = "regtest",
     fast: bool = False,
     verbatim: bool = False,
+    transport: Transport = "v1",
     timeout: float = 10.0,
     on_listening: Callable[[str, int], None] | None = None,
 ) -> Report:
     """Blocking replay; with ``listen``, ``on_listening(host, port)`` is called once the
-    listener is up (start the client under test there)."""
+    listener is up (start the client under test there). ``transport="v2"`` speaks BIP324
+    to the node given by ``to``; a listening replayer takes whichever the client speaks."""
     if (to is None) == (listen is None):
         raise ValueError("give exactly one of to= or listen=")
     steps = load_conversation(paths)
@@ -88,7 +98,7 @@ def replay(
         if to is not None:
             target = HostPort.parse(to, "to")
             return await replay_to(steps, target.host, target.port, play=play or "peer",
-                                   **options)  # fmt: skip
+                                   transport=transport, **options)  # fmt: skip
         assert listen is not None
         target = HostPort.parse(listen, "listen")
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()

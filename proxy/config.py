@@ -111,7 +111,7 @@ class Config:
     network: str
     capture_dir: Path = Path("message_capture")
     layout: Layout = Layout.CORE
-    v2: V2Policy = V2Policy.DOWNGRADE
+    v2: V2Policy = V2Policy.DECRYPT
     on_capture_error: CaptureErrorPolicy = CaptureErrorPolicy.CONTINUE
     routes: tuple[Route, ...] = ()
     socks5: Socks5 | None = None
@@ -213,7 +213,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         network=network,
         capture_dir=Path(_typed(data.get("capture_dir", "message_capture"), str, "capture_dir")),
         layout=_enum(Layout, data.get("layout", "core"), "layout"),
-        v2=_enum(V2Policy, data.get("v2", "downgrade"), "v2"),
+        v2=_enum(V2Policy, data.get("v2", "decrypt"), "v2"),
         on_capture_error=_enum(
             CaptureErrorPolicy, data.get("on_capture_error", "continue"), "on_capture_error"
         ),
