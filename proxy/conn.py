@@ -12,7 +12,9 @@ capture thread is behind. That is the whole of the relay's backpressure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import Callable
 from typing import Final, Protocol, cast
 
@@ -195,6 +197,17 @@ class Conn(asyncio.Protocol):
     def abort(self) -> None:
         """Close now, with a reset."""
         if self.transport is not None:
+            self.transport.abort()
+
+    def reset(self) -> None:
+        """Close now with a TCP reset (RST), whatever was read or sent: a reset from the
+        other side is passed on as a reset. (A plain abort sends a FIN when nothing is
+        left unread.)"""
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
 
     def peer_address(self) -> tuple[str, int]:

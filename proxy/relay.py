@@ -91,7 +91,7 @@ class Flow:
     def lost(self, error: BaseException | None) -> None:
         # A reset on one side is passed on as a reset on the other.
         if error is not None:
-            self.dst.conn.abort()
+            self.dst.conn.reset()
         self.relay.finish(type(error).__name__ if error is not None else "closed")
 
 

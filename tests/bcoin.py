@@ -13,12 +13,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import free_port, wait_until
 
 E2E_DIR = Path(__file__).parent / "e2e"
 BCOIN = Path(os.environ.get("MSGCAP_BCOIN", E2E_DIR / "node_modules" / ".bin" / "bcoin"))
@@ -34,23 +35,17 @@ def require_bcoin() -> Path:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_listening(port: int, timeout: float = 30) -> None:
     """Wait until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def accepts() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return False
+        return True
+
+    wait_until(accepts, timeout, f"a listener on 127.0.0.1:{port}", poll=0.05)
 
 
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -111,28 +106,23 @@ class BcoinNode:
         return reply["result"]
 
     def wait_rpc(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def answers() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
             try:
                 self.rpc("getblockcount")
-                return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                return False
+            return True
+
+        wait_until(answers, timeout, f"{self.name}: RPC", poll=0.2)
 
     def mine(self, n: int) -> list[str]:
         hashes: list[str] = self.rpc("generatetoaddress", n, MINER_ADDRESS)
         return hashes
 
     def wait_for(self, what: str, check: Any, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: {what} not reached in {timeout}s")
-            time.sleep(0.2)
+        wait_until(check, timeout, f"{self.name}: {what}", poll=0.2)
 
     def wait_height(self, height: int, timeout: float = 60) -> None:
         self.wait_for(f"height {height}", lambda: self.rpc("getblockcount") >= height, timeout)

@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msgcap.capture import batch
-from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, Network, UncheckedFrame, encode_frame
+from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, UncheckedFrame, encode_frame
 from msgcap.capture.records import Direction, Record, read_records
 from msgcap.proxy.config import config_from_dict
 from msgcap.proxy.events import EventLog
 from msgcap.proxy.store import CaptureStopped, CaptureStore, ConnectionCapture
+from tests.conftest import MAGIC
 
-MAGIC = Network.REGTEST.magic
 NATIVE = batch.native_write_checked is not None
 IMPLEMENTATIONS: dict[str, batch.WriteChecked | None] = {
     "native": batch.native_write_checked,

@@ -14,7 +14,16 @@ from msgcap.capture.compare import compare_folders
 from msgcap.capture.framing import MsgType, encode_frame
 from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.cli import main
-from tests.test_relay import MAGIC, VERSION, Upstream, read_all, route_to, running_proxy
+from tests.conftest import (
+    MAGIC,
+    VERSION,
+    Upstream,
+    logged,
+    read_all,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
 
 PAIR = Path(__file__).parent / "data" / "core-v30-pair"
 A = PAIR / "a" / "127.0.0.1_39912"  # node a's capture of b
@@ -115,7 +124,8 @@ async def test_two_proxies_in_a_row_capture_the_same_session(tmp_path: Path) -> 
         w.write_eof()
         assert await asyncio.wait_for(read_all(r), 30) == peer_says
         w.close()
-        await asyncio.sleep(0.2)
+        for hop_dir in (tmp_path / "1", tmp_path / "2"):  # both relays ended, captures closed
+            await wait_until_async(logged(hop_dir / "cap", "close"), 10, f"close in {hop_dir}")
     one = tmp_path / "1" / "cap" / f"127.0.0.1_{hop}"
     two = tmp_path / "2" / "cap" / f"127.0.0.1_{up.port}"
     results = compare_folders(one, two)

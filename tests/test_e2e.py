@@ -9,7 +9,6 @@ agrees with the files.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,33 +22,13 @@ import pytest
 from msgcap.capture.records import Record, read_records
 from msgcap.parser.messages import BlockMsg, CmpctBlock, Headers, Version, decode_message
 from msgcap.parser.wire import display_hash
-from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
+from tests.bcoin import BcoinNode, require_bcoin, wait_listening
+from tests.conftest import ProxyProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
 PRE_MINED = 5
 MINED = 60
-
-
-class ProxyProcess:
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.capture_dir = tmp / "capture"
-        cmd = [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(self.capture_dir),
-               "--network", "regtest", *flags]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=open(tmp / "proxy.log", "wb"), text=True
-        )
-        assert self.proc.stdout is not None
-        self.banner = self.proc.stdout.readline()
-        assert self.banner.startswith("msgcap proxy on regtest"), self.banner
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
-
-    def events(self) -> list[dict[str, object]]:
-        lines = (self.capture_dir / "events.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
 
 
 @pytest.fixture
@@ -135,13 +114,13 @@ def run_route(
 ) -> tuple[ProxyProcess, list[dict[str, object]]]:
     """A proxy with ``proxy_flags``, node B with ``b_flags`` syncing from the miner
     through it; both stopped afterwards. Returns the proxy and its events."""
-    proxy = ProxyProcess(tmp_path, *proxy_flags)
-    b = BcoinNode(tmp_path, "b", *b_flags, listen=False)
-    try:
-        sync_through_proxy(miner, b)
-    finally:
-        b.stop()
-        assert proxy.stop() == 0
+    with ProxyProcess(tmp_path, *proxy_flags) as proxy:
+        b = BcoinNode(tmp_path, "b", *b_flags, listen=False)
+        try:
+            sync_through_proxy(miner, b)
+        finally:
+            b.stop()
+            assert proxy.stop() == 0
     return proxy, proxy.events()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -14,63 +13,57 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from msgcap.capture import batch
-from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder, Network, encode_frame
+from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder
 from msgcap.capture.records import Damage, Record, read_records
-from msgcap.proxy.config import config_from_dict
-from msgcap.proxy.server import Proxy
-from tests.test_relay import read_all
-
-MAGIC = Network.REGTEST.magic
-VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
-PING = encode_frame(MAGIC, "ping", b"12345678")
-
-
-def events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-async def start(tmp: Path, upstream_port: int, **extra: Any) -> Proxy:
-    proxy = Proxy(config_from_dict({
-        "network": "regtest", "capture_dir": str(tmp / "cap"),
-        "route": [{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{upstream_port}"}], **extra,
-    }))  # fmt: skip
-    await proxy.start()
-    return proxy
+from tests.conftest import (
+    MAGIC,
+    PING,
+    VERSION,
+    Upstream,
+    logged,
+    read_all,
+    read_events,
+    read_until_end,
+    reset,
+    route_to,
+    running_proxy,
+    wait_until,
+    wait_until_async,
+)
 
 
 async def test_peer_reset_mid_frame(tmp_path: Path) -> None:
+    """README: "peer resets mid-frame: the reset reaches the node; the capture holds the
+    complete frames only"."""
+    node_has_it = asyncio.Event()
+
     async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await r.readexactly(len(VERSION))
-        w.write(VERSION + PING[:20])
+        w.write(VERSION + PING[:20])  # a whole version, then a ping cut off in its header
         await w.drain()
-        await asyncio.sleep(0.1)
-        w.transport.abort()  # RST
+        await node_has_it.wait()
+        reset(w)  # RST
 
-    server = await asyncio.start_server(peer, "127.0.0.1", 0)
-    proxy = await start(tmp_path, server.sockets[0].getsockname()[1])
-    try:
-        r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
         w.write(VERSION)
-        got = b""
-        with contextlib.suppress(ConnectionError):
-            got = await asyncio.wait_for(read_all(r), 10)
-        assert got in (VERSION, VERSION + PING[:20], b"")
+        got = await asyncio.wait_for(r.readexactly(len(VERSION) + 20), 10)
+        assert got == VERSION + PING[:20]  # forwarded as received, the partial frame too
+        node_has_it.set()
+        assert await asyncio.wait_for(read_until_end(r), 10) == (b"", "ConnectionResetError")
         w.close()
-    finally:
-        await proxy.stop()
-        server.close()
+        await wait_until_async(logged(tmp_path / "cap", "close"), 10, "close event")
     folder = next((tmp_path / "cap").glob("127.0.0.1_*"))
     with open(folder / "msgs_recv.dat", "rb") as f:
         recs = list(read_records(f))
     assert [r.msgtype.name for r in recs if isinstance(r, Record)] == [b"version"]
     assert not any(isinstance(r, Damage) for r in recs)
-    close = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "close"]
-    assert close and close[0]["reason"] in ("ConnectionResetError", "eof")
+    close = read_events(tmp_path / "cap", "close")
+    assert close and close[0]["reason"] == "ConnectionResetError"
 
 
 async def test_upstream_refuses(tmp_path: Path) -> None:
@@ -78,13 +71,10 @@ async def test_upstream_refuses(tmp_path: Path) -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    proxy = await start(tmp_path, port)
-    try:
+    async with running_proxy(tmp_path, route=route_to(port)) as proxy:
         got = await asyncio.wait_for(_talk(proxy.addresses[0][1], VERSION), 10)
         assert got == b""
-    finally:
-        await proxy.stop()
-    errs = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "upstream_error"]
+    errs = read_events(tmp_path / "cap", "upstream_error")
     assert errs and "refused" in errs[0]["error"].lower()
 
 
@@ -113,17 +103,18 @@ async def test_upstream_unreachable_times_out(tmp_path: Path) -> None:
         with contextlib.suppress(BlockingIOError):
             c.connect(("127.0.0.1", port))
         fillers.append(c)
-    proxy = await start(tmp_path, port, limits={"handshake_timeout": 1.0})
     try:
-        t = time.monotonic()
-        got = await asyncio.wait_for(_talk(proxy.addresses[0][1], VERSION), 20)
-        assert got == b"" and time.monotonic() - t < 10
+        async with running_proxy(
+            tmp_path, route=route_to(port), limits={"handshake_timeout": 1.0}
+        ) as proxy:
+            t = time.monotonic()
+            got = await asyncio.wait_for(_talk(proxy.addresses[0][1], VERSION), 20)
+            assert got == b"" and time.monotonic() - t < 10
     finally:
-        await proxy.stop()
         blackhole.close()
         for c in fillers:
             c.close()
-    errs = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "upstream_error"]
+    errs = read_events(tmp_path / "cap", "upstream_error")
     assert errs and errs[0]["error"] == "TimeoutError"
 
 
@@ -131,11 +122,11 @@ async def test_silent_upstream_hits_idle_timeout(tmp_path: Path) -> None:
     async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             await read_all(r)
-        w.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    proxy = await start(tmp_path, server.sockets[0].getsockname()[1], limits={"idle_timeout": 1.0})
-    try:
+    async with (
+        Upstream(silent) as up,
+        running_proxy(tmp_path, route=route_to(up.port), limits={"idle_timeout": 1.0}) as proxy,
+    ):
         r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
         w.write(VERSION)
         t = time.monotonic()
@@ -143,10 +134,7 @@ async def test_silent_upstream_hits_idle_timeout(tmp_path: Path) -> None:
             assert await asyncio.wait_for(read_all(r), 15) == b""
         assert time.monotonic() - t < 10
         w.close()
-    finally:
-        await proxy.stop()
-        server.close()
-    evs = events(tmp_path / "cap" / "events.jsonl")
+    evs = read_events(tmp_path / "cap")
     assert any(e["event"] == "timeout" and e.get("after") == 1.0 for e in evs)
     assert any(e["event"] == "close" and e.get("reason") == "idle timeout" for e in evs)
 
@@ -179,33 +167,32 @@ async def test_capture_failure(
     async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             got.extend(await read_all(r))
-        w.close()
 
-    server = await asyncio.start_server(peer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    folder = tmp_path / "cap" / f"127.0.0.1_{port}"
-    folder.mkdir(parents=True)
-    if failure == "disk full":
-        os.symlink("/dev/full", folder / "msgs_sent.dat")  # every write: ENOSPC
-    proxy = await start(tmp_path, port, on_capture_error=policy)
+    cap = tmp_path / "cap"
     data = VERSION + PING * 50
-    try:
-        r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
-        w.write(VERSION)
-        await w.drain()
-        await asyncio.sleep(0.3)
-        with contextlib.suppress(OSError):  # under "stop" the proxy may have closed on us
-            w.write(PING * 50)
-            w.write_eof()
+    async with Upstream(peer) as up:
+        folder = cap / f"127.0.0.1_{up.port}"
+        folder.mkdir(parents=True)
+        if failure == "disk full":
+            os.symlink("/dev/full", folder / "msgs_sent.dat")  # every write: ENOSPC
+        async with running_proxy(
+            tmp_path, route=route_to(up.port), on_capture_error=policy
+        ) as proxy:
+            r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
+            w.write(VERSION)
             await w.drain()
-        with contextlib.suppress(ConnectionError):
-            await asyncio.wait_for(read_all(r), 10)
-        w.close()
-        await asyncio.sleep(0.2)
-    finally:
-        await proxy.stop()
-        server.close()
-    errs = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "capture_error"]
+            await wait_until_async(logged(cap, "capture_error"), 10, "capture_error")
+            if policy == "stop":  # the proxy closes the connection: nothing more goes through
+                await wait_until_async(logged(cap, "close"), 10, "close event")
+            with contextlib.suppress(OSError):  # under "stop" the proxy has closed on us
+                w.write(PING * 50)
+                w.write_eof()
+                await w.drain()
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(read_all(r), 10)
+            w.close()
+            await wait_until_async(logged(cap, "close"), 10, "close event")
+    errs = read_events(cap, "capture_error")
     expected = "No space left" if failure == "disk full" else "OpenSSL SHA-256 failed"
     assert errs and expected in errs[0]["error"] and errs[0]["policy"] == policy
     assert "capture job failed" not in caplog.text  # no traceback: a capture error, logged
@@ -213,7 +200,7 @@ async def test_capture_failure(
         assert bytes(got) == data  # forwarding went on without capture
     else:
         assert len(got) < len(data)  # the connection was closed
-        closes = [e for e in events(tmp_path / "cap" / "events.jsonl") if e["event"] == "close"]
+        closes = read_events(cap, "close")
         assert closes[0]["reason"] == "capture error"
 
 
@@ -234,7 +221,7 @@ def test_unwritable_capture_dir(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert "capture_error" in err and "not writable" in err  # said loudly
-    assert any(e["event"] == "capture_error" for e in events(tmp_path / "events.jsonl"))
+    assert any(e["event"] == "capture_error" for e in read_events(tmp_path / "events.jsonl"))
 
 
 # --- shutdown and crash under load -------------------------------------------------------
@@ -265,15 +252,21 @@ threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
 """
 
 
-def _sink_server() -> tuple[socket.socket, dict[int, bytearray]]:
+def _sink_server() -> tuple[socket.socket, dict[int, bytearray], set[int]]:
+    """A sink that reads every connection to its end: what it received (by connection, in
+    accept order) and which connections have ended."""
     srv = socket.create_server(("127.0.0.1", 0))
     received: dict[int, bytearray] = {}
+    ended: set[int] = set()
 
     def serve(conn: socket.socket, k: int) -> None:
         buf = received.setdefault(k, bytearray())
-        with conn:
-            while data := conn.recv(1 << 16):
-                buf += data
+        try:
+            with conn:
+                while data := conn.recv(1 << 16):
+                    buf += data
+        finally:
+            ended.add(k)
 
     def accept() -> None:
         k = 0
@@ -290,7 +283,7 @@ def _sink_server() -> tuple[socket.socket, dict[int, bytearray]]:
     import threading
 
     threading.Thread(target=accept, daemon=True).start()
-    return srv, received
+    return srv, received, ended
 
 
 def _frames(data: bytes) -> list[tuple[str, bytes]]:
@@ -305,7 +298,7 @@ def _frames(data: bytes) -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_signal_under_load(tmp_path: Path, sig: int) -> None:
-    srv, received = _sink_server()
+    srv, received, ended = _sink_server()
     listen = socket.socket()
     listen.bind(("127.0.0.1", 0))
     port = listen.getsockname()[1]
@@ -321,11 +314,15 @@ def test_signal_under_load(tmp_path: Path, sig: int) -> None:
     load = subprocess.Popen(
         [sys.executable, "-c", LOAD_SCRIPT.format(root=root), str(port), "10", "30"]
     )
-    time.sleep(2.0)
+    # Under load: all 10 connections relayed, each well past its first megabyte.
+    wait_until(
+        lambda: len(received) == 10 and all(len(b) > 1_000_000 for b in list(received.values())),
+        30, "10 connections under load",
+    )  # fmt: skip
     proxy.send_signal(sig)
     status = proxy.wait(30)
     load.wait(60)
-    time.sleep(0.3)
+    wait_until(lambda: len(ended) == len(received), 10, "the sink read every connection to its end")
     srv.close()
     if sig == signal.SIGTERM:
         assert status == 0

@@ -10,31 +10,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from msgcap.capture.framing import Network, encode_frame
+from msgcap.capture.framing import encode_frame
 from msgcap.capture.records import Record, read_records
+from tests.conftest import MAGIC, free_port
 
 ROOT = Path(__file__).parent.parent
 CONNECTIONS = int(os.environ.get("MSGCAP_LOAD_CONNECTIONS", "100"))
 FRAMES = int(os.environ.get("MSGCAP_LOAD_FRAMES", "10000"))
-MAGIC = Network.REGTEST.magic
 MEMORY_BOUND = 1_000_000_000
 """Peak RSS allowed for the proxy (measured: about 400 MB). Per connection and direction
 the proxy holds at most one frame being reassembled (up to 4 MB), one read buffer and
 the transport's write buffer; frames queued for the capture thread are capped at 32 MB
 over all connections."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss(pid: int, field: str) -> int:

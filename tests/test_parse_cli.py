@@ -152,13 +152,13 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-PING = bytes.fromhex(VECTORS["ping"])
+PING_PAYLOAD = bytes.fromhex(VECTORS["ping"])
 
 
 def test_bad_files_warn_with_offsets_and_keep_the_rest(tmp_path: Path) -> None:
-    good = encode_record(1, "ping", PING) + encode_record(2, "verack", b"")
+    good = encode_record(1, "ping", PING_PAYLOAD) + encode_record(2, "verack", b"")
     peer = tmp_path / "cap" / "10.0.0.1_8333"
-    write(peer / "msgs_recv.dat", good + encode_record(3, "pong", PING)[:-3])
+    write(peer / "msgs_recv.dat", good + encode_record(3, "pong", PING_PAYLOAD)[:-3])
     write(peer / "msgs_sent.dat", b"")
     other = tmp_path / "cap" / "10.0.0.2_8333"
     garbage = (9).to_bytes(8, "little") + b"x" * 12 + (10**9).to_bytes(4, "little") + b"zz"
@@ -291,7 +291,7 @@ def test_many_files_and_the_open_file_limit(tmp_path: Path, hard: int) -> None:
 
     for i in range(100):
         write(tmp_path / "cap" / f"10.0.{i // 250}.{i % 250}_8333" / "msgs_recv.dat",
-              encode_record(i, "ping", PING))  # fmt: skip
+              encode_record(i, "ping", PING_PAYLOAD))  # fmt: skip
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (60, hard))

@@ -4,65 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from msgcap.capture import batch
-from msgcap.capture.framing import Network, checksum, encode_frame
+from msgcap.capture.framing import checksum, encode_frame
 from msgcap.capture.records import Record, read_records
-from msgcap.proxy.config import config_from_dict
-from msgcap.proxy.server import Proxy
-
-MAGIC = Network.REGTEST.magic
-VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class Upstream:
-    """A scripted peer: runs ``handler`` for each connection and remembers them."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Upstream:
-        async def on(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            try:
-                await self.handler(r, w)
-            finally:
-                w.close()
-
-        self.server = await asyncio.start_server(on, "127.0.0.1", 0)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-
-@contextlib.asynccontextmanager
-async def running_proxy(tmp: Path, **overrides: Any) -> AsyncIterator[Proxy]:
-    data: dict[str, Any] = {"network": "regtest", "capture_dir": str(tmp / "cap"), **overrides}
-    proxy = Proxy(config_from_dict(data))
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
-
-
-def route_to(port: int) -> list[dict[str, str]]:
-    return [{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{port}"}]
+from tests.conftest import (
+    MAGIC,
+    PEER_VERSION,
+    PING,
+    VERSION,
+    Upstream,
+    logged,
+    read_all,
+    read_events,
+    read_until_end,
+    reset,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
 
 
 def capture(tmp: Path, port: int, name: str) -> list[tuple[str, bytes]]:
@@ -75,14 +40,13 @@ def capture(tmp: Path, port: int, name: str) -> list[tuple[str, bytes]]:
 
 
 def events(tmp: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (tmp / "cap" / "events.jsonl").read_text().splitlines()]
+    return read_events(tmp / "cap")
 
 
-async def read_all(reader: asyncio.StreamReader) -> bytes:
-    out = bytearray()
-    while chunk := await reader.read(1 << 16):
-        out += chunk
-    return bytes(out)
+async def connection_closed(tmp: Path, n: int = 1) -> None:
+    """Wait until the proxy of ``running_proxy(tmp)`` has logged ``n`` closed connections
+    (relay ended, capture files closed)."""
+    await wait_until_async(logged(tmp / "cap", "close", n), 10, f"{n} close event(s)")
 
 
 def random_frames(rng: random.Random, n: int) -> list[tuple[str, bytes]]:
@@ -136,7 +100,7 @@ async def test_bit_exact_forwarding_both_directions(
         w.write_eof()
         got_node = await asyncio.wait_for(rx, 30)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert bytes(got_upstream) == down_bytes  # node -> peer, byte for byte
     assert got_node == up_bytes  # peer -> node, byte for byte
     assert capture(tmp_path, up.port, "msgs_sent.dat") == down_frames
@@ -146,7 +110,7 @@ async def test_bit_exact_forwarding_both_directions(
 
 
 async def echo_then_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    w.write(encode_frame(MAGIC, "version", b"\x02" * 100))
+    w.write(PEER_VERSION)
     await w.drain()
     await read_all(r)
 
@@ -155,7 +119,6 @@ def corrupt_checksum(frame: bytes) -> bytes:
     return frame[:20] + bytes(b ^ 0xFF for b in frame[20:24]) + frame[24:]
 
 
-PING = encode_frame(MAGIC, "ping", b"12345678")
 BAD_TYPE = MAGIC + b"pi\x01g\0\0\0\0\0\0\0\0" + (8).to_bytes(4, "little") + checksum(b"1" * 8)
 
 
@@ -188,7 +151,7 @@ async def test_bad_frames(
             w.write_eof()
             await asyncio.wait_for(read_all(r), 10)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     kinds = [e["event"] for e in events(tmp_path)]
     assert event in kinds
     if forwarded:
@@ -236,7 +199,7 @@ async def test_unknown_type_is_forwarded_and_captured(tmp_path: Path) -> None:
         w.write_eof()
         await asyncio.wait_for(read_all(r), 10)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert capture(tmp_path, up.port, "msgs_sent.dat")[1] == ("futuremsg", b"?")
 
 
@@ -271,7 +234,7 @@ async def test_backpressure_bounds_buffering(tmp_path: Path) -> None:
         await asyncio.wait_for(w.drain(), 60)
         await asyncio.wait_for(read_all(r), 60)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert len(received) == len(VERSION) + len(frame) * (
         (len(received) - len(VERSION)) // len(frame)
     )
@@ -293,27 +256,43 @@ async def test_half_close_propagates(tmp_path: Path) -> None:
     assert reply == encode_frame(MAGIC, "pong", len(VERSION).to_bytes(8, "little"))
 
 
-async def test_reset_propagates(tmp_path: Path) -> None:
-    async def resetting_peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.readexactly(len(VERSION))
-        w.transport.abort()
+@pytest.mark.parametrize("resetting", ["peer", "node"])
+async def test_reset_propagates(tmp_path: Path, resetting: str) -> None:
+    """README: a reset on one side is passed on as a reset (RST), not as a clean EOF."""
+    peer_got: list[bytes] = []
+    peer_end: list[str] = []
 
-    async with (
-        Upstream(resetting_peer) as up,
-        running_proxy(tmp_path, route=route_to(up.port)) as px,
-    ):
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        peer_got.append(await r.readexactly(len(VERSION)))
+        if resetting == "peer":
+            reset(w)
+        else:
+            peer_end.append((await read_until_end(r))[1])
+
+    async with Upstream(peer) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
         r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
         w.write(VERSION)
         await w.drain()
-        with contextlib.suppress(ConnectionError):
-            assert await asyncio.wait_for(read_all(r), 10) == b""
+        if resetting == "peer":
+            node_end = await asyncio.wait_for(read_until_end(r), 10)
+            assert node_end == (b"", "ConnectionResetError")
+        else:
+            await wait_until_async(lambda: peer_got, 10, "the version reached the peer")
+            reset(w)
+            await wait_until_async(lambda: peer_end, 10, "the peer's connection ended")
+            assert peer_end == ["ConnectionResetError"]
         w.close()
+        await connection_closed(tmp_path)
+    assert peer_got == [VERSION]
+    assert [e["reason"] for e in events(tmp_path) if e["event"] == "close"] == [
+        "ConnectionResetError"
+    ]
 
 
 async def test_v2_downgrade_closes_before_a_byte(tmp_path: Path) -> None:
     async with (
         Upstream(echo_then_close) as up,
-        running_proxy(tmp_path, route=route_to(up.port)) as px,
+        running_proxy(tmp_path, route=route_to(up.port), v2="downgrade") as px,
     ):
         r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
         w.write(random.Random(5).randbytes(64))  # an ElligatorSwift key looks like this
@@ -340,7 +319,7 @@ async def test_v2_passthrough_relays_untouched(tmp_path: Path) -> None:
         await w.drain()
         assert await asyncio.wait_for(r.readexactly(len(blob)), 10) == blob[::-1]
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert [e for e in events(tmp_path) if e["event"] == "v2_passthrough"]
     assert not (tmp_path / "cap" / f"127.0.0.1_{up.port}").exists()  # nothing to capture
 
@@ -363,7 +342,7 @@ async def test_capture_limit_keeps_forwarding(tmp_path: Path) -> None:
         w.write_eof()
         await asyncio.wait_for(read_all(r), 10)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert bytes(got) == data
     captured = capture(tmp_path, up.port, "msgs_sent.dat")
     assert captured == [("version", b"\x01" * 100), ("ping", b"12345678"), ("ping", b"12345678")]
@@ -382,7 +361,7 @@ async def test_connection_limit(tmp_path: Path) -> None:
         _r1, w1 = await asyncio.open_connection("127.0.0.1", port)
         w1.write(VERSION)
         await w1.drain()
-        await asyncio.sleep(0.2)
+        await wait_until_async(logged(tmp_path / "cap", "open"), 10, "the first connection")
         r2, w2 = await asyncio.open_connection("127.0.0.1", port)
         with contextlib.suppress(ConnectionError):
             assert await asyncio.wait_for(read_all(r2), 10) == b""
@@ -402,7 +381,7 @@ async def test_session_layout(tmp_path: Path) -> None:
             w.write_eof()
             await asyncio.wait_for(read_all(r), 10)
             w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path, 2)
     sessions = sorted((tmp_path / "cap" / f"127.0.0.1_{up.port}").iterdir())
     assert len(sessions) == 2
     for s in sessions:
@@ -410,7 +389,10 @@ async def test_session_layout(tmp_path: Path) -> None:
 
 
 async def test_shutdown_closes_connections_and_files(tmp_path: Path) -> None:
+    forwarded: list[bytes] = []
+
     async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        forwarded.append(await r.readexactly(len(VERSION)))
         await read_all(r)
 
     async with Upstream(hold) as up:
@@ -418,7 +400,7 @@ async def test_shutdown_closes_connections_and_files(tmp_path: Path) -> None:
             r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
             w.write(VERSION)
             await w.drain()
-            await asyncio.sleep(0.2)
+            await wait_until_async(lambda: forwarded, 10, "the version reached the peer")
         # stop() has run: our side sees the connection end
         assert await asyncio.wait_for(read_all(r), 10) == b""
         w.close()
@@ -462,7 +444,7 @@ async def test_slow_capture_disk_slows_forwarding(
         w.write_eof()
         await asyncio.wait_for(read_all(r), 60)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert len(received) == len(VERSION) + 300 * len(frame)
     # Forwarded but not yet captured stays near the queue bound (32 MB plus a read or
     # two), far below the 90 MB that went through.
@@ -482,7 +464,7 @@ async def test_live_view_prints_each_message(
         w.write_eof()
         await asyncio.wait_for(read_all(r), 10)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     lines = [x.split() for x in capsys.readouterr().out.splitlines()]
     peer = f"127.0.0.1_{up.port}"
     assert sorted(x[1:] for x in lines) == [
@@ -512,7 +494,7 @@ async def test_socks_client_that_sends_everything_at_once(tmp_path: Path) -> Non
         w.write_eof()
         replies = await asyncio.wait_for(read_all(r), 30)
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert replies == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6)
     assert bytes(got) == VERSION + b"".join(frames)
     assert capture(tmp_path, up.port, "msgs_sent.dat") == [("version", b"\x01" * 100)] + [
@@ -523,7 +505,7 @@ async def test_socks_client_that_sends_everything_at_once(tmp_path: Path) -> Non
 async def test_peer_that_talks_before_the_node(tmp_path: Path) -> None:
     """A peer that speaks as soon as it is connected (before the node's version arrives
     there) is relayed and captured in order."""
-    greeting = encode_frame(MAGIC, "version", b"\x02" * 100) + encode_frame(MAGIC, "verack", b"")
+    greeting = PEER_VERSION + encode_frame(MAGIC, "verack", b"")
 
     async def eager(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(greeting)
@@ -532,10 +514,9 @@ async def test_peer_that_talks_before_the_node(tmp_path: Path) -> None:
 
     async with Upstream(eager) as up, running_proxy(tmp_path, route=route_to(up.port)) as px:
         r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
-        await asyncio.sleep(0.2)
-        w.write(VERSION)
+        w.write(VERSION)  # the proxy dials the peer on these first bytes; the peer talks at once
         w.write_eof()
         assert await asyncio.wait_for(read_all(r), 10) == greeting
         w.close()
-        await asyncio.sleep(0.1)
+        await connection_closed(tmp_path)
     assert [t for t, _ in capture(tmp_path, up.port, "msgs_recv.dat")] == ["version", "verack"]

@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 
 from msgcap.capture.export import export_fuzz, export_pcap
-from msgcap.capture.framing import Frame, FrameDecoder, Network, encode_frame
+from msgcap.capture.framing import Frame, FrameDecoder, encode_frame
 from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.proxy.replay import Report
-from tests.bcoin import BcoinNode, free_port, require_bcoin, wait_listening
-from tests.test_e2e import ProxyProcess
+from tests.bcoin import BcoinNode, require_bcoin, wait_listening
+from tests.conftest import MAGIC, ProxyProcess, free_port, wait_until
 from tests.vectors import VECTORS
 
-MAGIC = Network.REGTEST.magic
 DATA = Path(__file__).parent / "data" / "core-v30-pair"
 
 
@@ -45,17 +44,17 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
         miner.mine(200)
         wait_listening(miner.port)
         listen = free_port()
-        proxy = ProxyProcess(work, "--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
-                             "--socks5", "off")  # fmt: skip
-        syncer = BcoinNode(work, "syncer", f"--only=127.0.0.1:{listen}", listen=False)
-        try:
-            syncer.wait_height(200, timeout=90)
-            miner.mine(50)
-            syncer.wait_height(250, timeout=90)
-            tip = miner.rpc("getbestblockhash")
-        finally:
-            syncer.stop()
-            assert proxy.stop() == 0
+        with ProxyProcess(work, "--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}",
+                          "--socks5", "off") as proxy:  # fmt: skip
+            syncer = BcoinNode(work, "syncer", f"--only=127.0.0.1:{listen}", listen=False)
+            try:
+                syncer.wait_height(200, timeout=90)
+                miner.mine(50)
+                syncer.wait_height(250, timeout=90)
+                tip = miner.rpc("getbestblockhash")
+            finally:
+                syncer.stop()
+                assert proxy.stop() == 0
     finally:
         miner.stop()
     yield Recording(proxy.capture_dir / f"127.0.0.1_{miner.port}", tip, 250)
@@ -109,20 +108,17 @@ def test_replay_miner_as_listener(tmp_path: Path, recording: Recording) -> None:
 
 def _wait_bound(port: int, timeout: float = 20) -> None:
     """Wait until something listens on ``port`` without connecting to it."""
-    import time
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def bound() -> bool:
         out = Path("/proc/net/tcp").read_text()
-        if any(f":{port:04X} 00000000:0000 0A" in line for line in out.splitlines()):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
+        return any(f":{port:04X} 00000000:0000 0A" in line for line in out.splitlines())
+
+    wait_until(bound, timeout, f"a listener on {port}")
 
 
 # --- scripted peers: --strict --------------------------------------------------------
 
-VERSION = bytes.fromhex(VECTORS["version"])
+VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
 INV = bytes.fromhex(VECTORS["inv"])
 BLOCK = bytes.fromhex(VECTORS["block"])
 GETDATA = bytes.fromhex(VECTORS["getdata"])
@@ -131,8 +127,13 @@ GETDATA = bytes.fromhex(VECTORS["getdata"])
 def write_capture(folder: Path) -> Path:
     """A recorded conversation: the peer announces a block, the node asks for it."""
     folder.mkdir(parents=True)
-    recv = [(1, "version", VERSION), (4, "verack", b""), (5, "inv", INV), (7, "block", BLOCK)]
-    sent = [(2, "version", VERSION), (3, "verack", b""), (6, "getdata", GETDATA)]
+    recv = [
+        (1, "version", VERSION_PAYLOAD),
+        (4, "verack", b""),
+        (5, "inv", INV),
+        (7, "block", BLOCK),
+    ]
+    sent = [(2, "version", VERSION_PAYLOAD), (3, "verack", b""), (6, "getdata", GETDATA)]
     (folder / "msgs_recv.dat").write_bytes(b"".join(encode_record(*r) for r in recv))
     (folder / "msgs_sent.dat").write_bytes(b"".join(encode_record(*r) for r in sent))
     return folder
@@ -149,7 +150,7 @@ async def scripted_node(answer_inv: bool) -> tuple[asyncio.Server, list[str]]:
             while isinstance(ev := dec.next_event(), Frame):
                 got.append(ev.msgtype)
                 if ev.msgtype == "version":
-                    w.write(encode_frame(MAGIC, "version", VERSION))
+                    w.write(encode_frame(MAGIC, "version", VERSION_PAYLOAD))
                     w.write(encode_frame(MAGIC, "verack", b""))
                 elif ev.msgtype == "inv" and answer_inv:
                     w.write(encode_frame(MAGIC, "getdata", GETDATA))
@@ -216,9 +217,9 @@ def test_version_is_refreshed_unless_verbatim(tmp_path: Path) -> None:
             return first[0]
 
         seen[verbatim] = asyncio.run(main())
-    assert seen[True] == VERSION
-    assert seen[False] != VERSION and len(seen[False]) == len(VERSION)
-    assert seen[False][80:] == VERSION[80:]  # only time and nonce change
+    assert seen[True] == VERSION_PAYLOAD
+    assert seen[False] != VERSION_PAYLOAD and len(seen[False]) == len(VERSION_PAYLOAD)
+    assert seen[False][80:] == VERSION_PAYLOAD[80:]  # only time and nonce change
 
 
 def test_pytest_fixtures(
@@ -302,10 +303,10 @@ def test_export_pcap_reads_in_tshark(tmp_path: Path) -> None:
     big = tmp_path / "cap" / "203.0.113.7_8333"
     big.mkdir(parents=True)
     (big / "msgs_sent.dat").write_bytes(
-        encode_record(1, "version", VERSION) + encode_record(5, "block", BLOCK * 1)
+        encode_record(1, "version", VERSION_PAYLOAD) + encode_record(5, "block", BLOCK * 1)
     )
     (big / "msgs_recv.dat").write_bytes(
-        encode_record(2, "version", VERSION) + encode_record(3, "ping", bytes(8))
+        encode_record(2, "version", VERSION_PAYLOAD) + encode_record(3, "ping", bytes(8))
         + encode_record(4, "tx", bytes(5000))
     )  # fmt: skip
     res = msgcap("export", "--pcap", str(pcap), str(DATA / "a"), str(tmp_path / "cap"))

@@ -1,0 +1,214 @@
+"""Shared test constants and helpers: frames, scripted peers, the proxy in-process and as a
+process, event-log readers, and waiting on a condition instead of sleeping.
+
+Test modules import these as ``from tests.conftest import ...`` (``tests`` is a package);
+no test module imports from another test module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from msgcap.capture.framing import Network, encode_frame
+from msgcap.proxy.config import config_from_dict
+from msgcap.proxy.server import Proxy
+
+T = TypeVar("T")
+
+MAGIC = Network.REGTEST.magic
+VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
+"""The node's (scripted) version frame."""
+PEER_VERSION = encode_frame(MAGIC, "version", b"\x02" * 100)
+"""The peer's (scripted) version frame."""
+PING = encode_frame(MAGIC, "ping", b"12345678")
+
+
+# --- waiting on a condition ------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float, what: str = "condition", poll: float = 0.02
+) -> T:
+    """Call ``predicate`` until it returns something truthy (returned), at most ``timeout``
+    seconds; then raise :class:`TimeoutError` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached in {timeout:g}s")
+        time.sleep(poll)
+
+
+async def wait_until_async(
+    predicate: Callable[[], T | None], timeout: float, what: str = "condition", poll: float = 0.01
+) -> T:
+    """:func:`wait_until` for coroutines: the event loop runs while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached in {timeout:g}s")
+        await asyncio.sleep(poll)
+
+
+# --- the event log -----------------------------------------------------------------------
+
+
+def read_events(where: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The events of an event log (``where``: the ``events.jsonl`` file or the capture
+    directory holding it), only those named ``event`` if given. A line still being
+    written is left out, so this can be polled while the proxy runs."""
+    path = where if where.suffix == ".jsonl" else where / "events.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # the last piece has no newline yet
+    out = [json.loads(x) for x in lines if x]
+    return out if event is None else [e for e in out if e["event"] == event]
+
+
+def logged(where: Path, event: str, n: int = 1) -> Callable[[], bool]:
+    """A predicate for :func:`wait_until`: at least ``n`` ``event`` events are logged.
+    ``close`` is logged once a connection's relay has ended and its capture files are
+    closed."""
+    return lambda: len(read_events(where, event)) >= n
+
+
+# --- scripted peers and the proxy in-process ---------------------------------------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Upstream:
+    """A scripted peer: runs ``handler`` for each connection and remembers them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Upstream:
+        async def on(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(r, w)
+            finally:
+                w.close()
+
+        self.server = await asyncio.start_server(on, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(tmp: Path, **overrides: Any) -> AsyncIterator[Proxy]:
+    """A proxy in this event loop on regtest, capturing to ``tmp / "cap"`` (events in
+    ``tmp / "cap" / "events.jsonl"``); ``overrides`` are config keys."""
+    data: dict[str, Any] = {"network": "regtest", "capture_dir": str(tmp / "cap"), **overrides}
+    proxy = Proxy(config_from_dict(data))
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+def route_to(port: int) -> list[dict[str, str]]:
+    """An outbound route config: an ephemeral listener forwarding to 127.0.0.1:``port``."""
+    return [{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{port}"}]
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything until EOF (raises on a reset)."""
+    out = bytearray()
+    while chunk := await reader.read(1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+async def read_until_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
+    """Everything until the connection ends, and how it ended: ``"eof"`` or the name of
+    the exception (``"ConnectionResetError"`` for a reset)."""
+    out = bytearray()
+    try:
+        while chunk := await reader.read(1 << 16):
+            out += chunk
+    except OSError as e:
+        return bytes(out), type(e).__name__
+    return bytes(out), "eof"
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (RST). ``transport.abort()`` alone closes with a FIN when
+    nothing received is left unread; ``SO_LINGER`` 0 makes the close a reset."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the proxy as a process ------------------------------------------------------------
+
+
+class ProxyProcess:
+    """``msgcap proxy --network regtest`` with ``flags``, capturing to ``tmp / "capture"``
+    and logging to ``tmp / "proxy.log"``. As a context manager it is killed on the way out
+    if it still runs."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.capture_dir = tmp / "capture"
+        self.log_path = tmp / "proxy.log"
+        cmd = [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(self.capture_dir),
+               "--network", "regtest", *flags]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.proc.stdout is not None
+        self.banner = self.proc.stdout.readline()
+        if not self.banner.startswith("msgcap proxy on regtest"):
+            self.kill()
+            raise AssertionError(f"{self.banner!r}\n{self.log_path.read_text()[-2000:]}")
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def stop(self) -> int:
+        """SIGTERM; the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.capture_dir)
