@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from msgcap.capture.layout import peer_of_capture_file
+from msgcap.capture.layout import SESSION_DIR, peer_of_capture_file
 from msgcap.capture.records import (
     Damage,
     Direction,
@@ -44,10 +44,22 @@ class CaptureFile:
     path: Path
     direction: Direction
     peer: str
+    """The peer folder's name."""
+    node: str | None = None
+    """The node folder's name, when the file was found under a capture root that holds
+    one folder per node (``<root>/<node>/<peer>/msgs_*.dat``, see :func:`expand_paths`)."""
 
     @classmethod
-    def at(cls, path: Path) -> CaptureFile:
-        return cls(path, Direction.of_file(path), peer_of_capture_file(path))
+    def at(cls, path: Path, root: Path | None = None) -> CaptureFile:
+        """The capture file at ``path``; ``root`` is the folder it was found under."""
+        node = None
+        if root is not None:
+            folders = list(path.relative_to(root).parts[:-1])
+            if folders and SESSION_DIR.match(folders[-1]):
+                folders.pop()
+            if len(folders) >= 2:
+                node = folders[-2]
+        return cls(path, Direction.of_file(path), peer_of_capture_file(path), node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +83,11 @@ def warn_damage(source: CaptureFile, damage: Damage) -> None:
 
 
 def expand_paths(paths: Iterable[str]) -> list[CaptureFile]:
-    """Files as given; folders become their ``*.dat`` files, recursively, sorted by path."""
+    """Files as given; folders become their ``*.dat`` files, recursively, sorted by path.
+
+    Under a folder, a file two folders down (``<node>/<peer>/msgs_recv.dat``, a ``session``
+    layout folder aside) belongs to the node named by the upper one: a capture root that
+    holds several nodes' captures, as ``msgcap proxy`` writes for named nodes."""
     files: list[CaptureFile] = []
     for p in paths:
         path = Path(p)
@@ -79,7 +95,7 @@ def expand_paths(paths: Iterable[str]) -> list[CaptureFile]:
             found = sorted(q for q in path.rglob("*.dat") if q.is_file())
             if not found:
                 raise UsageError(f"{p}: no .dat capture files in this folder")
-            files.extend(CaptureFile.at(q) for q in found)
+            files.extend(CaptureFile.at(q, path) for q in found)
         elif path.exists():
             files.append(CaptureFile.at(path))
         else:

@@ -197,6 +197,8 @@ def run_parse(args: argparse.Namespace) -> int:
             if problem is not None:
                 warn.problem(item, problem)
             if args.with_peer:
+                if item.source.node is not None:
+                    obj["node"] = item.source.node
                 obj["peer"] = item.source.peer
             if args.jsonl:
                 chunk = dumps(obj) + b"\n"
@@ -239,7 +241,9 @@ def run_stats(args: argparse.Namespace) -> int:
     counts: Counter[tuple[str, str, str]] = Counter()
     sizes: Counter[tuple[str, str, str]] = Counter()
     for item in select(args, files, warn):
-        key = (item.source.peer, item.direction.value, item.record.msgtype.label)
+        source = item.source
+        peer = source.peer if source.node is None else f"{source.node}/{source.peer}"
+        key = (peer, item.direction.value, item.record.msgtype.label)
         counts[key] += 1
         sizes[key] += len(item.record.payload)
     rows: list[tuple[str, ...]] = [("peer", "direction", "msgtype", "messages", "bytes")]

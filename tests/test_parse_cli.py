@@ -305,3 +305,20 @@ def test_many_files_and_the_open_file_limit(tmp_path: Path, hard: int) -> None:
     else:
         assert res.returncode == 0, res.stderr
         assert [json.loads(x)["time"] for x in res.stdout.splitlines()] == list(range(100))
+
+
+def test_node_folders_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A capture root with one folder per node: --with-peer and stats name the node."""
+    from msgcap.capture.records import encode_record
+
+    for node in ("n1", "n2"):
+        folder = tmp_path / node / "127.0.0.1_18444"
+        folder.mkdir(parents=True)
+        (folder / "msgs_recv.dat").write_bytes(encode_record(1, "verack", b""))
+    assert main(["parse", "--jsonl", "--with-peer", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sorted((m["node"], m["peer"]) for m in lines) == [
+        ("n1", "127.0.0.1_18444"), ("n2", "127.0.0.1_18444")]  # fmt: skip
+    assert main(["stats", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "n1/127.0.0.1_18444" in out and "n2/127.0.0.1_18444" in out

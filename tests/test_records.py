@@ -205,3 +205,18 @@ def test_writer_appends_like_core(tmp_path: Path) -> None:
         10, "version", b"v"
     ) + encode_record(20, "ping", b"12345678")
     assert (folder / "msgs_sent.dat").read_bytes() == encode_record(11, "verack", b"")
+
+
+def test_capture_files_know_their_node(tmp_path: Path) -> None:
+    from msgcap.capture.conversation import expand_paths
+
+    for rel in ("n1/127.0.0.1_18444", "n2/127.0.0.1_18444/20261127T101010.000001Z_3",
+                "127.0.0.1_8333"):  # fmt: skip
+        folder = tmp_path / rel
+        folder.mkdir(parents=True)
+        (folder / "msgs_recv.dat").write_bytes(b"")
+    found = {(f.node, f.peer) for f in expand_paths([str(tmp_path)])}
+    assert found == {("n1", "127.0.0.1_18444"), ("n2", "127.0.0.1_18444"),
+                     (None, "127.0.0.1_8333")}  # fmt: skip
+    (one,) = expand_paths([str(tmp_path / "n1" / "127.0.0.1_18444")])  # a peer folder itself
+    assert (one.node, one.peer) == (None, "127.0.0.1_18444")
