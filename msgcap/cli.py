@@ -42,16 +42,22 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--route",
         action="append",
-        metavar="LISTEN=PEER",
-        help="outbound route: the node dials LISTEN, we dial PEER (replaces the file's routes)",
+        metavar="LISTEN=PEER[@NAME]",
+        help="outbound route: the node dials LISTEN, we dial PEER (replaces the file's routes); "
+        "@NAME captures it as node NAME's, under CAPTURE_DIR/NAME/",
     )
     g.add_argument(
         "--inbound",
         action="append",
-        metavar="LISTEN=NODE",
+        metavar="LISTEN=NODE[@NAME]",
         help="inbound route: peers dial LISTEN, we dial NODE",
     )
-    g.add_argument("--socks5", metavar="LISTEN", help="SOCKS5 listener ('off' to disable)")
+    g.add_argument(
+        "--socks5",
+        action="append",
+        metavar="LISTEN[@NAME]",
+        help="SOCKS5 listener, repeatable (replaces the file's; 'off' for none); @NAME as above",
+    )
     g.add_argument("--socks5-username")
     g.add_argument("--socks5-password")
     g.add_argument("--socks5-allow", action="append", metavar="HOST:PORT-GLOB")
@@ -75,15 +81,22 @@ def proxy_config(args: argparse.Namespace) -> Config:
         for spec, key in [(s, "peer") for s in args.route or []] + [
             (s, "node") for s in args.inbound or []
         ]:
+            spec, name = _node_suffix(spec)
             listen, sep, target = spec.partition("=")
             if not sep:
                 raise ConfigError(f"route {spec!r}: expected LISTEN=HOST:PORT")
-            routes.append({"listen": listen, key: target})
+            routes.append({"listen": listen, key: target, **name})
         data["route"] = routes
-    if args.socks5 == "off":
+    if args.socks5 == ["off"]:
         data.pop("socks5", None)
     elif args.socks5 is not None:
-        data["socks5"] = {**data.get("socks5", {}), "listen": args.socks5}
+        tables = data.get("socks5", [])
+        base = dict(tables[0] if isinstance(tables, list) and tables else tables or {})
+        base.pop("node_name", None)
+        data["socks5"] = []
+        for spec in args.socks5:
+            listen, name = _node_suffix(spec)
+            data["socks5"].append({**base, "listen": listen, **name})
     for flag, key in (
         ("socks5_username", "username"),
         ("socks5_password", "password"),
@@ -91,9 +104,11 @@ def proxy_config(args: argparse.Namespace) -> Config:
     ):
         value = getattr(args, flag)
         if value is not None:
-            if "socks5" not in data:
+            if not data.get("socks5"):
                 raise ConfigError(f"--{flag.replace('_', '-')} needs a SOCKS5 listener")
-            data["socks5"][key] = value
+            tables = data["socks5"]
+            for table in tables if isinstance(tables, list) else [tables]:
+                table[key] = value
     limits = dict(data.get("limits", {}))
     for key in (
         "max_connections",
@@ -108,6 +123,12 @@ def proxy_config(args: argparse.Namespace) -> Config:
     if limits:
         data["limits"] = limits
     return config_from_dict(data)
+
+
+def _node_suffix(spec: str) -> tuple[str, dict[str, str]]:
+    """``SPEC@NAME`` to ``(SPEC, {"node_name": NAME})``; no ``@``: ``(SPEC, {})``."""
+    spec, sep, name = spec.partition("@")
+    return spec, ({"node_name": name} if sep else {})
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -151,23 +172,26 @@ def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
         f"events in {config.event_log_path}"
     ]
     net = "" if config.network == "main" else f"-{config.network} "
+    by_node: dict[str | None, list[str]] = {}
     for route, (host, port) in zip(config.routes, addresses, strict=False):
         if route.peer is not None:
-            lines.append(
-                f"  outbound route {host}:{port} -> {route.peer}: "
-                f"bitcoind {net}-connect={host}:{port}  (or -addnode=)"
-            )
+            line = (f"outbound route {host}:{port} -> {route.peer}: "
+                    f"bitcoind {net}-connect={host}:{port}  (or -addnode=)")  # fmt: skip
         else:
-            lines.append(
-                f"  inbound route {host}:{port} -> node {route.node}: peers dial {host}:{port}"
-            )
-    if config.socks5 is not None:
-        host, port = addresses[len(config.routes)]
-        lines.append(
-            f"  SOCKS5 {host}:{port}: bitcoind {net}-proxy={host}:{port} captures every "
+            line = f"inbound route {host}:{port} -> node {route.node}: peers dial {host}:{port}"
+        by_node.setdefault(route.node_name, []).append(line)
+    for socks, (host, port) in zip(config.socks5, addresses[len(config.routes) :], strict=False):
+        by_node.setdefault(socks.node_name, []).append(
+            f"SOCKS5 {host}:{port}: bitcoind {net}-proxy={host}:{port} captures every "
             "outbound peer it reaches through the proxy (Core dials loopback and "
             "private addresses directly: name them, e.g. -connect=localhost:18444)"
         )
+    for name, node_lines in by_node.items():
+        if name is None:
+            lines += [f"  {line}" for line in node_lines]
+            continue
+        lines.append(f"  node {name} (captures in {config.capture_dir / name}/):")
+        lines += [f"    {line}" for line in node_lines]
     lines.append("  Ctrl-C or SIGTERM stops it cleanly.")
     return "\n".join(lines)
 

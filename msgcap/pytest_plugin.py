@@ -188,8 +188,14 @@ class RunningProxy:
 
     @property
     def socks5(self) -> str | None:
-        """The SOCKS5 listener's ``host:port`` (``-proxy=`` this), or None."""
-        return self.addresses[-1] if self.config.socks5 is not None else None
+        """The (first) SOCKS5 listener's ``host:port`` (``-proxy=`` this), or None."""
+        listeners = self.socks5_listeners
+        return listeners[0] if listeners else None
+
+    @property
+    def socks5_listeners(self) -> list[str]:
+        """Every SOCKS5 listener's ``host:port``, in config order (``[[socks5]]``)."""
+        return self.addresses[len(self.config.routes) :]
 
     # --- captures ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class Route:
     listen: HostPort
     peer: HostPort | None = None
     node: HostPort | None = None
+    """The address the proxy dials on an inbound route (not a label: see ``node_name``)."""
+    node_name: str | None = None
+    """The node this route serves: its captures go to ``<capture_dir>/<node_name>/``."""
 
     @property
     def kind(self) -> str:
@@ -92,6 +96,8 @@ class Socks5:
     password: str | None = None
     allow: tuple[str, ...] = ()
     """Destination patterns (``host:port`` globs) allowed; empty allows all."""
+    node_name: str | None = None
+    """The node that uses this listener: its captures go to ``<capture_dir>/<node_name>/``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +120,8 @@ class Config:
     v2: V2Policy = V2Policy.DECRYPT
     on_capture_error: CaptureErrorPolicy = CaptureErrorPolicy.CONTINUE
     routes: tuple[Route, ...] = ()
-    socks5: Socks5 | None = None
+    socks5: tuple[Socks5, ...] = ()
+    """``[socks5]``, or several as ``[[socks5]]``."""
     limits: Limits = field(default_factory=Limits)
     event_log: Path | None = None
     """Default: ``<capture_dir>/events.jsonl``."""
@@ -166,7 +173,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     for i, r in enumerate(_typed(data.get("route", []), list, "route")):
         key = f"route[{i}]"
         r = _typed(r, dict, key)
-        extra = set(r) - {"listen", "peer", "node"}
+        extra = set(r) - {"listen", "peer", "node", "node_name"}
         if extra:
             raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
         if "listen" not in r or ("peer" in r) == ("node" in r):
@@ -174,27 +181,30 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         listen = HostPort.parse(_typed(r["listen"], str, f"{key}.listen"), f"{key}.listen")
         peer = HostPort.parse(r["peer"], f"{key}.peer") if "peer" in r else None
         node = HostPort.parse(r["node"], f"{key}.node") if "node" in r else None
-        routes.append(Route(listen, peer, node))
-    socks5 = None
-    if "socks5" in data:
-        s = _typed(data["socks5"], dict, "socks5")
-        extra = set(s) - {"listen", "username", "password", "allow"}
+        routes.append(Route(listen, peer, node, _node_name(r, key)))
+    socks5 = []
+    tables = data.get("socks5", [])
+    for i, s in enumerate(tables if isinstance(tables, list) else [tables]):
+        key = f"socks5[{i}]" if isinstance(tables, list) else "socks5"
+        s = _typed(s, dict, key)
+        extra = set(s) - {"listen", "username", "password", "allow", "node_name"}
         if extra:
-            raise ConfigError(f"socks5: unknown key {sorted(extra)[0]!r}")
+            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
         if "listen" not in s:
-            raise ConfigError("socks5: needs 'listen'")
+            raise ConfigError(f"{key}: needs 'listen'")
         if ("username" in s) != ("password" in s):
-            raise ConfigError("socks5: set both 'username' and 'password', or neither")
+            raise ConfigError(f"{key}: set both 'username' and 'password', or neither")
         allow = tuple(
-            _typed(a, str, "socks5.allow[]")
-            for a in _typed(s.get("allow", []), list, "socks5.allow")
+            _typed(a, str, f"{key}.allow[]")
+            for a in _typed(s.get("allow", []), list, f"{key}.allow")
         )
-        socks5 = Socks5(
-            HostPort.parse(_typed(s["listen"], str, "socks5.listen"), "socks5.listen"),
+        socks5.append(Socks5(
+            HostPort.parse(_typed(s["listen"], str, f"{key}.listen"), f"{key}.listen"),
             s.get("username"),
             s.get("password"),
             allow,
-        )
+            _node_name(s, key),
+        ))  # fmt: skip
     limits = Limits()
     if "limits" in data:
         lim = _typed(data["limits"], dict, "limits")
@@ -218,7 +228,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             CaptureErrorPolicy, data.get("on_capture_error", "continue"), "on_capture_error"
         ),
         routes=tuple(routes),
-        socks5=socks5,
+        socks5=tuple(socks5),
         limits=limits,
         event_log=Path(_typed(data["event_log"], str, "event_log"))
         if "event_log" in data
@@ -229,19 +239,35 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def _node_name(table: dict[str, Any], key: str) -> str | None:
+    """A listener's ``node_name``: one folder name, so it must be safe as one."""
+    if "node_name" not in table:
+        return None
+    name: str = _typed(table["node_name"], str, f"{key}.node_name")
+    if not NODE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{key}.node_name: {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it names a folder)"
+        )
+    return name
+
+
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def validate(cfg: Config) -> None:
-    if not cfg.routes and cfg.socks5 is None:
+    if not cfg.routes and not cfg.socks5:
         raise ConfigError("nothing to listen on: add a [[route]] or a [socks5] section")
-    listens = [r.listen for r in cfg.routes] + ([cfg.socks5.listen] if cfg.socks5 else [])
+    listens = [r.listen for r in cfg.routes] + [s.listen for s in cfg.socks5]
     fixed = [a for a in listens if a.port != 0]  # port 0: any free port
     if len(set(fixed)) != len(fixed):
         raise ConfigError("two listeners share one address")
-    s = cfg.socks5
-    if s is not None and not s.listen.is_loopback and s.username is None and not s.allow:
-        raise ConfigError(
-            f"socks5.listen {s.listen} is not loopback: set username/password or an allow "
-            "list, or anyone who reaches it can use it as an open proxy"
-        )
+    for s in cfg.socks5:
+        if not s.listen.is_loopback and s.username is None and not s.allow:
+            raise ConfigError(
+                f"socks5.listen {s.listen} is not loopback: set username/password or an "
+                "allow list, or anyone who reaches it can use it as an open proxy"
+            )
 
 
 def load_toml(path: Path) -> dict[str, Any]:

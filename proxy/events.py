@@ -56,6 +56,7 @@ class Listen(Event):
     route: str
     listen: str
     upstream: str | None = None
+    node_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +79,8 @@ class Open(Event):
     """``client`` or ``upstream``: which side is the node."""
     capture: str | None
     """The capture folder (None: nothing is captured)."""
+    node_name: str | None = None
+    """The named node whose listener took the connection."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,6 +94,7 @@ class Close(Event):
     """Bytes, messages, captured and invalid messages, in the node's recv direction."""
     sent: dict[str, int] | None = None
     captured_bytes: int | None = None
+    node_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,6 +256,24 @@ class CaptureLimit(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureApart(Event):
+    """A connection whose ``core`` folder another live connection is writing (two nodes
+    reaching one peer, or a proxy shared by machines): it is captured apart, in a
+    per-connection folder beside it, so that no file holds two conversations."""
+
+    name = "capture_apart"
+    anomaly = True
+    conn: int
+    peer: str
+    capture: str
+    """Where this connection is captured."""
+    live_conn: int
+    """The connection already writing the shared folder."""
+    live_capture: str
+    node_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CaptureError(Event):
     name = "capture_error"
     anomaly = True
@@ -279,6 +301,7 @@ EVENTS: tuple[type[Event], ...] = (
     V2StreamError,
     V2Decoys,
     CaptureLimit,
+    CaptureApart,
     CaptureError,
 )
 """Every kind of event the proxy logs."""

@@ -17,7 +17,7 @@ from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.proxy import socks5
-from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, V2Policy
+from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, Socks5, V2Policy
 from msgcap.proxy.conn import Conn, connect, serve
 from msgcap.proxy.events import (
     Close,
@@ -123,11 +123,14 @@ class Proxy:
             for route in self.config.routes:
                 await self._listen(route.listen, functools.partial(self._on_route, route))
                 self.events.emit(
-                    Listen(route=route.kind, listen=str(route.listen), upstream=str(route.upstream))
+                    Listen(route=route.kind, listen=str(route.listen),
+                           upstream=str(route.upstream), node_name=route.node_name)
+                )  # fmt: skip
+            for socks in self.config.socks5:
+                await self._listen(socks.listen, functools.partial(self._on_socks, socks))
+                self.events.emit(
+                    Listen(route="socks5", listen=str(socks.listen), node_name=socks.node_name)
                 )
-            if self.config.socks5 is not None:
-                await self._listen(self.config.socks5.listen, self._on_socks)
-                self.events.emit(Listen(route="socks5", listen=str(self.config.socks5.listen)))
         except BaseException:
             await self.stop()
             raise
@@ -233,18 +236,17 @@ class Proxy:
                 upstream,
                 first,
                 route.upstream,
+                route.node_name,
             )
         finally:
             self.active -= 1
             _close(conn)
             _close(upstream)
 
-    async def _on_socks(self, conn: Conn) -> None:
+    async def _on_socks(self, cfg: Socks5, conn: Conn) -> None:
         conn_id = self._admit(conn, "socks5")
         if conn_id is None:
             return
-        cfg = self.config.socks5
-        assert cfg is not None
         client = _peername(conn)
         upstream: Conn | None = None
         try:
@@ -293,7 +295,9 @@ class Proxy:
             first = await self._initial(conn_id, conn, peer)
             if first is None:
                 return
-            await self._relay(conn_id, "socks5", client, peer, True, conn, upstream, first, dest)
+            await self._relay(
+                conn_id, "socks5", client, peer, True, conn, upstream, first, dest, cfg.node_name
+            )
         except (ConnectionError, OSError) as e:
             self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
         finally:
@@ -420,6 +424,7 @@ class Proxy:
         upstream: Conn,
         first: bytes,
         upstream_addr: HostPort,
+        node_name: str | None,
     ) -> None:
         v2 = not first.startswith(self.v1_prefix)
         decrypt = v2 and self.config.v2 is V2Policy.DECRYPT
@@ -436,7 +441,7 @@ class Proxy:
             first = b""
         raw = v2 and not decrypt
         try:
-            capture = self.store.open(peer, conn_id, enabled=not raw)
+            capture = self.store.open(peer, conn_id, enabled=not raw, node_name=node_name)
         except CaptureStopped:
             _close(replaced)
             return
@@ -457,6 +462,7 @@ class Proxy:
                 client=client,
                 peer=peer,
                 node="client" if node_is_client else "upstream",
+                node_name=node_name,
                 capture=str(capture.writer.folder) if capture.writer else None,
             )
         )
@@ -479,6 +485,7 @@ class Proxy:
                         recv=_stats(recv),
                         sent=_stats(sent),
                         captured_bytes=capture.bytes,
+                        node_name=node_name,
                     )
                 )
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 from msgcap.capture import batch
 from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
@@ -20,7 +22,7 @@ from msgcap.capture.layout import Layout, capture_folder
 from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header
 from msgcap.capture.writer import CaptureWriter
 from msgcap.proxy.config import CaptureErrorPolicy, Config
-from msgcap.proxy.events import CaptureError, CaptureLimit, EventLog
+from msgcap.proxy.events import CaptureApart, CaptureError, CaptureLimit, EventLog
 
 
 class CaptureStopped(Exception):
@@ -30,23 +32,36 @@ class CaptureStopped(Exception):
 class ConnectionCapture:
     """One connection's capture: checks and writes records, enforces quotas."""
 
-    def __init__(self, store: CaptureStore, peer: str, conn_id: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        store: CaptureStore,
+        peer: str,
+        conn_id: int,
+        enabled: bool,
+        node_name: str | None = None,
+    ) -> None:
         self.store = store
         self.peer = peer
         self.conn_id = conn_id
+        self.node_name = node_name
+        self.quota_key = peer if node_name is None else f"{node_name}/{peer}"
         self.writer: CaptureWriter | None = None
         self.active = enabled
         self.bytes = 0
         if not enabled:
             return
+        root = store.root if node_name is None else store.root / node_name
+        start = dt.datetime.now(dt.UTC)
         try:
-            folder = capture_folder(
-                store.root,
-                peer,
-                store.layout,
-                start=dt.datetime.now(dt.UTC),
-                connection_id=conn_id,
-            )
+            folder = capture_folder(root, peer, store.layout, start=start, connection_id=conn_id)
+            if store.layout is Layout.CORE:
+                live = store.claim(folder, conn_id)
+                if live is not None:  # another live connection writes it: never interleave
+                    shared = folder
+                    folder = capture_folder(root, peer, Layout.SESSION, start=start,
+                                            connection_id=conn_id)  # fmt: skip
+                    store.events.emit(CaptureApart(conn=conn_id, peer=peer, capture=str(folder),
+                        live_conn=live, live_capture=str(shared), node_name=node_name))  # fmt: skip
             self.writer = CaptureWriter(folder)
         except (OSError, ValueError) as e:
             self.failed(f"cannot open capture files: {e}")
@@ -69,12 +84,12 @@ class ConnectionCapture:
         ]
         size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
         writer = self.writer if self.active else None
-        whole = writer is not None and self.store.reserve(self.peer, size) is None
+        whole = writer is not None and self.store.reserve(self.quota_key, size) is None
         try:
             checked = batch.write_checked(writer.fd(direction) if whole and writer else -1, items)
         except Exception as e:  # any failure here is a capture failure
             if whole:
-                self.store.release(self.peer, size)
+                self.store.release(self.quota_key, size)
             self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             checked = batch.python_write_checked(-1, items)  # what is valid, for the stats
             whole = False
@@ -82,7 +97,7 @@ class ConnectionCapture:
         ok = [t and next(verdicts) for t in typed]
         if whole:
             kept = sum(f.length + RECORD_HEADER_SIZE for f, v in zip(frames, ok, strict=True) if v)
-            self.store.release(self.peer, size - kept)
+            self.store.release(self.quota_key, size - kept)
             self.bytes += kept
             return ok, ok.count(True)
         if self.active and self.writer is not None:  # a quota is within reach
@@ -103,7 +118,7 @@ class ConnectionCapture:
             for i, (t, p) in enumerate(messages)
         ]
         size = sum(len(p) for _, p in messages) + RECORD_HEADER_SIZE * len(messages)
-        if self.store.reserve(self.peer, size) is not None:  # a quota is within reach
+        if self.store.reserve(self.quota_key, size) is not None:  # a quota is within reach
             return self._capture_up_to_quota(direction, items, [True] * len(items))
         parts: list[bytes | memoryview] = []
         for h, (p,), _ in items:
@@ -111,7 +126,7 @@ class ConnectionCapture:
         try:
             batch.write_all(self.writer.fd(direction), parts)
         except Exception as e:  # any failure here is a capture failure
-            self.store.release(self.peer, size)
+            self.store.release(self.quota_key, size)
             self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             return 0
         self.bytes += size
@@ -128,7 +143,7 @@ class ConnectionCapture:
             if not v:
                 continue
             n = RECORD_HEADER_SIZE + sum(map(len, pieces))
-            quota = self.store.reserve(self.peer, n)
+            quota = self.store.reserve(self.quota_key, n)
             if quota is not None:
                 self.active = False
                 self.store.events.emit(CaptureLimit(conn=self.conn_id, peer=self.peer,
@@ -142,7 +157,7 @@ class ConnectionCapture:
         try:
             self.writer.write_parts(direction, parts)
         except Exception as e:  # any failure here is a capture failure
-            self.store.release(self.peer, size)
+            self.store.release(self.quota_key, size)
             self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             return 0
         self.bytes += size
@@ -162,6 +177,7 @@ class ConnectionCapture:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.store.unclaim(self.writer.folder, self.conn_id)
 
 
 class CaptureStore:
@@ -173,6 +189,9 @@ class CaptureStore:
         self.total_limit = config.limits.capture_bytes_total
         self.events = events
         self.per_peer: Counter[str] = Counter()
+        self._live: dict[Path, int] = {}
+        """``core`` folders being written, by connection (see :meth:`claim`)."""
+        self._live_lock = threading.Lock()  # claimed on the event loop, released by the worker
         self.total = 0
         self.writable = True
         problem = self._check_root()
@@ -193,10 +212,28 @@ class CaptureStore:
             return f"capture directory {self.root} is not writable: {e.strerror or e}"
         return None
 
-    def open(self, peer: str, conn_id: int, enabled: bool = True) -> ConnectionCapture:
-        """The capture of one connection; ``enabled=False`` opens no files (BIP324
-        passthrough, where there is nothing to capture)."""
-        return ConnectionCapture(self, peer, conn_id, enabled)
+    def open(
+        self, peer: str, conn_id: int, enabled: bool = True, node_name: str | None = None
+    ) -> ConnectionCapture:
+        """The capture of one connection (under ``<root>/<node_name>/`` for a named node);
+        ``enabled=False`` opens no files (BIP324 passthrough: nothing to capture)."""
+        return ConnectionCapture(self, peer, conn_id, enabled, node_name)
+
+    def claim(self, folder: Path, conn_id: int) -> int | None:
+        """Mark ``folder`` as written by ``conn_id``; or the live connection that already
+        writes it (then nothing changes)."""
+        with self._live_lock:
+            live = self._live.get(folder)
+            if live is None:
+                self._live[folder] = conn_id
+            return live
+
+    def unclaim(self, folder: Path, conn_id: int) -> None:
+        """The connection is done with ``folder``: a later one appends to it, as Core does
+        after a reconnection."""
+        with self._live_lock:
+            if self._live.get(folder) == conn_id:
+                del self._live[folder]
 
     def reserve(self, peer: str, size: int) -> str | None:
         """Count ``size`` bytes against the quotas; the name of the quota hit, if any."""

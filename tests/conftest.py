@@ -16,13 +16,16 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from msgcap.capture.framing import Network, encode_frame
 from msgcap.proxy.config import config_from_dict
 from msgcap.proxy.server import Proxy
+from tests import bitcoind
 
 T = TypeVar("T")
 
@@ -212,3 +215,34 @@ class ProxyProcess:
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.capture_dir)
+
+
+# --- real Bitcoin Core (tests/bitcoind.py) ----------------------------------------------
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[bitcoind.NodeFactory]:
+    """Start nodes with ``nodes(name, *args)``; all are stopped when the test ends."""
+    factory = bitcoind.NodeFactory(tmp_path / "nodes")  # skips (or fails) without bitcoind
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., bitcoind.ProxyProcess]]:
+    """Start ``msgcap proxy`` with ``start_proxy(*flags, config=None)``; killed at the end
+    if the test did not stop it."""
+    started: list[bitcoind.ProxyProcess] = []
+
+    def start(*flags: str, config: str | None = None) -> bitcoind.ProxyProcess:
+        proxy = bitcoind.ProxyProcess(tmp_path / f"proxy{len(started)}", *flags, config=config)
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            proxy.kill()

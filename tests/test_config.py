@@ -29,14 +29,15 @@ def test_example_config_is_the_default_with_every_key() -> None:
     default = config_from_dict(DEFAULT_CONFIG)
     assert example == default
     assert example.routes[0].peer == HostPort("127.0.0.1", 18444)
-    assert example.socks5 is not None and example.socks5.listen == HostPort("127.0.0.1", 9050)
+    assert [s.listen for s in example.socks5] == [HostPort("127.0.0.1", 9050)]
 
 
 def test_every_config_key_has_a_flag() -> None:
     text = (ROOT / "config.example.toml").read_text()
     keys = {m.group(1) for m in re.finditer(r"^#? ?([a-z_0-9]+) = ", text, re.MULTILINE)}
     assert {"network", "magic", "idle_timeout", "allow"} <= keys
-    keys -= {"listen", "peer", "node"}  # --route LISTEN=PEER, --inbound LISTEN=NODE
+    # --route LISTEN=PEER[@NODE_NAME], --inbound LISTEN=NODE[@NODE_NAME], --socks5 LISTEN[@..]
+    keys -= {"listen", "peer", "node", "node_name"}
     parser = argparse.ArgumentParser()
     add_proxy_args(parser)
     help_text = parser.format_help()
@@ -64,7 +65,28 @@ def test_flags_override_file(tmp_path: Path) -> None:
     assert cfg.on_capture_error is CaptureErrorPolicy.STOP
     assert [r.kind for r in cfg.routes] == ["inbound"]
     assert cfg.limits.idle_timeout == 5
-    assert cfg.socks5 is None
+    assert cfg.socks5 == ()
+
+
+def test_named_nodes_in_file_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[[socks5]]\nlisten = "127.0.0.1:9050"\nnode_name = "n1"\n'
+        '[[socks5]]\nlisten = "127.0.0.1:9051"\nnode_name = "n2"\n'
+        '[[route]]\nlisten = "127.0.0.1:1"\npeer = "127.0.0.1:18444"\nnode_name = "n3"\n'
+    )
+    cfg = proxy_config(args("--config", str(f)))
+    assert [(s.listen.port, s.node_name) for s in cfg.socks5] == [(9050, "n1"), (9051, "n2")]
+    assert cfg.routes[0].node_name == "n3"
+    single = config_from_dict({"socks5": {"listen": "127.0.0.1:9050"}})  # [socks5] still works
+    assert [s.node_name for s in single.socks5] == [None]
+    cfg = proxy_config(args("--socks5", "127.0.0.1:9060@a", "--socks5", "127.0.0.1:9061",
+                            "--route", "127.0.0.1:2=127.0.0.1:18444@b"))  # fmt: skip
+    assert [(s.listen.port, s.node_name) for s in cfg.socks5] == [(9060, "a"), (9061, None)]
+    assert [(r.listen.port, r.node_name) for r in cfg.routes] == [(2, "b")]
+    for bad in ("../x", "a/b", "", ".."):
+        with pytest.raises(ConfigError, match="node_name"):
+            config_from_dict({"socks5": {"listen": "127.0.0.1:1", "node_name": bad}})
 
 
 def test_custom_magic() -> None:
@@ -97,7 +119,7 @@ def test_config_errors(data: dict[str, Any], message: str) -> None:
 
 def test_public_socks_with_credentials_is_allowed() -> None:
     cfg = config_from_dict({"socks5": {"listen": "0.0.0.0:9050", "username": "u", "password": "p"}})
-    assert cfg.socks5 is not None and cfg.socks5.username == "u"
+    assert cfg.socks5[0].username == "u"
 
 
 def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

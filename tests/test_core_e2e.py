@@ -36,7 +36,7 @@ import shutil
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,34 +118,6 @@ def event_time_us(event: dict[str, Any]) -> int:
 
 
 # --- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
-    """Start nodes with ``nodes(name, *args)``; all are stopped when the test ends."""
-    factory = NodeFactory(tmp_path / "nodes")  # skips (or fails) without bitcoind
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start ``msgcap proxy`` with ``start_proxy(*flags, config=None)``; killed at the end
-    if the test did not stop it."""
-    started: list[ProxyProcess] = []
-
-    def start(*flags: str, config: str | None = None) -> ProxyProcess:
-        proxy = ProxyProcess(tmp_path / f"proxy{len(started)}", *flags, config=config)
-        started.append(proxy)
-        return proxy
-
-    try:
-        yield start
-    finally:
-        for proxy in started:
-            proxy.kill()
 
 
 # --- one session through the proxy ------------------------------------------------------
