@@ -39,6 +39,8 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-capture-error", choices=("continue", "stop"))
     g.add_argument("--event-log", help="JSON lines event log (default: CAPTURE_DIR/events.jsonl)")
     g.add_argument("--live", action="store_true", default=None, help="print every message")
+    g.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
     g.add_argument(
         "--route",
         action="append",
@@ -161,7 +163,11 @@ async def _serve(config: Config) -> int:
     proxy = Proxy(config)
     stop = proxy.handle_signals()
     await proxy.start()
-    print(describe(config, proxy.addresses), flush=True)
+    text = describe(config, proxy.addresses)
+    if proxy.metrics_address is not None:
+        host, port = proxy.metrics_address
+        text = text.replace("\n  Ctrl-C", f"\n  metrics: http://{host}:{port}/metrics\n  Ctrl-C")
+    print(text, flush=True)
     await proxy.run_until(stop)
     return 0
 
@@ -201,17 +207,25 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="HOST:PORT", help="dial a live node and play to it")
     where.add_argument("--listen", metavar="HOST:PORT",
-                       help="wait for one client (v1 or v2), play to it")  # fmt: skip
+                       help="wait for clients (v1 or v2), play to each")  # fmt: skip
+    p.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="with --listen: serve N connections (default 1); one closed before "
+                   "it sent its version, like a probe, does not count")  # fmt: skip
     p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
     p.add_argument("--play", choices=("peer", "node"),
                    help="side to play (default: peer with --to, node with --listen)")  # fmt: skip
     p.add_argument("--transport", choices=("v1", "v2"), default="v1",
                    help="with --to: v1 or BIP324 (v2); --listen takes either")  # fmt: skip
-    p.add_argument("--fast", action="store_true", help="do not wait for the live side")
+    p.add_argument("--fast", action="store_true",
+                   help="send every recorded message at once, answers too, unasked")  # fmt: skip
     p.add_argument("--verbatim", action="store_true", help="send the recorded version as is")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per step")
-    p.add_argument("--strict", action="store_true", help="exit 1 if the conversation diverged")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the live side (its handshake, a pong, its next "
+                   "request; an unanswerable request ends the replay this long after)")  # fmt: skip
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 on substantive divergence")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (one line per connection)")  # fmt: skip
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -227,26 +241,35 @@ def run_replay(args: argparse.Namespace) -> int:
         target = HostPort.parse(args.to or args.listen, "--to" if args.to else "--listen")
     except (ValueError, ReplayError) as e:
         raise UsageError(str(e)) from None
+    if args.connections < 1 or (args.to and args.connections != 1):
+        raise UsageError("--connections takes a number from 1, and only with --listen")
     options = {"magic": magic, "fast": args.fast, "verbatim": args.verbatim,
                "timeout": args.timeout}  # fmt: skip
     try:
         if args.to:
-            report = asyncio.run(replay_to(steps, target.host, target.port,
-                                           play=args.play or "peer", transport=args.transport,
-                                           **options))  # fmt: skip
+            reports = [asyncio.run(replay_to(steps, target.host, target.port,
+                                             play=args.play or "peer", transport=args.transport,
+                                             **options))]  # fmt: skip
         else:
-            report = asyncio.run(replay_listen(steps, target.host, target.port,
-                                               play=args.play or "node", **options))  # fmt: skip
+            listening = replay_listen(steps, target.host, target.port, play=args.play or "node",
+                                      connections=args.connections, **options)  # fmt: skip
+            reports = asyncio.run(listening)
     except ReplayError as e:
         raise UsageError(str(e)) from None
     except (OSError, TimeoutError) as e:
         print(f"msgcap: error: {e or type(e).__name__}", file=sys.stderr)
         return 1
-    if args.json:
-        print(orjson.dumps(report.to_json()).decode())
-    else:
-        print(report.summary())
-    return 1 if args.strict and report.diverged else 0
+    for i, report in enumerate(reports, 1):
+        if args.json:
+            print(orjson.dumps(report.to_json()).decode())
+        else:
+            heading = f"connection {i} of {len(reports)}:\n" if len(reports) > 1 else ""
+            print(("\n" if i > 1 else "") + heading + report.summary())
+    if len(reports) < args.connections:
+        print(f"msgcap: error: {len(reports)} of {args.connections} connections arrived",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 1 if args.strict and any(r.diverged for r in reports) else 0
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:

@@ -126,6 +126,8 @@ class Config:
     event_log: Path | None = None
     """Default: ``<capture_dir>/events.jsonl``."""
     live: bool = False
+    metrics: HostPort | None = None
+    """Serve Prometheus metrics here (off by default)."""
 
     @property
     def event_log_path(self) -> Path:
@@ -141,7 +143,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 SCALAR_KEYS = ("network", "magic", "capture_dir", "layout", "v2", "on_capture_error",
-               "event_log", "live")  # fmt: skip
+               "event_log", "live", "metrics")  # fmt: skip
 """Top-level keys holding one value (each has a flag of the same name)."""
 _TOP_KEYS = {*SCALAR_KEYS, "route", "socks5", "limits"}
 
@@ -234,6 +236,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         if "event_log" in data
         else None,
         live=_typed(data.get("live", False), bool, "live"),
+        metrics=HostPort.parse(_typed(data["metrics"], str, "metrics"), "metrics")
+        if "metrics" in data
+        else None,
     )
     validate(cfg)
     return cfg

@@ -21,6 +21,7 @@ import orjson
 
 from msgcap.capture.framing import FrameProblem
 from msgcap.capture.records import Direction
+from msgcap.proxy.metrics import Metrics
 
 log = logging.getLogger("msgcap")
 
@@ -308,8 +309,9 @@ EVENTS: tuple[type[Event], ...] = (
 
 
 class EventLog:
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
         self.path = path
+        self.metrics = metrics
         self._lock = threading.Lock()  # the event loop and the capture thread both log
         self._f: IO[bytes] | None = None
         if path is not None:
@@ -326,6 +328,11 @@ class EventLog:
                     self._f.write(line)
                 except OSError as e:
                     log.error("cannot write event log %s: %s", self.path, e)
+        if self.metrics is not None:
+            if event.anomaly:
+                self.metrics.anomaly(name)
+            elif isinstance(event, V2SessionEvent):
+                self.metrics.v2_session()
         level = logging.WARNING if event.anomaly else logging.INFO
         log.log(level, "%s %s", name, orjson.dumps(facts, default=str).decode())
 

@@ -36,6 +36,7 @@ from msgcap.proxy.events import (
     V2SessionEvent,
     V2StreamError,
 )
+from msgcap.proxy.metrics import Metrics
 from msgcap.proxy.relay import DirectionStats, Relay, Side
 from msgcap.proxy.store import CaptureStopped, CaptureStore
 from msgcap.proxy.v2 import (
@@ -100,8 +101,10 @@ def _close(conn: Conn | None) -> None:
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.events = EventLog(config.event_log_path)
-        self.store = CaptureStore(config, self.events)
+        self.metrics = Metrics() if config.metrics is not None else None
+        self.metrics_address: tuple[str, int] | None = None
+        self.events = EventLog(config.event_log_path, self.metrics)
+        self.store = CaptureStore(config, self.events, self.metrics)
         self.live = LiveView() if config.live else None
         self.worker = CaptureWorker()
         self.v1_prefix = v1_version_prefix(config.magic)
@@ -126,6 +129,11 @@ class Proxy:
                     Listen(route=route.kind, listen=str(route.listen),
                            upstream=str(route.upstream), node_name=route.node_name)
                 )  # fmt: skip
+            if self.metrics is not None and self.config.metrics is not None:
+                self.metrics.watch(lambda: self.active, lambda: self.store.total,
+                                   lambda: self.worker.queued)  # fmt: skip
+                at = self.config.metrics
+                self.metrics_address = self.metrics.serve(at.host, at.port)
             for socks in self.config.socks5:
                 await self._listen(socks.listen, functools.partial(self._on_socks, socks))
                 self.events.emit(
@@ -178,6 +186,8 @@ class Proxy:
         await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
         self.events.emit(Stop(captured_bytes=self.store.total))
         self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def handle_signals(self) -> asyncio.Event:
         """SIGINT and SIGTERM set the returned event (install before announcing)."""

@@ -23,6 +23,7 @@ from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header
 from msgcap.capture.writer import CaptureWriter
 from msgcap.proxy.config import CaptureErrorPolicy, Config
 from msgcap.proxy.events import CaptureApart, CaptureError, CaptureLimit, EventLog
+from msgcap.proxy.metrics import Metrics
 
 
 class CaptureStopped(Exception):
@@ -95,6 +96,12 @@ class ConnectionCapture:
             whole = False
         verdicts = iter(checked)
         ok = [t and next(verdicts) for t in typed]
+        metrics = self.store.metrics
+        if metrics is not None:
+            valid = [f for f, v in zip(frames, ok, strict=True) if v]
+            metrics.messages(
+                direction, [(MsgType.of(f.raw_msgtype).label, f.length) for f in valid]
+            )
         if whole:
             kept = sum(f.length + RECORD_HEADER_SIZE for f, v in zip(frames, ok, strict=True) if v)
             self.store.release(self.quota_key, size - kept)
@@ -110,6 +117,9 @@ class ConnectionCapture:
         """Capture messages that need no check (decrypted BIP324 messages: the AEAD tag
         was their check), the i-th at ``t0 + i``: how many were captured. Raises
         :class:`CaptureStopped` as :meth:`capture` does."""
+        metrics = self.store.metrics
+        if metrics is not None:
+            metrics.messages(direction, [(t, len(p)) for t, p in messages])
         if not self.active or self.writer is None:
             return 0
         header = record_header
@@ -181,7 +191,8 @@ class ConnectionCapture:
 
 
 class CaptureStore:
-    def __init__(self, config: Config, events: EventLog) -> None:
+    def __init__(self, config: Config, events: EventLog, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         self.root = config.capture_dir
         self.layout: Layout = config.layout
         self.on_error = config.on_capture_error
