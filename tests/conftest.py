@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -177,44 +174,8 @@ def free_port() -> int:
 # --- the proxy as a process ------------------------------------------------------------
 
 
-class ProxyProcess:
-    """``msgcap proxy --network regtest`` with ``flags``, capturing to ``tmp / "capture"``
-    and logging to ``tmp / "proxy.log"``. As a context manager it is killed on the way out
-    if it still runs."""
-
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.capture_dir = tmp / "capture"
-        self.log_path = tmp / "proxy.log"
-        cmd = [sys.executable, "-m", "msgcap", "proxy", "--capture-dir", str(self.capture_dir),
-               "--network", "regtest", *flags]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        assert self.proc.stdout is not None
-        self.banner = self.proc.stdout.readline()
-        if not self.banner.startswith("msgcap proxy on regtest"):
-            self.kill()
-            raise AssertionError(f"{self.banner!r}\n{self.log_path.read_text()[-2000:]}")
-
-    def __enter__(self) -> ProxyProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    def stop(self) -> int:
-        """SIGTERM; the exit status."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def events(self) -> list[dict[str, Any]]:
-        return read_events(self.capture_dir)
+ProxyProcess = bitcoind.ProxyProcess
+"""``msgcap proxy`` as a process (one implementation, in tests/bitcoind.py)."""
 
 
 # --- real Bitcoin Core (tests/bitcoind.py) ----------------------------------------------
