@@ -8,9 +8,10 @@
 - ``msgcap_capture(path, ...)``: a capture folder or files as a time-ordered list of
   :class:`CapturedMessage` with typed messages (``parser.messages``).
 - ``msgcap_replay(path, to="HOST:PORT", ...)``: play one side of a capture against a live
-  node and return the :class:`proxy.replay.Report` (``.diverged``, ``.stalls``,
-  ``.diff``). Usable from sync and async tests alike (it runs its own event loop in a
-  thread).
+  node and return the :class:`proxy.replay.Report`: ``.diverged`` (substantive divergence
+  only), ``.substantive`` and ``.benign`` (lists of ``Divergence``), ``.reached``,
+  ``.answered``, ``.summary()``. Usable from sync and async tests alike (it runs its own
+  event loop in a thread).
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def replay(
     on_listening: Callable[[str, int], None] | None = None,
 ) -> Report:
     """Blocking replay; with ``listen``, ``on_listening(host, port)`` is called once the
-    listener is up (start the client under test there). ``transport="v2"`` speaks BIP324
-    to the node given by ``to``; a listening replayer takes whichever the client speaks."""
+    listener is up (start the client under test there), and the first client that sends
+    its ``version`` is played to. ``transport="v2"`` speaks BIP324 to the node given by
+    ``to``; a listening replayer takes whichever the client speaks."""
     if (to is None) == (listen is None):
         raise ValueError("give exactly one of to= or listen=")
     steps = load_conversation(paths)
@@ -104,8 +106,9 @@ def replay(
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         if on_listening is not None:
             ready.add_done_callback(lambda f: on_listening(*f.result()))
-        return await replay_listen(steps, target.host, target.port, play=play or "node",
-                                   ready=ready, **options)  # fmt: skip
+        reports = await replay_listen(steps, target.host, target.port, play=play or "node",
+                                      ready=ready, **options)  # fmt: skip
+        return reports[0]
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, run()).result()
@@ -377,5 +380,6 @@ def msgcap_capture() -> Callable[..., list[CapturedMessage]]:
 
 @pytest.fixture
 def msgcap_replay() -> Callable[..., Report]:
-    """``msgcap_replay(path, to="127.0.0.1:18444")`` -> Report."""
+    """``msgcap_replay(path, to="127.0.0.1:18444")`` -> Report (``.diverged`` means
+    substantive divergence; ``.substantive`` and ``.benign`` list what differs)."""
     return replay
