@@ -14,6 +14,7 @@ from typing import Any
 
 from msgcap.errors import ConfigError, UsageError
 from msgcap.parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
+from msgcap.parser.dataset import add_export_parquet_args, add_sql_args, run_export_parquet, run_sql
 from msgcap.proxy.config import (
     DEFAULT_CONFIG,
     SCALAR_KEYS,
@@ -273,10 +274,11 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="FILE", help="capture files or folders")
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="capture files or folders")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--fuzz", metavar="DIR", help="one v1 wire message per file, SHA-1 named")
     kind.add_argument("--pcap", metavar="OUT", help="a pcap with one TCP connection per peer")
+    add_export_parquet_args(p, kind)
     p.add_argument("--payloads", action="store_true",
                    help="with --fuzz: bare payloads in one folder per type")  # fmt: skip
     p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
@@ -286,6 +288,8 @@ def run_export(args: argparse.Namespace) -> int:
     from msgcap.capture.export import export_fuzz, export_pcap
     from msgcap.capture.framing import parse_magic
 
+    if args.parquet:
+        return run_export_parquet(args)
     try:
         magic = parse_magic(args.network)
     except ValueError as e:
@@ -346,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
          run_stats),
         ("replay", "play one side of a capture against live software", add_replay_args,
          run_replay),
-        ("export", "export captures as a fuzzing corpus or a pcap", add_export_args,
-         run_export),
+        ("export", "export captures as a fuzzing corpus, a pcap or a Parquet dataset",
+         add_export_args, run_export),
+        ("sql", "SQL (DuckDB) over a dataset written by export --parquet", add_sql_args,
+         run_sql),
         ("compare", "two captures of one session, message by message", add_compare_args,
          run_compare),
     ]  # fmt: skip
