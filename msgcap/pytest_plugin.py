@@ -210,27 +210,43 @@ class RunningProxy:
     def event_log(self) -> Path:
         return self.config.event_log_path
 
-    def peer_dir(self, peer: str) -> Path:
+    def node_dir(self, node: str | None = None) -> Path:
+        """The capture root of a named node (``node_name`` of its listeners), or of the
+        unnamed ones."""
+        return self.capture_dir if node is None else self.capture_dir / node
+
+    def peer_dir(self, peer: str, node: str | None = None) -> Path:
         """The capture folder of a peer, given as ``host:port`` (as in the config or
-        ``-connect=``) or as its folder name (``127.0.0.1_18444``). It may not exist yet."""
+        ``-connect=``) or as its folder name (``127.0.0.1_18444``), for a named node or
+        the unnamed ones. It may not exist yet."""
         if ":" in peer:
             hp = HostPort.parse(peer, "peer")
             peer = peer_folder_name(hp.host, hp.port)
-        return self.capture_dir / peer
+        return self.node_dir(node) / peer
 
-    def peers(self) -> list[str]:
-        """The folder names of the peers captured so far."""
+    def peers(self, node: str | None = None) -> list[str]:
+        """The folder names of the peers captured so far (of a named node, or of the
+        unnamed ones)."""
         self.flush()
-        if not self.capture_dir.is_dir():
+        root = self.node_dir(node)
+        if not root.is_dir():
             return []
-        return sorted(p.name for p in self.capture_dir.iterdir() if p.is_dir())
+        names = {n for n in self._node_names() if node is None}
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in names)
 
-    def messages(self, peer: str | None = None) -> list[CapturedMessage]:
+    def _node_names(self) -> set[str]:
+        names = [r.node_name for r in self.config.routes] + [
+            s.node_name for s in self.config.socks5
+        ]
+        return {n for n in names if n}
+
+    def messages(self, peer: str | None = None, node: str | None = None) -> list[CapturedMessage]:
         """The typed messages captured so far, in time order: of one peer (see
-        :meth:`peer_dir`), or of every peer merged. Directions are from the node's point
-        of view (``recv``: said by the peer). Everything the proxy has forwarded is in it
-        (the capture thread is waited for); an empty list before the first capture."""
-        folder = self.capture_dir if peer is None else self.peer_dir(peer)
+        :meth:`peer_dir`), or of every peer (of ``node``, or of every node) merged.
+        Directions are from that node's point of view (``recv``: said by the peer).
+        Everything the proxy has forwarded is in it (the capture thread is waited for);
+        an empty list before the first capture."""
+        folder = self.node_dir(node) if peer is None else self.peer_dir(peer, node)
 
         def read() -> list[Step]:  # in the capture thread: no write is half done
             if not folder.is_dir() or not any(folder.rglob("*.dat")):

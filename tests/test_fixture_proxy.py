@@ -201,3 +201,42 @@ def test_teardown_stops_every_proxy(
     result.assert_outcomes(passed=2)
     assert "warning" not in result.stdout.str().lower(), result.stdout.str()
     assert textwrap.dedent(result.stderr.str()).strip() == ""
+
+
+def test_several_nodes_behind_one_proxy(msgcap_proxy: ProxyFactory) -> None:
+    """Two named nodes on one proxy: each node's messages, and all of them merged."""
+    import asyncio
+
+    async def scenario() -> tuple[str, RunningProxy]:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = f"127.0.0.1:{port}"
+        proxy = await asyncio.to_thread(msgcap_proxy, {"route": [
+            {"listen": "127.0.0.1:0", "peer": peer, "node_name": "n1"},
+            {"listen": "127.0.0.1:0", "peer": peer, "node_name": "n2"},
+        ]})  # fmt: skip
+        for i, listen in enumerate(proxy.routes):
+            host, p = listen.rsplit(":", 1)
+            r, w = await asyncio.open_connection(host, int(p))
+            frame = handshake(f"/n{i + 1}/", i + 1)
+            w.write(frame)
+            await w.drain()
+            assert await r.readexactly(len(frame)) == frame
+            w.close()
+        server.close()
+        return peer, proxy
+
+    peer, proxy = asyncio.run(scenario())
+    for i, node in enumerate(("n1", "n2")):
+        got = proxy.messages(peer, node=node)
+        sent = [m.msgtype for m in got if m.direction == "sent"]
+        assert sent == ["version", "verack"] and len(got) == 4  # and the echo
+        assert isinstance(got[0].message, Version) and got[0].message.nonce == i + 1
+        assert proxy.peers(node) == [proxy.peer_dir(peer).name]
+    assert len(proxy.messages()) == 8 and proxy.peers() == []  # no unnamed node captured
