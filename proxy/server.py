@@ -418,8 +418,13 @@ class Proxy:
         except* TimeoutError:
             self.events.emit(Timeout(conn=conn_id, peer=peer, during="BIP324 handshake"))
         except* (ConnectionError, OSError) as group:
-            self.events.emit(UpstreamError(conn=conn_id, peer=peer, upstream=str(upstream_addr),
-                                           error=describe_error(group.exceptions[0])))  # fmt: skip
+            error = group.exceptions[0]
+            if a.done() and not a.cancelled() and a.exception() is error:  # the client left
+                reason = f"closed during the BIP324 handshake ({describe_error(error)})"
+                self.events.emit(Close(conn=conn_id, peer=peer, reason=reason))
+            else:
+                self.events.emit(UpstreamError(conn=conn_id, peer=peer,
+                    upstream=str(upstream_addr), error=describe_error(error)))  # fmt: skip
         _close(replaced)
         return None
 

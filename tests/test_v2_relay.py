@@ -309,3 +309,19 @@ async def test_fifteen_of_sixteen_v1_bytes_is_v2(tmp_path: Path) -> None:
     assert not any(bytes(prefix[:15]) in g for g in got)  # no v1 bytes went upstream
     kinds = {e["event"] for e in events(tmp_path)}
     assert "timeout" in kinds and "open" not in kinds
+
+
+async def test_client_closing_during_the_handshake_is_a_close(tmp_path: Path) -> None:
+    peer = EchoPeer()
+    async with server(peer) as port, proxy_to(tmp_path, port) as proxy:
+        r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
+        w.write(V2Session(initiator=True, magic=MAGIC).data_to_send()[:40])  # part of a key
+        await w.drain()
+        w.close()
+        for _ in range(int(TIMEOUT / 0.05)):
+            if any(e["event"] == "close" for e in events(tmp_path)):
+                break
+            await asyncio.sleep(0.05)
+    closes = [e for e in events(tmp_path) if e["event"] == "close"]
+    assert closes and "BIP324 handshake" in closes[0]["reason"], events(tmp_path)
+    assert not [e for e in events(tmp_path) if e["event"] == "upstream_error"]
