@@ -314,7 +314,7 @@ async def test_fifteen_of_sixteen_v1_bytes_is_v2(tmp_path: Path) -> None:
 async def test_client_closing_during_the_handshake_is_a_close(tmp_path: Path) -> None:
     peer = EchoPeer()
     async with server(peer) as port, proxy_to(tmp_path, port) as proxy:
-        r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
+        _, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
         w.write(V2Session(initiator=True, magic=MAGIC).data_to_send()[:40])  # part of a key
         await w.drain()
         w.close()
