@@ -1,11 +1,18 @@
 """Generate a large capture folder with a realistic message mix, deterministically.
 
-The mix follows what a node syncing and relaying on a busy network records: by count
-mostly inv, tx, getdata, ping/pong; by bytes mostly blocks (hundreds to thousands of
-segwit and legacy transactions each), plus compact blocks, headers, addr/addrv2 and the
-handshake. Every payload is a valid serialization.
+Two kinds:
+
+- ``blocks`` (the default): what a node syncing and relaying on a busy network records:
+  by count mostly inv, tx, getdata, ping/pong; by bytes mostly blocks (hundreds to
+  thousands of segwit and legacy transactions each), plus compact blocks, headers,
+  addr/addrv2 and the handshake. Every payload is a valid serialization.
+- ``messages``: small messages only, the real records Bitcoin Core wrote in
+  ``tests/data/core-v30-pair`` (handshake, ping/pong, inv, getdata, headers, getheaders,
+  compact blocks, small regtest blocks and transactions; about 200 bytes each), the
+  conversation repeated in order, times shifted, until the size is reached.
 
     python bench/gen_capture.py OUT_DIR --mb 200
+    python bench/gen_capture.py OUT_DIR --mb 40 --kind messages
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import argparse
 import random
 from pathlib import Path
 
-from msgcap.capture.records import encode_record
+from msgcap.capture.conversation import folder_conversation
+from msgcap.capture.records import Direction, encode_record
 from msgcap.parser.messages import (
     AddrV2,
     BlockMsg,
@@ -154,13 +162,50 @@ def generate(out: Path, megabytes: float, seed: int = 1) -> Path:
     return folder
 
 
+CORE_PAIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "core-v30-pair"
+SMALL = 1000
+"""Largest payload taken from Core's capture for the ``messages`` kind (all of them are)."""
+
+
+def generate_messages(out: Path, megabytes: float) -> Path:
+    """Like :func:`generate`, from Core's real small records (the ``messages`` kind)."""
+    conv = [
+        item
+        for item in folder_conversation(CORE_PAIR / "a" / "127.0.0.1_39912")
+        if len(item.record.payload) <= SMALL
+    ]
+    first, last = conv[0].record.time, conv[-1].record.time
+    span = last - first + 1000
+    folder = out / "203.0.113.7_8333"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = int(megabytes * 1_000_000)
+    written = 0
+    shift = 1_795_000_000_000_000 - first
+    with open(folder / "msgs_recv.dat", "wb") as recv, open(folder / "msgs_sent.dat", "wb") as sent:
+        while written < target:
+            for item in conv:
+                rec = item.record
+                record = encode_record(rec.time + shift, rec.msgtype, rec.payload)
+                (recv if item.direction is Direction.RECV else sent).write(record)
+                written += len(record)
+            shift += span
+    return folder
+
+
+KINDS = {"blocks": generate, "messages": generate_messages}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--mb", type=float, default=200)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="for --kind blocks")
+    ap.add_argument("--kind", choices=sorted(KINDS), default="blocks")
     args = ap.parse_args()
-    print(generate(args.out, args.mb, args.seed))
+    if args.kind == "messages":
+        print(generate_messages(args.out, args.mb))
+    else:
+        print(generate(args.out, args.mb, args.seed))
 
 
 if __name__ == "__main__":

@@ -14,25 +14,38 @@ read in sorted order.
 Damage (a truncated record, garbage, an unreadable file) is reported once per file
 through a callback, with the file and byte offset, and everything readable before it is
 still given. The default callback logs a warning.
+
+:func:`merged` gives the stream record by record. :func:`merged_batches` gives it in bulk,
+for readers that walk records in native code (``msgcap parse`` and ``stats``): batches of
+runs, a run being whole records of one file (its records up to the next time another file
+comes first), with the merge itself done in ``parser/_fastjson.c`` when it was built; and
+:func:`merged_runs` run by run.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Final, NamedTuple
 
 from msgcap.capture.layout import SESSION_DIR, peer_of_capture_file
 from msgcap.capture.records import (
+    MAX_TIME,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
     Damage,
     Direction,
     Record,
-    read_record_at,
+    RecordChunks,
+    RecordFilter,
+    native,
     read_record_headers,
-    read_records,
+    scan,
+    walk_records,
 )
 from msgcap.errors import UsageError
 
@@ -103,44 +116,251 @@ def expand_paths(paths: Iterable[str]) -> list[CaptureFile]:
     return files
 
 
-def _is_time_ordered(f: os.PathLike[str] | str) -> bool:
-    last = -1
-    with open(f, "rb") as fh:
-        for item in read_record_headers(fh):
-            if isinstance(item, Damage):
-                break
-            if item[1] < last:
-                return False
-            last = item[1]
+class Run(NamedTuple):
+    """Records that come next in a conversation, all from one file: ``data[start:end]``
+    is whole records, in the order to give them; ``data[0]`` is at byte ``base`` of the
+    file. (Named tuples, not frozen dataclasses: they are made several times faster.)"""
+
+    source: CaptureFile
+    data: bytes
+    start: int
+    end: int
+    base: int
+
+    def records(self) -> Iterator[Record]:
+        return walk_records(self.data, self.start, self.end, self.base)
+
+    def items(self) -> Iterator[Item]:
+        source = self.source
+        for rec in self.records():
+            yield Item(rec, source)
+
+
+class Batch(NamedTuple):
+    """Runs that come next in a conversation, in order, from one or more files: a chunk
+    of whole records per file (``chunks[k]`` of ``sources[k]``, its byte 0 at byte
+    ``bases[k]`` of the file) and the plan, packed int64 triples ``(k, start, end)``:
+    run after run, ``chunks[k][start:end]``."""
+
+    sources: list[CaptureFile]
+    chunks: list[bytes]
+    bases: list[int]
+    plan: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes of records in the batch."""
+        plan = memoryview(self.plan).cast("q")
+        return sum(plan[i + 2] - plan[i + 1] for i in range(0, len(plan), 3))
+
+    def runs(self) -> Iterator[Run]:
+        plan = memoryview(self.plan).cast("q")
+        for i in range(0, len(plan), 3):
+            k = plan[i]
+            yield Run(self.sources[k], self.chunks[k], plan[i + 1], plan[i + 2], self.bases[k])
+
+    def tally(self, selection: RecordFilter) -> list[dict[bytes, tuple[int, int]]]:
+        """Per source, ``{type name: (messages, payload bytes)}`` of the records that
+        ``selection`` takes."""
+        counts: list[dict[bytes, tuple[int, int]]] = [{} for _ in self.sources]
+        _tally(counts, self.chunks, self.plan, *selection.bounds)
+        return counts
+
+
+def python_plan(
+    chunks: list[bytes], positions: list[int], times: list[int]
+) -> tuple[bytes, list[int], list[int | None], int]:
+    """Merge chunks of several files (in the order given: ties go to the earlier) by time:
+    each has a whole record at its position, of the time given. Returns the plan of a
+    :class:`Batch`, the runs that come next up to where one chunk (the last value) has no
+    whole record left, and the positions and times of the chunks after it (None for that
+    one). ``parser/_fastjson.c`` has the native twin."""
+    next_times: list[int | None] = list(times)
+    positions = list(positions)
+    plan = array("q")
+    while True:
+        # the chunk whose next record comes first, and the one that comes second
+        first, *second = sorted(range(len(chunks)), key=lambda i: (next_times[i], i))[:2]
+        limit = MAX_TIME
+        if second:
+            b = second[0]
+            at = next_times[b]
+            assert at is not None
+            limit = at if first < b else at - 1
+        end, later, _ = scan(chunks[first], positions[first], limit, 0)
+        if end > positions[first]:
+            plan.extend((first, positions[first], end))
+        positions[first] = end
+        next_times[first] = later
+        if later is None:
+            return plan.tobytes(), positions, next_times, first
+
+
+def python_tally(
+    counts: list[dict[bytes, tuple[int, int]]],
+    chunks: list[bytes],
+    plan: bytes,
+    since: int,
+    until: int,
+    types: tuple[bytes, ...] | None,
+) -> None:
+    """Count the records of a plan that are within ``[since, until]`` and, unless
+    ``types`` is None, of a type named in it: ``counts[k][name]`` becomes (messages,
+    payload bytes) plus theirs. ``parser/_fastjson.c`` has the native twin."""
+    runs = memoryview(plan).cast("q")
+    for i in range(0, len(runs), 3):
+        k = runs[i]
+        for rec in walk_records(chunks[k], runs[i + 1], runs[i + 2]):
+            name = rec.raw_msgtype.split(b"\0", 1)[0]
+            if since <= rec.time <= until and (types is None or name in types):
+                n, size = counts[k].get(name, (0, 0))
+                counts[k][name] = (n + 1, size + len(rec.payload))
+
+
+Plan = Callable[[list[bytes], list[int], list[int]], tuple[bytes, list[int], list[int | None], int]]
+TallyPlan = Callable[
+    [list[dict[bytes, tuple[int, int]]], list[bytes], bytes, int, int, tuple[bytes, ...] | None],
+    None,
+]
+_native = native()
+_plan: Final[Plan] = python_plan if _native is None else _native.plan
+_tally: Final[TallyPlan] = python_tally if _native is None else _native.tally
+
+
+def _is_time_ordered(f: BinaryIO) -> bool:
+    """Whether the records of ``f`` (up to any damage) never go back in time."""
+    chunks = RecordChunks(f)
+    last = 0
+    while chunks.fill():
+        end, later, last = scan(chunks.data, chunks.pos, MAX_TIME, last)
+        if later is not None:  # a whole record earlier than the one before it
+            return False
+        chunks.pos = end
     return True
+
+
+class _Stream(RecordChunks):
+    """A file in time order, read a chunk at a time: ``data[pos:]`` starts with its next
+    record, of time ``time`` (None once it is done)."""
+
+    def __init__(self, source: CaptureFile, f: BinaryIO, on_damage: DamageReport) -> None:
+        super().__init__(f)
+        self.source = source
+        self.on_damage = on_damage
+        self.time: int | None = None
+        self.advance()
+
+    def advance(self) -> None:
+        """When ``time`` is None: read on to the next record, or finish."""
+        if self.fill():
+            self.time = RECORD_HEADER.unpack_from(self.data, self.pos)[0]
+        elif self.damage is not None:
+            self.on_damage(self.source, self.damage)
+
+
+class _Sorted:
+    """A file whose clock went backwards: indexed (offset and time per record), then read
+    record by record in time order (a stable sort: equal times keep file order).
+    ``data`` holds its next record, at byte ``base`` of the file, of time ``time``."""
+
+    def __init__(self, source: CaptureFile, f: BinaryIO, on_damage: DamageReport) -> None:
+        self.source = source
+        self.f = f
+        self.on_damage = on_damage
+        index: list[tuple[int, int]] = []
+        self.damage: Damage | None = None
+        for entry in read_record_headers(f):
+            if isinstance(entry, Damage):
+                self.damage = entry
+            else:
+                index.append((entry[1], entry[0]))
+        index.sort(key=lambda e: e[0])
+        self.index = iter(index)
+        self.data = b""
+        self.pos = self.base = 0
+        self.time: int | None = None
+        self.advance()
+
+    def advance(self) -> None:
+        entry = next(self.index, None)
+        if entry is None:
+            if self.damage is not None:
+                self.on_damage(self.source, self.damage)
+            return
+        self.time, self.base = entry
+        self.f.seek(self.base)
+        header = self.f.read(RECORD_HEADER_SIZE)
+        self.data = header + self.f.read(RECORD_HEADER.unpack(header)[2])
+        self.pos = 0
+
+
+_Reader = _Stream | _Sorted
+
+
+def _open(source: CaptureFile, on_damage: DamageReport) -> _Reader:
+    """A reader of ``source`` at its first record."""
+    f = open(source.path, "rb")
+    try:
+        if _is_time_ordered(f):
+            f.seek(0)
+            return _Stream(source, f, on_damage)
+        return _Sorted(source, f, on_damage)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _merge(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Batch]:
+    """The batches of :func:`merged_batches`."""
+
+    def unreadable(source: CaptureFile, e: OSError) -> None:
+        on_damage(source, Damage(0, f"cannot read file: {e.strerror or e}", 0))
+
+    opened: list[_Reader] = []
+    readers: list[_Reader] = []  # those with records left, in the order given
+    try:
+        for source in files:
+            try:
+                reader = _open(source, on_damage)
+            except OSError as e:
+                unreadable(source, e)
+                continue
+            opened.append(reader)
+            if reader.time is None:  # nothing readable in it
+                reader.f.close()
+            else:
+                readers.append(reader)
+        while readers:
+            chunks, positions, times = [], [], []
+            for r in readers:
+                assert r.time is not None  # readers with no record left are dropped
+                chunks.append(r.data)
+                positions.append(r.pos)
+                times.append(r.time)
+            plan, positions, next_times, stopped = _plan(chunks, positions, times)
+            for reader, pos, time_us in zip(readers, positions, next_times, strict=True):
+                reader.pos, reader.time = pos, time_us
+            yield Batch([r.source for r in readers], chunks, [r.base for r in readers], plan)
+            # The stopped reader's chunk is used up (and its records given): read on.
+            reader = readers[stopped]
+            try:
+                reader.advance()
+            except OSError as e:
+                unreadable(reader.source, e)
+                reader.time = None
+            if reader.time is None:
+                reader.f.close()
+                del readers[stopped]
+    finally:
+        for reader in opened:
+            reader.f.close()
 
 
 def file_records(source: CaptureFile, on_damage: DamageReport) -> Iterator[Item]:
     """The records of one file in time order; damage goes to ``on_damage``."""
-    try:
-        ordered = _is_time_ordered(source.path)
-        with open(source.path, "rb") as f:
-            if ordered:
-                for rec in read_records(f):
-                    if isinstance(rec, Damage):
-                        on_damage(source, rec)
-                    else:
-                        yield Item(rec, source)
-                return
-            index: list[tuple[int, int]] = []
-            damage = None
-            for entry in read_record_headers(f):
-                if isinstance(entry, Damage):
-                    damage = entry
-                else:
-                    index.append((entry[1], entry[0]))
-            index.sort(key=lambda e: e[0])  # stable: equal times keep file order
-            for _, offset in index:
-                yield Item(read_record_at(f, offset), source)
-            if damage is not None:
-                on_damage(source, damage)
-    except OSError as e:
-        on_damage(source, Damage(0, f"cannot read file: {e.strerror or e}", 0))
+    for batch in _merge([source], on_damage):
+        for run in batch.runs():
+            yield from run.items()
 
 
 def _ensure_open_files(n: int) -> None:
@@ -165,13 +385,26 @@ def _ensure_open_files(n: int) -> None:
             )
 
 
+def merged_batches(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Batch]:
+    """All records of all files, stably sorted by time (ties: earlier file first), in
+    batches of runs."""
+    _ensure_open_files(len(files))
+    return _merge(files, on_damage)
+
+
+def merged_runs(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Run]:
+    """All records of all files, stably sorted by time (ties: earlier file first), as runs
+    of whole records of one file each."""
+    _ensure_open_files(len(files))
+    return (run for batch in _merge(files, on_damage) for run in batch.runs())
+
+
 def merged(files: list[CaptureFile], on_damage: DamageReport) -> Iterator[Item]:
     """All records of all files, stably sorted by time (ties: earlier file first)."""
     _ensure_open_files(len(files))
-    streams = [file_records(f, on_damage) for f in files]
-    if len(streams) == 1:
-        return streams[0]
-    return heapq.merge(*streams, key=lambda item: item.record.time)
+    return (
+        item for batch in _merge(files, on_damage) for run in batch.runs() for item in run.items()
+    )
 
 
 def folder_conversation(folder: Path, on_damage: DamageReport = warn_damage) -> Iterator[Item]:

@@ -6,6 +6,11 @@ A capture file is a plain concatenation of records, with no file header::
 
 The reader never raises on bad data: it yields :class:`Record` items and, where the
 file stops making sense, a :class:`Damage` item that names the byte offset.
+
+Bulk readers take whole records many at a time instead: :class:`RecordChunks` reads a
+file a chunk at a time (with the same damage reports) and :data:`scan` walks the records
+of a chunk, in ``parser/_fastjson.c`` when it was built (and ``MSGCAP_PURE_PYTHON`` is
+not set), else in its Python twin.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import enum
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import BinaryIO, Final
 
 from msgcap.capture.framing import MAX_PROTOCOL_MESSAGE_LENGTH, MsgType, encode_msgtype
@@ -27,6 +33,9 @@ MAX_RECORD_PAYLOAD: Final = MAX_PROTOCOL_MESSAGE_LENGTH
 """Core captures only messages it accepted the header of, so longer is garbage."""
 
 _READ_CHUNK: Final = 1 << 20
+
+MAX_TIME: Final = 2**64 - 1
+"""The largest record time (microseconds): the field is an unsigned 64-bit integer."""
 
 
 class Direction(enum.StrEnum):
@@ -128,36 +137,168 @@ def read_records(f: BinaryIO) -> Iterator[Record | Damage]:
 
     Memory stays bounded by one record (at most 4 MB of payload) plus a read buffer.
     """
-    buf = b""
-    pos = 0  # read position in buf
-    base = f.tell()  # file offset of buf[0]
-    while True:
-        avail = len(buf) - pos
-        if avail < RECORD_HEADER_SIZE:
-            buf = buf[pos:] + f.read(_READ_CHUNK)
-            base += pos
-            pos = 0
-            avail = len(buf)
-            if avail < RECORD_HEADER_SIZE:
-                if avail:
-                    yield _truncated_header(base, avail)
-                return
-        time_us, raw_type, length = RECORD_HEADER.unpack_from(buf, pos)
-        offset = base + pos
-        if length > MAX_RECORD_PAYLOAD:
-            yield _implausible(offset, length, avail + _remaining(f))
-            return
-        end = pos + RECORD_HEADER_SIZE + length
-        if len(buf) < end:
-            buf = buf[pos:] + f.read(max(end - len(buf), _READ_CHUNK))
-            base += pos
-            end -= pos
-            pos = 0
-            if len(buf) < end:
-                yield _truncated_payload(offset, raw_type, length, len(buf) - RECORD_HEADER_SIZE)
-                return
-        yield Record(time_us, raw_type, buf[pos + RECORD_HEADER_SIZE : end], offset)
-        pos = end
+    chunks = RecordChunks(f)
+    while chunks.fill():
+        end = chunks.whole_end()
+        yield from walk_records(chunks.data, chunks.pos, end, chunks.base)
+        chunks.pos = end
+    if chunks.damage is not None:
+        yield chunks.damage
+
+
+class RecordChunks:
+    """An open capture file as chunks of whole records: the bulk form of
+    :func:`read_records`, with the same damage reports.
+
+    After :meth:`fill` returns True, ``data[pos:]`` starts with at least one whole record
+    (walk them with :func:`scan`, then move ``pos`` past those taken); ``data[0]`` is at
+    byte ``base`` of the file. After it returns False the file is done, and ``damage``
+    says why when it did not end cleanly. ``data`` is never changed in place: a chunk
+    stays valid after the next is read.
+    """
+
+    def __init__(self, f: BinaryIO, chunk_size: int = _READ_CHUNK) -> None:
+        self.f = f
+        self.data = b""
+        self.pos = 0
+        self.base = f.tell()
+        self.damage: Damage | None = None
+        self.done = False
+        self._chunk_size = chunk_size
+
+    def fill(self) -> bool:
+        """Make sure a whole record starts at ``pos``, reading more if needed; False at
+        the end of the file or where it stops being records."""
+        while not self.done:
+            data, pos = self.data, self.pos
+            avail = len(data) - pos
+            want = RECORD_HEADER_SIZE
+            if avail >= RECORD_HEADER_SIZE:
+                _, raw_type, length = RECORD_HEADER.unpack_from(data, pos)
+                if length > MAX_RECORD_PAYLOAD:
+                    remaining = avail + _remaining(self.f)
+                    return self._stop(_implausible(self.base + pos, length, remaining))
+                want += length
+                if avail >= want:
+                    return True
+            more = self.f.read(max(want - avail, self._chunk_size))
+            if not more:
+                if avail < RECORD_HEADER_SIZE:
+                    return self._stop(_truncated_header(self.base + pos, avail) if avail else None)
+                have = avail - RECORD_HEADER_SIZE
+                return self._stop(_truncated_payload(self.base + pos, raw_type, length, have))
+            self.data = data[pos:] + more
+            self.base += pos
+            self.pos = 0
+        return False
+
+    def whole_end(self) -> int:
+        """Where the whole records from ``pos`` in ``data`` end."""
+        end, later, _ = scan(self.data, self.pos, MAX_TIME, 0)
+        while later is not None:  # stopped where time went back: walk on
+            end, later, _ = scan(self.data, end, MAX_TIME, 0)
+        return end
+
+    def _stop(self, damage: Damage | None) -> bool:
+        self.damage = damage
+        self.done = True
+        self.data = b""
+        self.pos = 0
+        return False
+
+
+Scan = Callable[[bytes, int, int, int], tuple[int, int | None, int]]
+
+
+def python_scan(
+    data: bytes, pos: int, limit: int = MAX_TIME, last: int = 0
+) -> tuple[int, int | None, int]:
+    """Walk the whole records of ``data`` from ``pos`` while their times stay within
+    ``[last, limit]`` and never decrease.
+
+    Returns where the walk stopped, the time of the whole record there (None when there
+    is none: the end of ``data``, a partial record or an implausible length) and the
+    time of the last record walked (``last`` if none was). :data:`scan` is this function,
+    or its native twin.
+    """
+    n = len(data)
+    while n - pos >= RECORD_HEADER_SIZE:
+        time_us, _, length = RECORD_HEADER.unpack_from(data, pos)
+        if length > MAX_RECORD_PAYLOAD or length > n - pos - RECORD_HEADER_SIZE:
+            break
+        if time_us > limit or time_us < last:
+            return pos, time_us, last
+        last = time_us
+        pos += RECORD_HEADER_SIZE + length
+    return pos, None, last
+
+
+def native() -> ModuleType | None:
+    """``parser/_fastjson.c``, the native walker and renderer of records, when it was
+    built and ``MSGCAP_PURE_PYTHON`` is not set; None otherwise."""
+    if os.environ.get("MSGCAP_PURE_PYTHON"):
+        return None
+    try:
+        from msgcap.parser import _fastjson
+    except ImportError:  # not compiled: the Python twins are used
+        return None
+    return _fastjson
+
+
+_native = native()
+scan: Final[Scan] = python_scan if _native is None else _native.scan
+"""See :func:`python_scan` (called with all four arguments)."""
+
+
+def walk_records(data: bytes, start: int, end: int, base: int = 0) -> Iterator[Record]:
+    """The records of ``data[start:end]``, which holds whole records (from :func:`scan`);
+    ``data[0]`` is at byte ``base`` of the file."""
+    pos = start
+    while pos < end:
+        time_us, raw_type, length = RECORD_HEADER.unpack_from(data, pos)
+        stop = pos + RECORD_HEADER_SIZE + length
+        if stop > end:
+            raise ValueError(f"no whole record at {pos}")
+        yield Record(time_us, raw_type, data[pos + RECORD_HEADER_SIZE : stop], base + pos)
+        pos = stop
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    """Which records to take: a time window (microseconds, both ends included) and a set
+    of message type names (the type field's bytes up to the first NUL); None: no limit."""
+
+    since: int | None = None
+    until: int | None = None
+    types: frozenset[bytes] | None = None
+
+    def accepts(self, time_us: int, raw_type: bytes) -> bool:
+        if self.since is not None and time_us < self.since:
+            return False
+        if self.until is not None and time_us > self.until:
+            return False
+        return self.types is None or raw_type.split(b"\0", 1)[0] in self.types
+
+    @property
+    def bounds(self) -> tuple[int, int, tuple[bytes, ...] | None]:
+        """``(since, until, types)`` as the bulk functions take them: a window within the
+        field's range and a tuple of names (empty: nothing passes)."""
+        since = 0 if self.since is None else self.since
+        until = MAX_TIME if self.until is None else self.until
+        if since > until or until < 0 or since > MAX_TIME:
+            return 0, 0, ()
+        types = None if self.types is None else tuple(sorted(self.types))
+        return max(since, 0), min(until, MAX_TIME), types
+
+    def next_taken(self, data: bytes, pos: int, end: int) -> int:
+        """Where the first record this filter takes is in ``data[pos:end]`` (whole
+        records), or ``end``."""
+        while pos < end:
+            time_us, raw_type, length = RECORD_HEADER.unpack_from(data, pos)
+            if self.accepts(time_us, raw_type):
+                return pos
+            pos += RECORD_HEADER_SIZE + length
+        return end
 
 
 def _size(f: BinaryIO) -> int:

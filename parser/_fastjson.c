@@ -1,14 +1,49 @@
 /*
- * Native twin of parser/fastjson.py: renders the JSON body of the bulk message types
- * (tx, block, headers, cmpctblock, blocktxn, inv, getdata, notfound) straight from the
- * payload into JSON text. Same output and same accepted payloads as the Python code;
- * tests/test_fastjson.py checks all three renderers (typed, Python, native) agree.
+ * The native half of reading captures: message bodies straight from the payload to JSON
+ * text, and whole runs of capture records at a time, so that a capture of small messages
+ * costs no Python work per message.
  *
- * render(msgtype: str, payload: bytes, reverse: bool) -> bytes
- * raises ValueError(reason, offset) for a payload that is not a valid serialization,
- * with the reason and payload offset parser.wire.DecodeError carries when the typed codec
- * (Reader) rejects it. The checks on the way stay as coarse as before (80 bytes for a
- * header, 36 for an outpoint); only once one fails is Reader's field worked out.
+ * render(msgtype: str, payload: bytes, reverse: bool) -> bytes | None
+ *     One message body as JSON text, the same text (and the same accepted payloads) as
+ *     parser/messages.py's typed classes give; tests/test_fastjson.py checks every type.
+ *     Raises ValueError(reason, offset) for a payload that is not a valid serialization,
+ *     with the reason and payload offset parser.wire.DecodeError carries when the typed
+ *     codec (Reader) rejects it. None: a valid payload this code leaves to Python (an
+ *     addrv2 TorV3 or I2P address, a version user agent that is not plain ASCII).
+ *
+ * scan(data, pos, limit, last) -> (end, next_time, last)
+ *     Walks the whole records of a capture file chunk from pos while their time is
+ *     within [last, limit] and never decreases; end is where it stopped, next_time the
+ *     time of the whole record there (None if there is none: end of data, a partial
+ *     record or an implausible length), last the time of the last record walked.
+ *
+ * plan(chunks, positions, times) -> (plan, positions, times, stopped)
+ *     Merges chunks of several files by time, as capture/conversation.py's merge does:
+ *     each chunk has a whole record at its position, with the time given. The plan is the
+ *     runs that come next, as packed int64 triples (chunk, start, end), up to where the
+ *     chunk `stopped` has no whole record left; positions and times are where each chunk
+ *     is then (the stopped one's time None).
+ *
+ * render_batch(out, used, limit, chunks, plan, run, pos, looks, opts, first)
+ *         -> (run, pos, first, used)
+ *     Writes the JSON of the selected records of a plan's runs, from run `run` (at pos or
+ *     after, in its chunk) into the bytearray out from byte used on, as parser/render.py's
+ *     render() and orjson would write each. It stops (returning the run and position to
+ *     go on from; run == number of runs when done) once the output reaches limit bytes,
+ *     or at a selected record it leaves to Python: an unknown type, a payload it rejects
+ *     (Python words the problem) or one it does not render (see render). out is a buffer
+ *     that only ever grows (a bytearray cannot shrink without giving its memory back): its
+ *     first `used` bytes are the output, the rest is room. looks: (head, tail) per chunk,
+ *     written around each record's fields; opts = (before, after, reverse, since, until,
+ *     types): before goes between records, after after each.
+ *
+ * tally(counts, chunks, plan, since, until, types)
+ *     Adds the selected records of a plan's runs to counts[chunk]: {name: (messages,
+ *     bytes)}.
+ *
+ * Selected: since <= time <= until and, unless types is None, the type's name (its bytes
+ * up to the first NUL) in the tuple types. Every length is checked against what is left;
+ * data that is not whole records raises ValueError.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +51,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifndef _WIN32
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#define HAVE_INET_NTOP 1
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define COLD __attribute__((cold, noinline))
@@ -23,13 +63,19 @@
 #define COLD
 #endif
 
+#define RECORD_HEADER_SIZE 24
+#define MAX_RECORD_PAYLOAD 4000000 /* capture/records.py MAX_RECORD_PAYLOAD */
+#define MSGTYPE_SIZE 12
+
 /* Why a payload was rejected; render() words it as Reader does. */
 enum {
     E_NEED = 1,     /* "need {a} bytes, {n - at} left" */
     E_COUNT,        /* "count {a} needs at least {a * b} bytes, {left} left" */
     E_NONCANONICAL, /* "non-canonical CompactSize {a}" */
     E_TRAILING,     /* "{n - at} trailing bytes" */
+    E_BIP155,       /* "unsupported BIP155 network {a} with address length {b}" */
     E_TEXT,         /* text */
+    E_PYTHON,       /* valid as far as read, but rendered by Python */
     E_NOMEM,
 };
 
@@ -37,6 +83,8 @@ typedef struct {
     const uint8_t *p;
     size_t n, pos;
     int reverse;
+    PyObject *sink; /* a bytearray to render into (GIL held), or NULL: malloc'd out */
+    /* out[0:len] is the output, out[len:cap] room */
     char *out;
     size_t len, cap;
     int err;   /* an E_ value once rendering failed */
@@ -58,6 +106,8 @@ static COLD int fail_text(Ctx *c, size_t at, const char *text) {
     return fail(c, E_TEXT, at, 0);
 }
 
+static COLD int to_python(Ctx *c) { return fail(c, E_PYTHON, c->pos, 0); }
+
 /* Fixed-size fields from c->pos on do not all fit: fail at the first that does not, as
    Reader reading them one at a time does. */
 static COLD int fail_fields(Ctx *c, const uint8_t *sizes, int count) {
@@ -70,35 +120,71 @@ static COLD int fail_fields(Ctx *c, const uint8_t *sizes, int count) {
 static const uint8_t HEADER_FIELDS[] = {4, 32, 32, 4, 4, 4}; /* 80 bytes */
 static const uint8_t OUTPOINT_FIELDS[] = {32, 4};             /* 36 bytes */
 
-static const char HEX[] = "0123456789abcdef";
+/* The two hex digits of each byte value, filled in at module init. */
+static char HEX_PAIRS[256][2];
 
-static int grow(Ctx *c, size_t extra) {
-    if (c->len + extra <= c->cap) return 0;
-    size_t cap = c->cap ? c->cap : 256;
-    while (cap < c->len + extra) cap *= 2;
-    char *o = realloc(c->out, cap);
-    if (!o) return fail(c, E_NOMEM, c->pos, 0);
-    c->out = o;
+/* --- output ------------------------------------------------------------------------- */
+
+static COLD int grow_to(Ctx *c, size_t want) {
+    size_t cap = c->cap > 256 ? c->cap : 256;
+    while (cap < want) {
+        if (cap > PY_SSIZE_T_MAX / 2) return fail(c, E_NOMEM, c->pos, 0);
+        cap *= 2;
+    }
+    if (c->sink) {
+        if (PyByteArray_Resize(c->sink, (Py_ssize_t)cap) < 0) {
+            PyErr_Clear();
+            return fail(c, E_NOMEM, c->pos, 0);
+        }
+        c->out = PyByteArray_AS_STRING(c->sink);
+    } else {
+        char *o = realloc(c->out, cap);
+        if (!o) return fail(c, E_NOMEM, c->pos, 0);
+        c->out = o;
+    }
     c->cap = cap;
     return 0;
 }
 
-static int put(Ctx *c, const char *s) {
-    size_t k = strlen(s);
+static inline int grow(Ctx *c, size_t extra) {
+    if (extra <= c->cap - c->len) return 0;
+    if (extra > PY_SSIZE_T_MAX - c->len) return fail(c, E_NOMEM, c->pos, 0);
+    return grow_to(c, c->len + extra);
+}
+
+static inline int put_n(Ctx *c, const char *s, size_t k) {
     if (grow(c, k)) return -1;
     memcpy(c->out + c->len, s, k);
     c->len += k;
     return 0;
 }
 
+static inline int put(Ctx *c, const char *s) { return put_n(c, s, strlen(s)); }
+
+/* The decimal digits of v, ending at end; returns where they start. */
+static char *digits(char *end, uint64_t v) {
+    static const char PAIRS[] = "00010203040506070809101112131415161718192021222324"
+                                "25262728293031323334353637383940414243444546474849"
+                                "50515253545556575859606162636465666768697071727374"
+                                "75767778798081828384858687888990919293949596979899";
+    while (v >= 100) {
+        end -= 2;
+        memcpy(end, PAIRS + 2 * (v % 100), 2);
+        v /= 100;
+    }
+    if (v >= 10) {
+        end -= 2;
+        memcpy(end, PAIRS + 2 * v, 2);
+    } else {
+        *--end = (char)('0' + v);
+    }
+    return end;
+}
+
 static int put_u64(Ctx *c, uint64_t v) {
     char tmp[24];
-    int i = 24;
-    do { tmp[--i] = (char)('0' + v % 10); v /= 10; } while (v);
-    if (grow(c, 24 - i)) return -1;
-    memcpy(c->out + c->len, tmp + i, 24 - i);
-    c->len += 24 - i;
-    return 0;
+    char *start = digits(tmp + sizeof tmp, v);
+    return put_n(c, start, (size_t)(tmp + sizeof tmp - start));
 }
 
 static int put_i64(Ctx *c, int64_t v) {
@@ -111,23 +197,36 @@ static int put_i64(Ctx *c, int64_t v) {
 
 /* A JSON string of the hex of n bytes at p, optionally byte-reversed. */
 static int put_hex(Ctx *c, const uint8_t *p, size_t n, int reverse) {
+    if (n > (PY_SSIZE_T_MAX - 2) / 2) return fail(c, E_NOMEM, c->pos, 0);
     if (grow(c, 2 * n + 2)) return -1;
     char *o = c->out + c->len;
     *o++ = '"';
-    for (size_t i = 0; i < n; i++) {
-        uint8_t b = reverse ? p[n - 1 - i] : p[i];
-        *o++ = HEX[b >> 4];
-        *o++ = HEX[b & 15];
+    if (reverse) {
+        for (size_t i = n; i-- > 0; o += 2) memcpy(o, HEX_PAIRS[p[i]], 2);
+    } else {
+        for (size_t i = 0; i < n; i++, o += 2) memcpy(o, HEX_PAIRS[p[i]], 2);
     }
-    *o++ = '"';
+    *o = '"';
     c->len += 2 * n + 2;
     return 0;
 }
 
+/* "key":value pairs; the key literal includes its quotes, colon and any comma. */
+static int key_u64(Ctx *c, const char *key, uint64_t v) { return put(c, key) || put_u64(c, v); }
+static int key_i64(Ctx *c, const char *key, int64_t v) { return put(c, key) || put_i64(c, v); }
+
+/* --- reading the payload ------------------------------------------------------------- */
+
 /* c->pos <= c->n always: every advance is checked against what is left. */
-static int need(Ctx *c, size_t k) {
+static inline int need(Ctx *c, size_t k) {
     if (k > c->n - c->pos) return fail(c, E_NEED, c->pos, k);
     return 0;
+}
+
+static inline uint64_t le(const uint8_t *p, int k) {
+    uint64_t v = 0;
+    for (int i = k - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
 }
 
 static int rd_u8(Ctx *c, uint64_t *v) {
@@ -136,16 +235,17 @@ static int rd_u8(Ctx *c, uint64_t *v) {
     return 0;
 }
 
-static uint64_t le(const uint8_t *p, int k) {
-    uint64_t v = 0;
-    for (int i = k - 1; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
+static int rd_le(Ctx *c, int k, uint64_t *v) {
+    if (need(c, (size_t)k)) return -1;
+    *v = le(c->p + c->pos, k);
+    c->pos += (size_t)k;
+    return 0;
 }
 
-static int rd_le(Ctx *c, int k, uint64_t *v) {
-    if (need(c, k)) return -1;
-    *v = le(c->p + c->pos, k);
-    c->pos += k;
+static int rd_u16be(Ctx *c, uint64_t *v) {
+    if (need(c, 2)) return -1;
+    *v = ((uint64_t)c->p[c->pos] << 8) | c->p[c->pos + 1];
+    c->pos += 2;
     return 0;
 }
 
@@ -175,6 +275,8 @@ static int rd_count(Ctx *c, uint64_t min_size, uint64_t *v) {
     return 0;
 }
 
+/* --- pieces of bodies ------------------------------------------------------------------ */
+
 static int hash_at(Ctx *c) {
     if (need(c, 32)) return -1;
     if (put_hex(c, c->p + c->pos, 32, c->reverse)) return -1;
@@ -182,12 +284,24 @@ static int hash_at(Ctx *c) {
     return 0;
 }
 
+static int key_hash(Ctx *c, const char *key) { return put(c, key) || hash_at(c); }
+
 static int var_hex(Ctx *c) {
     uint64_t k;
     if (rd_count(c, 1, &k)) return -1;
     if (put_hex(c, c->p + c->pos, (size_t)k, 0)) return -1;
     c->pos += (size_t)k;
     return 0;
+}
+
+/* A JSON list of 32-byte hashes, count first (Reader.hashes). */
+static int hash_list(Ctx *c) {
+    uint64_t n;
+    if (rd_count(c, 32, &n) || put(c, "[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((i && put(c, ",")) || hash_at(c)) return -1;
+    }
+    return put(c, "]");
 }
 
 static int tx(Ctx *c) {
@@ -244,13 +358,14 @@ static int tx(Ctx *c) {
         }
     }
     if (put(c, "]}}") || rd_le(c, 4, &lock)) return -1;
+    size_t end = c->len;
+    if (key_u64(c, "{\"nLockTime\":", lock) || key_u64(c, ",\"version\":", version)) return -1;
+    /* rotate the head, just written at end, to start */
+    size_t w = c->len - end;
     char head[64];
-    int w = snprintf(head, sizeof head, "{\"nLockTime\":%llu,\"version\":%llu",
-                     (unsigned long long)lock, (unsigned long long)version);
-    if (grow(c, (size_t)w)) return -1;
-    memmove(c->out + start + w, c->out + start, c->len - start);
-    memcpy(c->out + start, head, (size_t)w);
-    c->len += (size_t)w;
+    memcpy(head, c->out + end, w);
+    memmove(c->out + start + w, c->out + start, end - start);
+    memcpy(c->out + start, head, w);
     return 0;
 }
 
@@ -268,11 +383,10 @@ static int header(Ctx *c) {
     const uint8_t *h = c->p + c->pos;
     if (put(c, "{\"hashMerkleRoot\":") || put_hex(c, h + 36, 32, c->reverse)) return -1;
     if (put(c, ",\"hashPrevBlock\":") || put_hex(c, h + 4, 32, c->reverse)) return -1;
-    if (put(c, ",\"nBits\":") || put_u64(c, le(h + 72, 4))) return -1;
-    if (put(c, ",\"nNonce\":") || put_u64(c, le(h + 76, 4))) return -1;
-    if (put(c, ",\"nTime\":") || put_u64(c, le(h + 68, 4))) return -1;
-    if (put(c, ",\"nVersion\":") || put_i64(c, (int32_t)(uint32_t)le(h, 4)) || put(c, "}"))
+    if (key_u64(c, ",\"nBits\":", le(h + 72, 4)) || key_u64(c, ",\"nNonce\":", le(h + 76, 4)))
         return -1;
+    if (key_u64(c, ",\"nTime\":", le(h + 68, 4))) return -1;
+    if (key_i64(c, ",\"nVersion\":", (int32_t)(uint32_t)le(h, 4)) || put(c, "}")) return -1;
     c->pos += 80;
     return 0;
 }
@@ -284,61 +398,360 @@ static int inventory(Ctx *c, const char *key) {
         uint64_t type = le(c->p + c->pos, 4);
         c->pos += 4;
         if (put(c, i ? ",{\"hash\":" : "{\"hash\":") || hash_at(c)) return -1;
-        if (put(c, ",\"type\":") || put_u64(c, type) || put(c, "}")) return -1;
+        if (key_u64(c, ",\"type\":", type) || put(c, "}")) return -1;
     }
     return put(c, "]}");
 }
 
-static int body(Ctx *c, const char *t) {
-    if (!strcmp(t, "tx")) {
-        return put(c, "{\"tx\":") || tx(c) || put(c, "}");
+/* The dotted IPv4 address of 4 bytes at p, as a JSON string. */
+static int put_ipv4(Ctx *c, const uint8_t *p) {
+    char s[24];
+    int w = snprintf(s, sizeof s, "\"%u.%u.%u.%u\"", p[0], p[1], p[2], p[3]);
+    return put_n(c, s, (size_t)w);
+}
+
+/* The JSON of an address read as Core's test framework reads addrv1 (AddressV1.json):
+   the IPv4 address in the last 4 of the 16 bytes, net 1. */
+static int address_v1(Ctx *c, int with_time) {
+    uint64_t time = 0, services, port;
+    if (with_time && rd_le(c, 4, &time)) return -1;
+    if (rd_le(c, 8, &services) || need(c, 16)) return -1;
+    const uint8_t *ip = c->p + c->pos;
+    c->pos += 16;
+    if (rd_u16be(c, &port)) return -1;
+    if (put(c, "{\"net\":1,\"ip\":") || put_ipv4(c, ip + 12)) return -1;
+    if (key_u64(c, ",\"nServices\":", services) || key_u64(c, ",\"port\":", port)) return -1;
+    return key_u64(c, ",\"time\":", time) || put(c, "}");
+}
+
+/* A BIP155 address (AddressV2.read and .json); TorV3 and I2P names are left to Python. */
+static int address_v2(Ctx *c) {
+    uint64_t time, services, net, length, port;
+    if (rd_le(c, 4, &time) || rd_compact(c, &services)) return -1;
+    size_t start = c->pos;
+    if (rd_u8(c, &net) || rd_compact(c, &length)) return -1;
+    int want = net == 1 ? 4 : net == 2 ? 16 : net == 4 ? 32 : net == 5 ? 32 : net == 6 ? 16 : -1;
+    if (want < 0 || length != (uint64_t)want) {
+        c->b = length;
+        return fail(c, E_BIP155, start, net);
     }
-    if (!strcmp(t, "block")) {
-        if (80 > c->n) return fail_fields(c, HEADER_FIELDS, 6);
-        c->pos = 80;
-        return put(c, "{\"block\":{\"vtx\":") || txs(c) || put(c, "}}");
+    if (need(c, (size_t)length)) return -1;
+    const uint8_t *addr = c->p + c->pos;
+    c->pos += (size_t)length;
+    if (rd_u16be(c, &port)) return -1;
+    if (key_u64(c, "{\"net\":", net) || put(c, ",\"ip\":")) return -1;
+    if (net == 1) {
+        if (put_ipv4(c, addr)) return -1;
+    } else if (net == 2 || net == 6) {
+#ifdef HAVE_INET_NTOP
+        char s[64];
+        /* socket.inet_ntop, which Python's typed path calls, is this libc function. */
+        if (!inet_ntop(AF_INET6, addr, s, sizeof s)) return to_python(c);
+        if (put(c, "\"") || put(c, s) || put(c, "\"")) return -1;
+#else
+        return to_python(c);
+#endif
+    } else {
+        return to_python(c); /* TorV3 (needs SHA3) and I2P names */
     }
-    if (!strcmp(t, "headers")) {
-        uint64_t n, zero;
-        if (rd_count(c, 81, &n) || put(c, "{\"headers\":[")) return -1;
-        for (uint64_t i = 0; i < n; i++) {
-            if ((i && put(c, ",")) || header(c)) return -1;
-            size_t at = c->pos;
-            if (rd_compact(c, &zero)) return -1;
-            if (zero) return fail_text(c, at, "header with a non-zero transaction count");
-        }
-        return put(c, "]}");
+    if (key_u64(c, ",\"nServices\":", services) || key_u64(c, ",\"port\":", port)) return -1;
+    return key_u64(c, ",\"time\":", time) || put(c, "}");
+}
+
+/* --- message bodies, one per type --------------------------------------------------- */
+
+static int b_empty(Ctx *c) { return put(c, "{}"); }
+
+static int b_tx(Ctx *c) { return put(c, "{\"tx\":") || tx(c) || put(c, "}"); }
+
+static int b_block(Ctx *c) {
+    if (80 > c->n) return fail_fields(c, HEADER_FIELDS, 6);
+    c->pos = 80; /* Core's parser prints only CBlock's own slot, vtx */
+    return put(c, "{\"block\":{\"vtx\":") || txs(c) || put(c, "}}");
+}
+
+static int b_headers(Ctx *c) {
+    uint64_t n, zero;
+    if (rd_count(c, 81, &n) || put(c, "{\"headers\":[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((i && put(c, ",")) || header(c)) return -1;
+        size_t at = c->pos;
+        if (rd_compact(c, &zero)) return -1;
+        if (zero) return fail_text(c, at, "header with a non-zero transaction count");
     }
-    if (!strcmp(t, "cmpctblock")) {
-        uint64_t nonce, n;
-        if (put(c, "{\"header_and_shortids\":{\"header\":") || header(c)) return -1;
-        if (rd_le(c, 8, &nonce) || put(c, ",\"nonce\":") || put_u64(c, nonce)) return -1;
-        if (rd_count(c, 6, &n)) return -1;
-        size_t ids_at = c->pos;
-        uint64_t n_ids = n;
-        c->pos += 6 * n;
-        if (rd_count(c, 11, &n) || put(c, ",\"prefilled_txn\":[")) return -1;
-        for (uint64_t i = 0; i < n; i++) {
-            uint64_t index;
-            if ((i && put(c, ",")) || rd_compact(c, &index)) return -1;
-            if (put(c, "{\"index\":") || put_u64(c, index) || put(c, ",\"tx\":") || tx(c) ||
-                put(c, "}"))
-                return -1;
-        }
-        if (put(c, "],\"prefilled_txn_length\":") || put_u64(c, n) || put(c, ",\"shortids\":["))
+    return put(c, "]}");
+}
+
+static int b_cmpctblock(Ctx *c) {
+    uint64_t nonce, n;
+    if (put(c, "{\"header_and_shortids\":{\"header\":") || header(c)) return -1;
+    if (rd_le(c, 8, &nonce) || key_u64(c, ",\"nonce\":", nonce)) return -1;
+    if (rd_count(c, 6, &n)) return -1;
+    size_t ids_at = c->pos;
+    uint64_t n_ids = n;
+    c->pos += 6 * n;
+    if (rd_count(c, 11, &n) || put(c, ",\"prefilled_txn\":[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t index;
+        if ((i && put(c, ",")) || rd_compact(c, &index)) return -1;
+        if (key_u64(c, "{\"index\":", index) || put(c, ",\"tx\":") || tx(c) || put(c, "}"))
             return -1;
-        for (uint64_t i = 0; i < n_ids; i++) {
-            if ((i && put(c, ",")) || put_u64(c, le(c->p + ids_at + 6 * i, 6))) return -1;
-        }
-        return put(c, "],\"shortids_length\":") || put_u64(c, n_ids) || put(c, "}}");
     }
-    if (!strcmp(t, "blocktxn")) {
-        if (put(c, "{\"block_transactions\":{\"blockhash\":") || hash_at(c)) return -1;
-        return put(c, ",\"transactions\":") || txs(c) || put(c, "}}");
+    if (key_u64(c, "],\"prefilled_txn_length\":", n) || put(c, ",\"shortids\":[")) return -1;
+    for (uint64_t i = 0; i < n_ids; i++) {
+        if ((i && put(c, ",")) || put_u64(c, le(c->p + ids_at + 6 * i, 6))) return -1;
     }
-    if (!strcmp(t, "inv") || !strcmp(t, "getdata")) return inventory(c, "{\"inv\":[");
-    if (!strcmp(t, "notfound")) return inventory(c, "{\"vec\":[");
-    return fail_text(c, 0, "no native renderer for this message type");
+    return key_u64(c, "],\"shortids_length\":", n_ids) || put(c, "}}");
+}
+
+static int b_blocktxn(Ctx *c) {
+    if (key_hash(c, "{\"block_transactions\":{\"blockhash\":")) return -1;
+    return put(c, ",\"transactions\":") || txs(c) || put(c, "}}");
+}
+
+static int b_inv(Ctx *c) { return inventory(c, "{\"inv\":["); }
+static int b_notfound(Ctx *c) { return inventory(c, "{\"vec\":["); }
+
+static int b_version(Ctx *c) {
+    uint64_t version, services, timestamp, nonce, ua_len, height, relay = 0;
+    if (rd_le(c, 4, &version) || rd_le(c, 8, &services) || rd_le(c, 8, &timestamp)) return -1;
+    /* Both addresses are rendered into the output first, then moved into place. */
+    size_t addr_to = c->len;
+    if (address_v1(c, 0)) return -1;
+    size_t addr_from = c->len;
+    if (address_v1(c, 0)) return -1;
+    size_t addrs_end = c->len;
+    if (rd_le(c, 8, &nonce) || rd_count(c, 1, &ua_len)) return -1;
+    const uint8_t *ua = c->p + c->pos;
+    for (uint64_t i = 0; i < ua_len; i++) {
+        /* only text JSON and UTF-8 leave as is; the rest (escapes, UTF-8 checks) is Python's */
+        if (ua[i] < 0x20 || ua[i] > 0x7e || ua[i] == '"' || ua[i] == '\\') return to_python(c);
+    }
+    c->pos += (size_t)ua_len;
+    if (rd_le(c, 4, &height)) return -1;
+    if (c->pos < c->n && rd_u8(c, &relay)) return -1;
+    /* {"addrFrom":…,"addrTo":…,"nNonce":…,"relay":…,"nServices":…,"nStartingHeight":…,
+       "nTime":…,"nVersion":…,"strSubVer":…}: copy the addresses out, then write it all. */
+    size_t to_len = addr_from - addr_to, from_len = addrs_end - addr_from;
+    char *addrs = malloc(addrs_end - addr_to);
+    if (!addrs) return fail(c, E_NOMEM, c->pos, 0);
+    memcpy(addrs, c->out + addr_to, addrs_end - addr_to);
+    c->len = addr_to;
+    int rc = put(c, "{\"addrFrom\":") || put_n(c, addrs + to_len, from_len) ||
+             put(c, ",\"addrTo\":") || put_n(c, addrs, to_len);
+    free(addrs);
+    if (rc) return -1;
+    if (key_u64(c, ",\"nNonce\":", nonce) || key_u64(c, ",\"relay\":", relay)) return -1;
+    if (key_u64(c, ",\"nServices\":", services)) return -1;
+    if (key_i64(c, ",\"nStartingHeight\":", (int32_t)(uint32_t)height)) return -1;
+    if (key_i64(c, ",\"nTime\":", (int64_t)timestamp)) return -1;
+    if (key_i64(c, ",\"nVersion\":", (int32_t)(uint32_t)version)) return -1;
+    return put(c, ",\"strSubVer\":\"") || put_n(c, (const char *)ua, (size_t)ua_len) || put(c, "\"}");
+}
+
+static int b_addr(Ctx *c) {
+    uint64_t n;
+    if (rd_count(c, 30, &n) || put(c, "{\"addrs\":[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((i && put(c, ",")) || address_v1(c, 1)) return -1;
+    }
+    return put(c, "]}");
+}
+
+static int b_addrv2(Ctx *c) {
+    uint64_t n;
+    if (rd_count(c, 9, &n) || put(c, "{\"addrs\":[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((i && put(c, ",")) || address_v2(c)) return -1;
+    }
+    return put(c, "]}");
+}
+
+/* getblocks and getheaders: nVersion, vHave, hashstop on the wire. */
+static int locator(Ctx *c, int stop_first) {
+    uint64_t version;
+    if (rd_le(c, 4, &version)) return -1;
+    size_t hashes_at = c->pos;
+    uint64_t n;
+    if (rd_count(c, 32, &n)) return -1;
+    c->pos += 32 * (size_t)n;
+    size_t stop_at = c->pos;
+    if (need(c, 32)) return -1;
+    size_t end = c->pos + 32;
+    if (stop_first) {
+        if (key_hash(c, "{\"hashstop\":") || put(c, ",\"locator\":")) return -1;
+    } else if (put(c, "{\"locator\":")) {
+        return -1;
+    }
+    c->pos = hashes_at;
+    if (key_i64(c, "{\"nVersion\":", (int32_t)(uint32_t)version) || put(c, ",\"vHave\":") ||
+        hash_list(c) || put(c, "}"))
+        return -1;
+    if (!stop_first) {
+        c->pos = stop_at;
+        if (key_hash(c, ",\"hashstop\":")) return -1;
+    }
+    c->pos = end;
+    return put(c, "}");
+}
+
+static int b_getblocks(Ctx *c) { return locator(c, 0); }
+static int b_getheaders(Ctx *c) { return locator(c, 1); }
+
+static int b_merkleblock(Ctx *c) {
+    uint64_t total, n;
+    if (put(c, "{\"merkleblock\":{\"header\":") || header(c)) return -1;
+    if (rd_le(c, 4, &total) || key_u64(c, ",\"txn\":{\"nTransactions\":", total)) return -1;
+    size_t hashes_at = c->pos;
+    if (rd_count(c, 32, &n)) return -1;
+    c->pos += 32 * (size_t)n;
+    uint64_t k;
+    if (rd_count(c, 1, &k) || put(c, ",\"vBits\":[")) return -1;
+    for (uint64_t i = 0; i < 8 * k; i++) {
+        int bit = c->p[c->pos + i / 8] >> (i % 8) & 1;
+        if ((i && put(c, ",")) || put(c, bit ? "true" : "false")) return -1;
+    }
+    size_t end = c->pos + (size_t)k;
+    c->pos = hashes_at;
+    if (put(c, "],\"vHash\":") || hash_list(c)) return -1;
+    c->pos = end;
+    return put(c, "}}}");
+}
+
+static int b_sendcmpct(Ctx *c) {
+    uint64_t announce, version;
+    if (rd_u8(c, &announce) || rd_le(c, 8, &version)) return -1;
+    return put(c, announce ? "{\"announce\":true" : "{\"announce\":false") ||
+           key_u64(c, ",\"version\":", version) || put(c, "}");
+}
+
+static int b_getblocktxn(Ctx *c) {
+    uint64_t n, index;
+    if (key_hash(c, "{\"block_txn_request\":{\"blockhash\":")) return -1;
+    if (rd_count(c, 1, &n) || put(c, ",\"indexes\":[")) return -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((i && put(c, ",")) || rd_compact(c, &index) || put_u64(c, index)) return -1;
+    }
+    return put(c, "]}}");
+}
+
+/* {"<key>":<u64>} */
+static int u64_body(Ctx *c, const char *key) {
+    uint64_t v;
+    return rd_le(c, 8, &v) || key_u64(c, key, v) || put(c, "}");
+}
+
+static int b_ping(Ctx *c) { return u64_body(c, "{\"nonce\":"); }
+static int b_feefilter(Ctx *c) { return u64_body(c, "{\"feerate\":"); }
+
+static int b_sendtxrcncl(Ctx *c) {
+    uint64_t version, salt;
+    if (rd_le(c, 4, &version) || rd_le(c, 8, &salt)) return -1;
+    return key_u64(c, "{\"version\":", version) || key_u64(c, ",\"salt\":", salt) || put(c, "}");
+}
+
+static int b_filterload(Ctx *c) {
+    uint64_t funcs, tweak, flags;
+    if (put(c, "{\"data\":") || var_hex(c)) return -1;
+    if (rd_le(c, 4, &funcs) || rd_le(c, 4, &tweak) || rd_u8(c, &flags)) return -1;
+    return key_u64(c, ",\"nHashFuncs\":", funcs) || key_u64(c, ",\"nTweak\":", tweak) ||
+           key_u64(c, ",\"nFlags\":", flags) || put(c, "}");
+}
+
+static int b_filteradd(Ctx *c) { return put(c, "{\"data\":") || var_hex(c) || put(c, "}"); }
+
+/* getcfilters and getcfheaders */
+static int b_getcf(Ctx *c) {
+    uint64_t type, height;
+    if (rd_u8(c, &type) || rd_le(c, 4, &height)) return -1;
+    if (key_u64(c, "{\"filter_type\":", type) || key_u64(c, ",\"start_height\":", height))
+        return -1;
+    return key_hash(c, ",\"stop_hash\":") || put(c, "}");
+}
+
+static int b_cfilter(Ctx *c) {
+    uint64_t type;
+    if (rd_u8(c, &type) || key_u64(c, "{\"filter_type\":", type)) return -1;
+    if (key_hash(c, ",\"block_hash\":") || put(c, ",\"filter_data\":") || var_hex(c)) return -1;
+    return put(c, "}");
+}
+
+static int b_cfheaders(Ctx *c) {
+    uint64_t type;
+    if (rd_u8(c, &type) || key_u64(c, "{\"filter_type\":", type)) return -1;
+    if (key_hash(c, ",\"stop_hash\":") || key_hash(c, ",\"prev_header\":")) return -1;
+    return put(c, ",\"hashes\":") || hash_list(c) || put(c, "}");
+}
+
+static int b_getcfcheckpt(Ctx *c) {
+    uint64_t type;
+    if (rd_u8(c, &type) || key_u64(c, "{\"filter_type\":", type)) return -1;
+    return key_hash(c, ",\"stop_hash\":") || put(c, "}");
+}
+
+static int b_cfcheckpt(Ctx *c) {
+    uint64_t type;
+    if (rd_u8(c, &type) || key_u64(c, "{\"filter_type\":", type)) return -1;
+    if (key_hash(c, ",\"stop_hash\":")) return -1;
+    return put(c, ",\"headers\":") || hash_list(c) || put(c, "}");
+}
+
+typedef struct {
+    const char *name;
+    int (*body)(Ctx *);
+} Kind;
+
+/* Every type of parser/messages.py's MESSAGES, the most frequent first. */
+static const Kind KINDS[] = {
+    {"inv", b_inv},
+    {"tx", b_tx},
+    {"getdata", b_inv},
+    {"ping", b_ping},
+    {"pong", b_ping},
+    {"cmpctblock", b_cmpctblock},
+    {"headers", b_headers},
+    {"block", b_block},
+    {"getheaders", b_getheaders},
+    {"addrv2", b_addrv2},
+    {"addr", b_addr},
+    {"feefilter", b_feefilter},
+    {"notfound", b_notfound},
+    {"getblocktxn", b_getblocktxn},
+    {"blocktxn", b_blocktxn},
+    {"cfilter", b_cfilter},
+    {"getcfilters", b_getcf},
+    {"cfheaders", b_cfheaders},
+    {"getcfheaders", b_getcf},
+    {"cfcheckpt", b_cfcheckpt},
+    {"getcfcheckpt", b_getcfcheckpt},
+    {"version", b_version},
+    {"verack", b_empty},
+    {"sendcmpct", b_sendcmpct},
+    {"sendheaders", b_empty},
+    {"wtxidrelay", b_empty},
+    {"sendaddrv2", b_empty},
+    {"sendtxrcncl", b_sendtxrcncl},
+    {"getaddr", b_empty},
+    {"getblocks", b_getblocks},
+    {"mempool", b_empty},
+    {"merkleblock", b_merkleblock},
+    {"filterload", b_filterload},
+    {"filteradd", b_filteradd},
+    {"filterclear", b_empty},
+};
+
+static const Kind *kind_of(const char *name, size_t len) {
+    for (size_t i = 0; i < sizeof KINDS / sizeof KINDS[0]; i++) {
+        if (!strncmp(KINDS[i].name, name, len) && KINDS[i].name[len] == '\0') return &KINDS[i];
+    }
+    return NULL;
+}
+
+/* The body of one payload (c->p, c->n), all of it. */
+static int body(Ctx *c, const Kind *k) {
+    if (k->body(c)) return -1;
+    if (c->pos != c->n) return fail(c, E_TRAILING, c->pos, 0);
+    return 0;
 }
 
 /* Raise ValueError(reason, offset), the reason in Reader's words. */
@@ -371,6 +784,10 @@ static COLD void raise_error(const Ctx *c) {
     case E_TRAILING:
         reason = PyUnicode_FromFormat("%zu trailing bytes", c->n - c->at);
         break;
+    case E_BIP155:
+        reason = PyUnicode_FromFormat("unsupported BIP155 network %llu with address length %llu",
+                                      (unsigned long long)c->a, (unsigned long long)c->b);
+        break;
     case E_TEXT:
         reason = PyUnicode_FromString(c->text);
         break;
@@ -389,14 +806,20 @@ static PyObject *render(PyObject *self, PyObject *args) {
     Py_buffer payload;
     int reverse;
     if (!PyArg_ParseTuple(args, "sy*p", &msgtype, &payload, &reverse)) return NULL;
+    const Kind *k = kind_of(msgtype, strlen(msgtype));
+    if (!k) {
+        PyBuffer_Release(&payload);
+        return PyErr_Format(PyExc_KeyError, "no native renderer for %s", msgtype);
+    }
     Ctx c = {.p = payload.buf, .n = (size_t)payload.len, .reverse = reverse};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = body(&c, msgtype);
+    rc = body(&c, k);
     Py_END_ALLOW_THREADS
     PyObject *result = NULL;
-    if (rc == 0 && c.pos != c.n) rc = fail(&c, E_TRAILING, c.pos, 0);
-    if (rc) {
+    if (rc && c.err == E_PYTHON) {
+        result = Py_NewRef(Py_None);
+    } else if (rc) {
         raise_error(&c);
     } else {
         result = PyBytes_FromStringAndSize(c.out, (Py_ssize_t)c.len);
@@ -406,11 +829,453 @@ static PyObject *render(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* --- whole records -------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t time;
+    const uint8_t *name; /* the 12-byte type field */
+    size_t name_len;     /* up to the first NUL */
+    size_t size;         /* payload bytes */
+    const uint8_t *payload;
+} Rec;
+
+/* The whole record at pos in p[0:n], or 0 if there is none there. */
+static int record_at(const uint8_t *p, size_t n, size_t pos, Rec *r) {
+    if (pos > n || n - pos < RECORD_HEADER_SIZE) return 0;
+    const uint8_t *h = p + pos;
+    r->time = le(h, 8);
+    r->name = h + 8;
+    r->size = (size_t)le(h + 20, 4);
+    if (r->size > MAX_RECORD_PAYLOAD || r->size > n - pos - RECORD_HEADER_SIZE) return 0;
+    const uint8_t *nul = memchr(r->name, 0, MSGTYPE_SIZE);
+    r->name_len = nul ? (size_t)(nul - r->name) : MSGTYPE_SIZE;
+    r->payload = h + RECORD_HEADER_SIZE;
+    return 1;
+}
+
+/* Walk the whole records of p[0:n] from pos while their time is within [*last, limit]
+   (updating *last). Returns where the walk stopped; *later is the time of the whole
+   record there, if there is one (then 1 is returned in *found). */
+static size_t walk(const uint8_t *p, size_t n, size_t pos, uint64_t limit, uint64_t *last,
+                   int *found, uint64_t *later) {
+    Rec r;
+    *found = 0;
+    while (record_at(p, n, pos, &r)) {
+        if (r.time > limit || r.time < *last) {
+            *found = 1;
+            *later = r.time;
+            break;
+        }
+        *last = r.time;
+        pos += RECORD_HEADER_SIZE + r.size;
+    }
+    return pos;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t pos;
+    unsigned long long limit, last;
+    if (!PyArg_ParseTuple(args, "y*nKK", &data, &pos, &limit, &last)) return NULL;
+    if (pos < 0 || pos > data.len) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "position %zd outside the data", pos);
+    }
+    int found;
+    uint64_t later, at_last = last;
+    size_t end = walk(data.buf, (size_t)data.len, (size_t)pos, limit, &at_last, &found, &later);
+    PyBuffer_Release(&data);
+    if (!found) return Py_BuildValue("(nOK)", (Py_ssize_t)end, Py_None, at_last);
+    return Py_BuildValue("(nKK)", (Py_ssize_t)end, (unsigned long long)later, at_last);
+}
+
+/* The chunks of a batch: a list of bytes-like objects, as buffers. */
+typedef struct {
+    Py_ssize_t k;
+    Py_buffer *bufs;
+} Chunks;
+
+static void release_chunks(Chunks *c) {
+    for (Py_ssize_t i = 0; i < c->k; i++) PyBuffer_Release(&c->bufs[i]);
+    PyMem_Free(c->bufs);
+    c->bufs = NULL;
+    c->k = 0;
+}
+
+static int get_chunks(PyObject *list, Chunks *c) {
+    Py_ssize_t k = PyList_GET_SIZE(list);
+    c->k = 0;
+    c->bufs = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Py_buffer));
+    if (!c->bufs) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(list, i), &c->bufs[i], PyBUF_SIMPLE) < 0) {
+            release_chunks(c);
+            return -1;
+        }
+        c->k = i + 1;
+    }
+    return 0;
+}
+
+/* One run of a plan: chunk k, bytes [start, end). */
+typedef struct {
+    int64_t k, start, end;
+} PlanRun;
+
+static PyObject *plan(PyObject *self, PyObject *args) {
+    PyObject *chunk_list, *positions, *times;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &chunk_list, &PyList_Type, &positions,
+                          &PyList_Type, &times))
+        return NULL;
+    Py_ssize_t k = PyList_GET_SIZE(chunk_list);
+    if (k < 1 || PyList_GET_SIZE(positions) != k || PyList_GET_SIZE(times) != k) {
+        PyErr_SetString(PyExc_ValueError, "plan needs one position and one time per chunk");
+        return NULL;
+    }
+    Chunks c;
+    if (get_chunks(chunk_list, &c) < 0) return NULL;
+    size_t *pos = PyMem_Calloc((size_t)k, sizeof *pos);
+    uint64_t *time = PyMem_Calloc((size_t)k, sizeof *time);
+    PlanRun *runs = NULL;
+    size_t n_runs = 0, cap = 0;
+    PyObject *result = NULL;
+    if (!pos || !time) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(positions, i));
+        time[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(times, i));
+        if (PyErr_Occurred()) goto done;
+        if (at < 0 || at > c.bufs[i].len) {
+            PyErr_SetString(PyExc_ValueError, "position outside its chunk");
+            goto done;
+        }
+        pos[i] = (size_t)at;
+    }
+    /* Take the next run from the chunk whose next record comes first (ties: the earlier
+       chunk), up to the next time of the chunk that comes second; until a chunk has no
+       whole record left: its file must be read on first. */
+    Py_ssize_t stopped = -1;
+    while (stopped < 0) {
+        Py_ssize_t a = 0, b = -1;
+        for (Py_ssize_t i = 1; i < k; i++) {
+            if (time[i] < time[a]) {
+                b = a;
+                a = i;
+            } else if (b < 0 || time[i] < time[b]) {
+                b = i;
+            }
+        }
+        /* b comes after a: at its time if a is the earlier chunk, else just before */
+        uint64_t limit = b < 0 ? UINT64_MAX : a < b ? time[b] : time[b] - 1;
+        uint64_t last = 0, later;
+        int found;
+        size_t end = walk(c.bufs[a].buf, (size_t)c.bufs[a].len, pos[a], limit, &last, &found,
+                          &later);
+        if (end > pos[a]) {
+            if (n_runs == cap) {
+                cap = cap ? 2 * cap : 64;
+                PlanRun *grown = PyMem_Realloc(runs, cap * sizeof *runs);
+                if (!grown) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                runs = grown;
+            }
+            runs[n_runs++] = (PlanRun){a, (int64_t)pos[a], (int64_t)end};
+        }
+        pos[a] = end;
+        if (found)
+            time[a] = later;
+        else
+            stopped = a;
+    }
+    PyObject *new_positions = PyList_New(k), *new_times = PyList_New(k);
+    if (new_positions && new_times) {
+        for (Py_ssize_t i = 0; i < k; i++) {
+            PyList_SET_ITEM(new_positions, i, PyLong_FromSize_t(pos[i]));
+            PyList_SET_ITEM(new_times, i,
+                            i == stopped ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(time[i]));
+        }
+        result = Py_BuildValue("(y#OOn)", (const char *)runs,
+                               (Py_ssize_t)(n_runs * sizeof *runs), new_positions, new_times,
+                               stopped);
+    }
+    Py_XDECREF(new_positions);
+    Py_XDECREF(new_times);
+done:
+    release_chunks(&c);
+    PyMem_Free(pos);
+    PyMem_Free(time);
+    PyMem_Free(runs);
+    return result;
+}
+
+/* A plan (bytes) as runs, each checked against its chunk. */
+static const PlanRun *plan_runs(const Py_buffer *plan, const Chunks *c, Py_ssize_t *n) {
+    if (plan->len % (Py_ssize_t)sizeof(PlanRun)) goto bad;
+    *n = plan->len / (Py_ssize_t)sizeof(PlanRun);
+    const PlanRun *runs = plan->buf;
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        const PlanRun *r = &runs[i];
+        if (r->k < 0 || r->k >= c->k || r->start < 0 || r->start > r->end ||
+            r->end > c->bufs[r->k].len)
+            goto bad;
+    }
+    return runs;
+bad:
+    PyErr_SetString(PyExc_ValueError, "a plan run outside its chunk");
+    return NULL;
+}
+
+typedef struct {
+    unsigned long long since, until;
+    PyObject *types; /* a tuple of bytes, or None for all */
+} Filter;
+
+static int parse_filter(PyObject *types, Filter *f) {
+    if (types != Py_None && !PyTuple_Check(types)) {
+        PyErr_SetString(PyExc_TypeError, "types must be a tuple of bytes or None");
+        return -1;
+    }
+    f->types = types;
+    return 0;
+}
+
+static int selected(const Filter *f, const Rec *r) {
+    if (r->time < f->since || r->time > f->until) return 0;
+    if (f->types == Py_None) return 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->types); i++) {
+        PyObject *t = PyTuple_GET_ITEM(f->types, i);
+        if (PyBytes_Check(t) && (size_t)PyBytes_GET_SIZE(t) == r->name_len &&
+            !memcmp(PyBytes_AS_STRING(t), r->name, r->name_len))
+            return 1;
+    }
+    return 0;
+}
+
+static COLD PyObject *not_whole(Py_ssize_t pos) {
+    return PyErr_Format(PyExc_ValueError, "no whole record at %zd", pos);
+}
+
+/* What goes around each record's JSON. */
+typedef struct {
+    const char *head, *tail, *before, *after;
+    Py_ssize_t head_len, tail_len, before_len, after_len;
+} Look;
+
+enum { RUN_DONE, RUN_PYTHON, RUN_FULL, RUN_BAD, RUN_NOMEM };
+
+/* Render the selected records of p[pos:end] into c until its output reaches limit; *at
+   is where it stopped: end, the record left to Python (RUN_PYTHON) or that is not whole
+   (RUN_BAD), or the next record (RUN_FULL). */
+static int render_run(Ctx *c, const uint8_t *p, size_t pos, size_t end, const Look *look,
+                      const Filter *f, size_t limit, int *first, size_t *at) {
+    Rec r;
+    for (; pos < end; pos += RECORD_HEADER_SIZE + r.size) {
+        *at = pos;
+        if (c->len >= limit) return RUN_FULL;
+        if (!record_at(p, end, pos, &r)) return RUN_BAD;
+        if (!selected(f, &r)) continue;
+        const Kind *k = kind_of((const char *)r.name, r.name_len);
+        if (!k) return RUN_PYTHON; /* an unknown type */
+        size_t mark = c->len;
+        c->p = r.payload;
+        c->n = r.size;
+        c->pos = 0;
+        c->err = 0;
+        int rc = (!*first && put_n(c, look->before, (size_t)look->before_len)) ||
+                 put_n(c, look->head, (size_t)look->head_len) || put_u64(c, r.time) ||
+                 key_u64(c, ",\"size\":", r.size) || put(c, ",\"msgtype\":\"") ||
+                 put(c, k->name) || put(c, "\"");
+        size_t body_at = c->len;
+        rc = rc || put(c, ",\"body\":") || body(c, k);
+        if (!rc && r.size == 0) c->len = body_at; /* Core prints no body for an empty payload */
+        rc = rc || put_n(c, look->tail, (size_t)look->tail_len) ||
+             put_n(c, look->after, (size_t)look->after_len);
+        if (rc) {
+            c->len = mark;
+            /* rejected, or rendered by Python: Python words it */
+            return c->err == E_NOMEM ? RUN_NOMEM : RUN_PYTHON;
+        }
+        *first = 0;
+    }
+    *at = end;
+    return RUN_DONE;
+}
+
+static PyObject *render_batch(PyObject *self, PyObject *args) {
+    PyObject *out, *chunk_list, *looks, *types;
+    Py_buffer plan;
+    Py_ssize_t used, limit, run, pos;
+    Look look;
+    int reverse, first;
+    Filter f;
+    if (!PyArg_ParseTuple(args, "O!nnO!y*nnO!(y#y#pKKO)p", &PyByteArray_Type, &out, &used,
+                          &limit, &PyList_Type, &chunk_list, &plan, &run, &pos, &PyList_Type,
+                          &looks, &look.before, &look.before_len, &look.after, &look.after_len,
+                          &reverse, &f.since, &f.until, &types, &first))
+        return NULL;
+    Chunks c = {0, NULL};
+    PyObject *result = NULL;
+    Py_ssize_t n_runs;
+    const PlanRun *runs;
+    if (parse_filter(types, &f) < 0 || get_chunks(chunk_list, &c) < 0) goto done;
+    if (!(runs = plan_runs(&plan, &c, &n_runs))) goto done;
+    if (PyList_GET_SIZE(looks) != c.k || used < 0 || used > PyByteArray_GET_SIZE(out) ||
+        limit < 0 || run < 0 || run > n_runs || pos < 0 ||
+        (run < n_runs && pos > runs[run].end)) {
+        PyErr_SetString(PyExc_ValueError, "render_batch: arguments out of range");
+        goto done;
+    }
+    Ctx ctx = {.reverse = reverse, .sink = out, .out = PyByteArray_AS_STRING(out),
+               .len = (size_t)used, .cap = (size_t)PyByteArray_GET_SIZE(out)};
+    size_t at = 0;
+    int status = RUN_DONE;
+    for (; run < n_runs; run++) {
+        const PlanRun *r = &runs[run];
+        PyObject *head_tail = PyList_GET_ITEM(looks, r->k);
+        if (!PyArg_ParseTuple(head_tail, "y#y#", &look.head, &look.head_len, &look.tail,
+                              &look.tail_len))
+            goto done;
+        size_t from = pos > r->start ? (size_t)pos : (size_t)r->start;
+        pos = 0;
+        status = render_run(&ctx, c.bufs[r->k].buf, from, (size_t)r->end, &look, &f,
+                            (size_t)limit, &first, &at);
+        if (status != RUN_DONE) break;
+    }
+    if (status == RUN_NOMEM) {
+        PyErr_NoMemory();
+    } else if (status == RUN_BAD) {
+        not_whole((Py_ssize_t)at);
+    } else {
+        result = Py_BuildValue("(nnOn)", run, status == RUN_DONE ? (Py_ssize_t)0 : (Py_ssize_t)at,
+                               first ? Py_True : Py_False, (Py_ssize_t)ctx.len);
+    }
+done:
+    release_chunks(&c);
+    PyBuffer_Release(&plan);
+    return result;
+}
+
+/* counts[name] += (1, size) for each record, names gathered in a small table first. */
+typedef struct {
+    const uint8_t *name;
+    size_t len;
+    unsigned long long count, bytes;
+} Tally;
+
+static int add_tally(PyObject *counts, const Tally *t) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)t->name, (Py_ssize_t)t->len);
+    if (!key) return -1;
+    unsigned long long count = t->count, bytes = t->bytes, c0 = 0, b0 = 0;
+    PyObject *old = PyDict_GetItemWithError(counts, key); /* borrowed */
+    PyObject *value = NULL;
+    if (old || !PyErr_Occurred()) {
+        if (!old || PyArg_ParseTuple(old, "KK", &c0, &b0))
+            value = Py_BuildValue("(KK)", count + c0, bytes + b0);
+    }
+    int rc = value ? PyDict_SetItem(counts, key, value) : -1;
+    Py_XDECREF(value);
+    Py_DECREF(key);
+    return rc;
+}
+
+static int flush_tally(PyObject *counts, const Tally *t, int n) {
+    for (int i = 0; i < n; i++) {
+        if (add_tally(counts, &t[i]) < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *tally(PyObject *self, PyObject *args) {
+    PyObject *counts, *chunk_list, *types;
+    Py_buffer plan;
+    Filter f;
+    if (!PyArg_ParseTuple(args, "O!O!y*KKO", &PyList_Type, &counts, &PyList_Type, &chunk_list,
+                          &plan, &f.since, &f.until, &types))
+        return NULL;
+    Chunks c = {0, NULL};
+    Py_ssize_t n_runs;
+    const PlanRun *runs;
+    int rc = -1;
+    if (parse_filter(types, &f) < 0 || get_chunks(chunk_list, &c) < 0) goto done;
+    if (!(runs = plan_runs(&plan, &c, &n_runs))) goto done;
+    if (PyList_GET_SIZE(counts) != c.k) {
+        PyErr_SetString(PyExc_ValueError, "tally needs one dict per chunk");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < c.k; i++) {
+        if (!PyDict_Check(PyList_GET_ITEM(counts, i))) {
+            PyErr_SetString(PyExc_TypeError, "tally needs one dict per chunk");
+            goto done;
+        }
+    }
+    enum { SLOTS = 32 };
+    Tally t[SLOTS];
+    rc = 0;
+    for (Py_ssize_t run = 0; run < n_runs && rc == 0; run++) {
+        const PlanRun *r = &runs[run];
+        PyObject *into = PyList_GET_ITEM(counts, r->k);
+        const uint8_t *p = c.bufs[r->k].buf;
+        int used = 0;
+        Rec rec;
+        for (size_t pos = (size_t)r->start; pos < (size_t)r->end; pos += RECORD_HEADER_SIZE + rec.size) {
+            if (!record_at(p, (size_t)r->end, pos, &rec)) {
+                not_whole((Py_ssize_t)pos);
+                rc = -1;
+                break;
+            }
+            if (!selected(&f, &rec)) continue;
+            int i = 0;
+            while (i < used && !(t[i].len == rec.name_len && !memcmp(t[i].name, rec.name, rec.name_len)))
+                i++;
+            if (i == used) {
+                if (used == SLOTS) {
+                    if ((rc = flush_tally(into, t, used)) < 0) break;
+                    used = i = 0;
+                }
+                t[used++] = (Tally){rec.name, rec.name_len, 0, 0};
+            }
+            t[i].count++;
+            t[i].bytes += rec.size;
+        }
+        if (rc == 0) rc = flush_tally(into, t, used);
+    }
+done:
+    release_chunks(&c);
+    PyBuffer_Release(&plan);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
-    {"render", render, METH_VARARGS, "render(msgtype, payload, reverse) -> JSON bytes"},
+    {"render", render, METH_VARARGS, "render(msgtype, payload, reverse) -> JSON bytes or None"},
+    {"scan", scan, METH_VARARGS, "scan(data, pos, limit, last) -> (end, next_time, last)"},
+    {"plan", plan, METH_VARARGS, "plan(chunks, positions, times) -> (plan, positions, times, stopped)"},
+    {"render_batch", render_batch, METH_VARARGS,
+     "render_batch(out, used, limit, chunks, plan, run, pos, looks, opts, first)"
+     " -> (run, pos, first, used)"},
+    {"tally", tally, METH_VARARGS, "tally(counts, chunks, plan, since, until, types)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "msgcap.parser._fastjson", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastjson(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastjson(void) {
+    static const char HEX[] = "0123456789abcdef";
+    for (int b = 0; b < 256; b++) {
+        HEX_PAIRS[b][0] = HEX[b >> 4];
+        HEX_PAIRS[b][1] = HEX[b & 15];
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "MAX_RECORD_PAYLOAD", MAX_RECORD_PAYLOAD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

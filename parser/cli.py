@@ -18,18 +18,15 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO
 
-import orjson
-
-from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged
-from msgcap.capture.records import RECORD_HEADER_SIZE, Damage
+from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged_batches
+from msgcap.capture.framing import MsgType
+from msgcap.capture.records import Damage, RecordFilter
 from msgcap.errors import UsageError
-from msgcap.parser.render import Problem, render
+from msgcap.parser.render import BatchRenderer, Problem
 
 _MAX_WARNINGS_PER_KIND = 10
-_WRITE_CHUNK = 1 << 20
 
 
 def parse_time(text: str) -> int:
@@ -115,25 +112,21 @@ class Warnings:
         return 1 if self.skipped or self.invalid else 0
 
 
-def select(args: argparse.Namespace, files: list[CaptureFile], warn: Warnings) -> Iterator[Item]:
-    """The merged records that pass the filters."""
+def select_files(args: argparse.Namespace, files: list[CaptureFile]) -> list[CaptureFile]:
+    """The files that pass the peer and direction filters."""
     patterns = _split_list(args.peer)
     if patterns is not None:
         files = [f for f in files if any(fnmatch.fnmatchcase(f.peer, p) for p in patterns)]
     if args.direction is not None:
         files = [f for f in files if f.direction.value == args.direction]
+    return files
+
+
+def record_filter(args: argparse.Namespace) -> RecordFilter:
+    """The time window and message types to take."""
     types = _split_list(args.type)
     wanted = None if types is None else {t.encode("utf-8", "surrogateescape") for t in types}
-    since, until = args.since, args.until
-    for item in merged(files, warn.damage):
-        rec = item.record
-        if since is not None and rec.time < since:
-            continue
-        if until is not None and rec.time > until:
-            continue
-        if wanted is not None and rec.msgtype.name not in wanted:
-            continue
-        yield item
+    return RecordFilter(args.since, args.until, None if wanted is None else frozenset(wanted))
 
 
 class Progress:
@@ -181,41 +174,26 @@ def run_parse(args: argparse.Namespace) -> int:
     progress = None
     if args.output and not args.no_progress_bar and sys.stderr.isatty():
         progress = Progress(sum(os.path.getsize(f.path) for f in files), sys.stderr)
-    dumps: Callable[[Any], bytes] = orjson.dumps
-    buffered: list[bytes] = []
-    pending = 0
-    first = True
-    # Rendering builds many short-lived, acyclic containers: the cycle collector would
-    # only rescan them (about a third of the run time), so it is paused.
+    renderer = BatchRenderer(
+        out,
+        jsonl=args.jsonl,
+        display_hashes=args.display_hashes,
+        with_peer=args.with_peer,
+        selection=record_filter(args),
+        on_problem=warn.problem,
+    )
+    # Records the native renderer leaves to Python build many short-lived, acyclic
+    # containers: the cycle collector would only rescan them, so it is paused.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         if not args.jsonl:
             out.write(b"[")
-        for item in select(args, files, warn):
-            obj, problem = render(item.record, item.direction, args.display_hashes)
-            if problem is not None:
-                warn.problem(item, problem)
-            if args.with_peer:
-                if item.source.node is not None:
-                    obj["node"] = item.source.node
-                obj["peer"] = item.source.peer
-            if args.jsonl:
-                chunk = dumps(obj) + b"\n"
-            elif first:
-                chunk = dumps(obj)
-                first = False
-            else:
-                chunk = b"," + dumps(obj)
-            buffered.append(chunk)
-            pending += len(chunk)
-            if pending >= _WRITE_CHUNK:
-                out.write(b"".join(buffered))
-                buffered.clear()
-                pending = 0
+        for batch in merged_batches(select_files(args, files), warn.damage):
+            renderer.render(batch)
             if progress is not None:
-                progress.advance(RECORD_HEADER_SIZE + len(item.record.payload))
-        out.write(b"".join(buffered))
+                progress.advance(batch.size)
+        renderer.flush()
         if not args.jsonl:
             out.write(b"]\n")
         out.flush()
@@ -240,12 +218,14 @@ def run_stats(args: argparse.Namespace) -> int:
     warn = Warnings(sys.stderr)
     counts: Counter[tuple[str, str, str]] = Counter()
     sizes: Counter[tuple[str, str, str]] = Counter()
-    for item in select(args, files, warn):
-        source = item.source
-        peer = source.peer if source.node is None else f"{source.node}/{source.peer}"
-        key = (peer, item.direction.value, item.record.msgtype.label)
-        counts[key] += 1
-        sizes[key] += len(item.record.payload)
+    selection = record_filter(args)
+    for batch in merged_batches(select_files(args, files), warn.damage):
+        for source, by_name in zip(batch.sources, batch.tally(selection), strict=True):
+            peer = source.peer if source.node is None else f"{source.node}/{source.peer}"
+            for name, (n, size) in by_name.items():
+                key = (peer, source.direction.value, MsgType.of(name).label)
+                counts[key] += n
+                sizes[key] += size
     rows: list[tuple[str, ...]] = [("peer", "direction", "msgtype", "messages", "bytes")]
     totals: Counter[tuple[str, str]] = Counter()
     total_sizes: Counter[tuple[str, str]] = Counter()

@@ -7,8 +7,10 @@ The output is the same: ``tests/test_fastjson.py`` checks both paths agree, valu
 value and on which payloads are rejected, for every vector and for random payloads.
 
 A native twin, ``parser/_fastjson.c``, renders the same JSON text an order of magnitude
-faster; it is used when it was built (``pip install`` compiles it where a C compiler is
-available). Set ``MSGCAP_PURE_PYTHON=1`` to use the Python code regardless.
+faster (and every other message type too, whole batches of records at a time: see
+:class:`~parser.render.BatchRenderer`); it is used when it was built (``pip install``
+compiles it where a C compiler is available). Set ``MSGCAP_PURE_PYTHON=1`` to use the
+Python code regardless.
 
 Hex strings are cut out of one ``payload.hex()`` per message. Any read past the end
 shows up as an IndexError or struct.error, or as a final position past the end, and
@@ -20,30 +22,39 @@ rejected payloads pay for it). The native renderer tracks the offset itself.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 
-from msgcap.parser.messages import decode_message
+from msgcap.capture.records import native
 from msgcap.parser.wire import DecodeError
 
-
-def _load_native() -> Callable[[str, bytes, bool], bytes] | None:
-    if os.environ.get("MSGCAP_PURE_PYTHON"):
-        return None
-    try:
-        from msgcap.parser._fastjson import render
-    except ImportError:  # not compiled: the Python renderer below is used
-        return None
-    return render
-
-
-_native = _load_native()
+_module = native()  # None: not compiled, or turned off; the Python renderer below is used
+_native: Callable[[str, bytes, bool], bytes | None] | None = (
+    None if _module is None else _module.render
+)
 NATIVE: Final = _native is not None
 """Whether the native renderer is in use."""
+
+RenderBatch = Callable[
+    [
+        bytearray,
+        int,
+        int,
+        list[bytes],
+        bytes,
+        int,
+        int,
+        list[tuple[bytes, bytes]],
+        tuple[Any, ...],
+        bool,
+    ],
+    tuple[int, int, bool, int],
+]
+render_batch: Final[RenderBatch | None] = None if _module is None else _module.render_batch
+"""The native renderer of whole batches of records (see ``parser/_fastjson.c``), or None."""
 
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
@@ -284,10 +295,12 @@ def native_body(msgtype: str, payload: bytes, reverse: bool) -> bytes:
     """JSON text from the native renderer; only call when :data:`NATIVE`."""
     assert _native is not None
     try:
-        return _native(msgtype, payload, reverse)
+        body = _native(msgtype, payload, reverse)
     except ValueError as e:  # args: the reason and the payload offset, as DecodeError's
         reason, offset = e.args
         raise DecodeError(msgtype, offset, reason) from None
+    assert body is not None  # only some addrv2 and version payloads are left to Python
+    return body
 
 
 def python_body(msgtype: str, payload: bytes, reverse: bool) -> Any:
@@ -305,6 +318,8 @@ def python_body(msgtype: str, payload: bytes, reverse: bool) -> Any:
 def _rejection(msgtype: str, payload: bytes) -> DecodeError:
     """The typed codec's error for a payload this renderer rejected: the same reason at
     the same offset whichever renderer runs."""
+    from msgcap.parser.messages import decode_message  # only rejected payloads need it
+
     try:
         decode_message(msgtype, payload)
     except DecodeError as e:

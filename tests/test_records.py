@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
+import struct
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from msgcap.capture.conversation import python_plan, python_tally
 from msgcap.capture.framing import MsgType
 from msgcap.capture.layout import (
     Layout,
@@ -20,13 +22,20 @@ from msgcap.capture.layout import (
     peer_of_capture_file,
 )
 from msgcap.capture.records import (
+    MAX_RECORD_PAYLOAD,
+    MAX_TIME,
     RECORD_HEADER_SIZE,
     Damage,
     Direction,
     Record,
+    RecordChunks,
+    RecordFilter,
     encode_record,
+    native,
+    python_scan,
     read_record_headers,
     read_records,
+    walk_records,
 )
 from msgcap.capture.writer import CaptureWriter, Clock
 
@@ -220,3 +229,173 @@ def test_capture_files_know_their_node(tmp_path: Path) -> None:
                      (None, "127.0.0.1_8333")}  # fmt: skip
     (one,) = expand_paths([str(tmp_path / "n1" / "127.0.0.1_18444")])  # a peer folder itself
     assert (one.node, one.peer) == (None, "127.0.0.1_18444")
+
+
+# --- reading in bulk: chunks, scan, the merge plan -------------------------------------
+
+
+def reference_records(data: bytes) -> list[Record | Damage]:
+    """What a reader must make of a whole file, read the simplest way."""
+    out: list[Record | Damage] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < RECORD_HEADER_SIZE:
+            out.append(Damage(pos, "", len(data) - pos))
+            break
+        time_us, raw, length = struct.unpack_from("<Q12sI", data, pos)
+        end = pos + RECORD_HEADER_SIZE + length
+        if length > MAX_RECORD_PAYLOAD or end > len(data):
+            out.append(Damage(pos, "", len(data) - pos))
+            break
+        out.append(Record(time_us, raw, data[pos + RECORD_HEADER_SIZE : end], pos))
+        pos = end
+    return out
+
+
+def without_reasons(items: list[Record | Damage]) -> list[Record | Damage]:
+    return [Damage(i.offset, "", i.skipped) if isinstance(i, Damage) else i for i in items]
+
+
+capture_bytes = st.lists(
+    st.one_of(
+        st.builds(
+            encode_record,
+            st.integers(0, 40) | st.integers(0, 2**64 - 1),
+            st.sampled_from(["ping", "tx", "inv", "verack"]),
+            st.binary(max_size=90),
+        ),
+        st.binary(max_size=30),
+    ),
+    max_size=10,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=capture_bytes, chunk_size=st.integers(1, 200))
+def test_chunks_of_any_size_read_the_same(data: bytes, chunk_size: int) -> None:
+    """RecordChunks (which read_records is built on) finds the same records and damage
+    whatever its chunk size, as the simplest reader does."""
+    want = reference_records(data)
+    assert without_reasons(records_of(data)) == want
+    chunks = RecordChunks(io.BytesIO(data), chunk_size)
+    got: list[Record | Damage] = []
+    while chunks.fill():
+        end = chunks.whole_end()
+        got += walk_records(chunks.data, chunks.pos, end, chunks.base)
+        chunks.pos = end
+    if chunks.damage is not None:
+        got.append(chunks.damage)
+    assert without_reasons(got) == want
+    assert not chunks.fill()  # done stays done
+
+
+native_module = native()
+needs_native = pytest.mark.skipif(native_module is None, reason="parser/_fastjson.c not built")
+
+
+@needs_native
+def test_native_record_limit_is_ours() -> None:
+    assert native_module is not None
+    assert native_module.MAX_RECORD_PAYLOAD == MAX_RECORD_PAYLOAD
+
+
+@needs_native
+@settings(max_examples=500, deadline=None)
+@given(
+    data=capture_bytes,
+    pos=st.integers(0, 400),
+    limit=st.integers(0, 50) | st.just(MAX_TIME),
+    last=st.integers(0, 20),
+)
+def test_scan_native_and_python_agree(data: bytes, pos: int, limit: int, last: int) -> None:
+    assert native_module is not None
+    pos = min(pos, len(data))
+    assert native_module.scan(data, pos, limit, last) == python_scan(data, pos, limit, last)
+
+
+def test_scan_rejects_positions_outside() -> None:
+    if native_module is not None:
+        with pytest.raises(ValueError):
+            native_module.scan(GOOD, len(GOOD) + 1, MAX_TIME, 0)
+
+
+chunk_lists = st.lists(
+    st.lists(st.integers(0, 12), min_size=1, max_size=8).map(
+        lambda times: b"".join(encode_record(t, "ping", b"x" * (t % 3)) for t in sorted(times))
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@given(chunks=chunk_lists)
+def test_plan_is_a_stable_merge(chunks: list[bytes]) -> None:
+    """Batches of plans, as conversation.py makes them, give Core's order: a stable sort
+    by time over the chunks in the order given; native and Python plans are the same."""
+    want = sorted(
+        (
+            (rec.time, k, rec.offset)
+            for k, c in enumerate(chunks)
+            for rec in walk_records(c, 0, len(c))
+        ),
+        key=lambda e: e[0],
+    )
+    for plan_fn in [python_plan] + ([native_module.plan] if native_module else []):
+        live = list(range(len(chunks)))
+        positions = [0] * len(chunks)
+        times = [struct.unpack_from("<Q", c)[0] for c in chunks]
+        got = []
+        while live:
+            plan, new_pos, new_times, stopped = plan_fn(
+                [chunks[k] for k in live], [positions[k] for k in live], [times[k] for k in live]
+            )
+            runs = memoryview(plan).cast("q")
+            for i in range(0, len(runs), 3):
+                k = live[runs[i]]
+                got += [
+                    (r.time, k, r.offset) for r in walk_records(chunks[k], runs[i + 1], runs[i + 2])
+                ]
+            for j, k in enumerate(live):
+                positions[k], times[k] = new_pos[j], new_times[j]
+            del live[stopped]
+        assert got == want, plan_fn
+
+
+def test_record_filter() -> None:
+    f = RecordFilter(since=5, until=9, types=frozenset({b"ping"}))
+    assert f.accepts(5, b"ping\0\0\0\0\0\0\0\0") and not f.accepts(10, b"ping".ljust(12, b"\0"))
+    assert not f.accepts(6, b"pong".ljust(12, b"\0"))
+    assert f.bounds == (5, 9, (b"ping",))
+    assert RecordFilter().bounds == (0, MAX_TIME, None)
+    assert RecordFilter(since=-5, until=2**70).bounds == (0, MAX_TIME, None)
+    for empty in (RecordFilter(since=9, until=5), RecordFilter(until=-1),
+                  RecordFilter(since=2**64)):  # fmt: skip
+        assert empty.bounds[2] == ()  # nothing passes
+    data = encode_record(1, "pong", b"") + encode_record(7, "ping", b"") + GOOD
+    assert f.next_taken(data, 0, len(data)) == 24
+    assert RecordFilter(types=frozenset()).next_taken(data, 0, len(data)) == len(data)
+
+
+@needs_native
+@given(
+    chunks=st.lists(capture_bytes, min_size=1, max_size=3),
+    since=st.integers(0, 20),
+    until=st.integers(0, 50) | st.just(MAX_TIME),
+    types=st.none() | st.sets(st.sampled_from([b"ping", b"tx", b"inv", b"pong"])),
+)
+def test_tally_native_and_python_agree(
+    chunks: list[bytes], since: int, until: int, types: set[bytes] | None
+) -> None:
+    assert native_module is not None
+    plan = b"".join(struct.pack("<3q", k, 0, whole_end(c)) for k, c in enumerate(chunks))
+    wanted = None if types is None else tuple(sorted(types))
+    counts: list[list[dict[bytes, tuple[int, int]]]] = [[{} for _ in chunks] for _ in range(2)]
+    native_module.tally(counts[0], chunks, plan, since, until, wanted)
+    python_tally(counts[1], chunks, plan, since, until, wanted)
+    assert counts[0] == counts[1]
+
+
+def whole_end(data: bytes) -> int:
+    """Where the whole records at the start of data end."""
+    chunks = RecordChunks(io.BytesIO(data))
+    return chunks.whole_end() if chunks.fill() else 0
