@@ -319,6 +319,7 @@ def relay_benchmarks(rounds: int, mb: int, small_count: int) -> None:
     big_mbs: dict[str, list[float]] = {n: [] for n in names}
     small_rate: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    cpu_small: dict[str, list[float]] = {n: [] for n in names}
     lags: dict[str, list[float]] = {n: [] for n in names}
     try:
         relays.append(start_relay("plain", v1_sink, None))
@@ -338,6 +339,9 @@ def relay_benchmarks(rounds: int, mb: int, small_count: int) -> None:
                 if before is not None and after is not None:
                     cpu[relay.name].append((after - before) * 1000 / mb)
                 small_rate[relay.name].append(small_count / run_once(relay, small, small_v1)[0])
+                done = cpu_seconds(relay.proc.pid)
+                if after is not None and done is not None:
+                    cpu_small[relay.name].append((done - after) * 1e6 / small_count)
                 if relay.capture_dir is not None:  # every round starts with no dirty pages
                     for folder in relay.capture_dir.glob("*/"):
                         shutil.rmtree(folder)
@@ -351,12 +355,13 @@ def relay_benchmarks(rounds: int, mb: int, small_count: int) -> None:
     print(f"relays: medians (ranges) over {rounds} rounds; {mb} x 1 MB 'block', "
           f"{small_count:,} x 100 B 'tx' (plus one 'version')")  # fmt: skip
     print(f"{'relay':10} {'1 MB: MB/s':>22} {'CPU ms/MB':>10} {'capture lag ms':>15} "
-          f"{'100 B: msg/s':>30}")  # fmt: skip
+          f"{'100 B: msg/s':>30} {'CPU us/msg':>11}")  # fmt: skip
     for n in names:
         c = f"{statistics.median(cpu[n]):.2f}" if cpu[n] else "-"
+        cs = f"{statistics.median(cpu_small[n]):.2f}" if cpu_small[n] else "-"
         lag = f"{statistics.median(lags[n]):.0f}" if n != "plain" else "-"
         print(f"{n:10} {span(big_mbs[n], '.0f'):>22} {c:>10} {lag:>15} "
-              f"{span(small_rate[n], ',.0f'):>30}")  # fmt: skip
+              f"{span(small_rate[n], ',.0f'):>30} {cs:>11}")  # fmt: skip
 
     def ratio(results: dict[str, list[float]], a: str, b: str) -> str:
         r = [x / y for x, y in zip(results[a], results[b], strict=True)]
@@ -391,6 +396,7 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
     total: dict[str, list[float]] = {m: [] for m in SYNC_MODES}
     synced: dict[str, list[float]] = {m: [] for m in SYNC_MODES}
     transports: dict[str, set[str]] = {m: set() for m in SYNC_MODES}
+    relay_cpu: dict[str, list[float]] = {m: [] for m in SYNC_MODES}
     try:
         miner = BitcoinNode(work, "miner", binary=binary)
         nodes.append(miner)
@@ -405,10 +411,12 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
             k = i % len(SYNC_MODES)
             for mode in SYNC_MODES[k:] + SYNC_MODES[:k]:
                 target = miner.address
+                relay_pid: int | None = None
                 if mode == "plain":
                     proc, port = spawn_plain(miner.port)
                     procs.append(proc)
                     target = f"127.0.0.1:{port}"
+                    relay_pid = proc.pid
                 elif mode == "decrypt":
                     port = free_port()
                     route = f"127.0.0.1:{port}={miner.address}"
@@ -418,6 +426,8 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
                                          "--route", route)  # fmt: skip
                     proxies.append(proxy)
                     target = f"127.0.0.1:{port}"
+                    relay_pid = proxy.proc.pid
+                cpu_before = cpu_seconds(relay_pid) if relay_pid else None
                 t = time.perf_counter()
                 node = BitcoinNode(work, f"{mode}{i}", [f"-connect={target}"], binary=binary)
                 nodes.append(node)
@@ -425,6 +435,9 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
                 at_tip: Callable[[], bool] = lambda n=node: n.tip() == tip  # noqa: E731
                 wait_until(at_tip, TIMEOUT, f"{mode} sync of {blocks} blocks", poll=0.02)
                 done_at = time.perf_counter()
+                cpu_after = cpu_seconds(relay_pid) if relay_pid else None
+                if cpu_before is not None and cpu_after is not None:
+                    relay_cpu[mode].append(cpu_after - cpu_before)
                 total[mode].append(done_at - t)
                 synced[mode].append(done_at - ready)
                 for side in (node, miner):
@@ -454,10 +467,12 @@ def sync_benchmark(blocks: int, rounds: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"bitcoind sync of {blocks} blocks, medians (ranges) over {rounds} interleaved rounds")
-    print("  ('total' from the node's start, 'sync' from its RPC being up, to the miner's tip)")
+    print("  ('total' from the node's start, 'sync' from its RPC being up, to the miner's tip;")
+    print("   'relay CPU': the relay process's user+system CPU over the total)")
     for mode in SYNC_MODES:
+        c = f"  relay CPU {span(relay_cpu[mode], '.2f')}s" if relay_cpu[mode] else ""
         print(f"  {mode:8} total {span(total[mode], '.2f')}s  sync {span(synced[mode], '.2f')}s  "
-              f"transport {'/'.join(sorted(transports[mode]))}")  # fmt: skip
+              f"transport {'/'.join(sorted(transports[mode]))}{c}")  # fmt: skip
 
     def ratio(results: dict[str, list[float]], mode: str) -> str:
         r = [b / a for a, b in zip(results["direct"], results[mode], strict=True)]

@@ -112,9 +112,10 @@ class MsgType:
             text = None
         return MsgType(raw, name, text, msgtype_is_valid(raw))
 
-    @classmethod
-    def from_text(cls, text: str) -> MsgType:
-        return cls.of(encode_msgtype(text))
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def from_text(text: str) -> MsgType:
+        return MsgType.of(encode_msgtype(text))
 
     @property
     def label(self) -> str:

@@ -146,8 +146,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    from msgcap.proxy.server import StartupError
+    from msgcap.proxy.server import StartupError, tune_allocator
 
+    tune_allocator()
     try:
         return int(runner(_serve(config)))
     except OSError as e:

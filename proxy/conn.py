@@ -156,7 +156,7 @@ class Conn(asyncio.Protocol):
 
     # --- writing --------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 

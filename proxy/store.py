@@ -122,17 +122,16 @@ class ConnectionCapture:
             metrics.messages(direction, [(t, len(p)) for t, p in messages])
         if not self.active or self.writer is None:
             return 0
-        header = record_header
-        items: list[batch.BatchItem] = [
-            (header(t0 + i, MsgType.from_text(t), len(p)), (p,), b"")
-            for i, (t, p) in enumerate(messages)
-        ]
         size = sum(len(p) for _, p in messages) + RECORD_HEADER_SIZE * len(messages)
         if self.store.reserve(self.quota_key, size) is not None:  # a quota is within reach
+            items: list[batch.BatchItem] = [
+                (record_header(t0 + i, MsgType.from_text(t), len(p)), (p,), b"")
+                for i, (t, p) in enumerate(messages)
+            ]
             return self._capture_up_to_quota(direction, items, [True] * len(items))
         parts: list[bytes | memoryview] = []
-        for h, (p,), _ in items:
-            parts += (h, p)
+        for time_us, (t, p) in enumerate(messages, t0):
+            parts += (record_header(time_us, MsgType.from_text(t), len(p)), p)
         try:
             batch.write_all(self.writer.fd(direction), parts)
         except Exception as e:  # any failure here is a capture failure
@@ -140,7 +139,7 @@ class ConnectionCapture:
             self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             return 0
         self.bytes += size
-        return len(items)
+        return len(messages)
 
     def _capture_up_to_quota(
         self, direction: Direction, items: list[batch.BatchItem], valid: list[bool]

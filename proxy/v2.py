@@ -58,7 +58,7 @@ class Leg(Protocol):
         the error that ends the stream (nothing after it can be read)."""
         ...
 
-    def encode(self, messages: Sequence[Message]) -> bytes:
+    def encode(self, messages: Sequence[Message]) -> bytes | bytearray:
         """The bytes that carry ``messages`` to this side."""
         ...
 
@@ -113,7 +113,7 @@ class V2Leg:
                 dropped.append((FrameProblem.INVALID_TYPE, f"invalid message type {ev.raw!r}"))
         return messages, dropped, error
 
-    def encode(self, messages: Sequence[Message]) -> bytes:
+    def encode(self, messages: Sequence[Message]) -> bytes | bytearray:
         return self.session.encrypt_messages(messages)
 
 
@@ -198,7 +198,10 @@ class MessageFlow(Flow):
         t0 = relay.clock.stamps(len(messages))
         src = self.src
         size = sum(len(p) for _, p in messages)
+        # Submitted first, the capture can start while large packets are encrypted (the
+        # AEAD releases the GIL for them).
         relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
+        # (A transport writes any buffer; Conn.write is annotated for bytes only.)
         self.dst.conn.write(self.dst_leg.encode(messages))
 
     def check_decoys(self, session: V2Session) -> None:

@@ -292,6 +292,42 @@ def test_skip_matches_packet_by_packet() -> None:
     assert a.encrypt_contents(b"x", b"aad") == b.encrypt_contents(b"x", b"aad")
 
 
+def test_packets_across_rekeys() -> None:
+    """Small packets (bytes) and large ones (laid out and encrypted in place) round-trip
+    across rekeys, the AAD going with the first one."""
+    enc, dec = PacketCipher(b"\x01" * 32, b"\x02" * 32), PacketCipher(b"\x01" * 32, b"\x02" * 32)
+    rng = random.Random(5)
+    for k in range(500):
+        contents = rng.randbytes(rng.choice((0, 1, 100, 70_000)))
+        aad, ignore = (b"garbage" if k == 0 else b""), k % 3 == 0
+        packet = enc.encrypt_contents(contents, aad, ignore)
+        assert isinstance(packet, bytearray if len(contents) >= 64 * 1024 else bytes)
+        assert dec.decrypt_length(packet[:3]) == len(contents)
+        assert dec.decrypt(packet[3:], aad) == (ignore, contents)
+    assert enc.packet_counter == dec.packet_counter == 500
+    with pytest.raises(ValueError):
+        enc.encrypt(b"", b"")  # no header byte
+    assert enc.packet_counter == 500  # nothing encrypted
+
+
+def test_messages_joined() -> None:
+    """encrypt_messages joins the packets after the handshake bytes still pending; a lone
+    large packet comes back as it was built (not copied again)."""
+    i, r = initiator(), responder()
+    r.feed(i.data_to_send())
+    i.feed(r.data_to_send())  # keys derived; our terminator and version packet pending
+    messages = [("tx", bytes([k % 256]) * (k % 300)) for k in range(600)] + [
+        ("block", bytes(100_000))
+    ]
+    stream = i.encrypt_messages(messages)
+    assert not i.data_to_send()
+    lone = i.encrypt_messages([("block", b"b" * 100_000)])
+    assert isinstance(lone, bytearray)
+    events = r.feed(stream + lone)
+    expected = [("V2Message", t, p) for t, p in [*messages, ("block", b"b" * 100_000)]]
+    assert norm(events) == [("VersionPacket", b""), *expected]
+
+
 # --- two sessions ---------------------------------------------------------------------
 
 
@@ -443,12 +479,14 @@ def test_against_core_framework_as_responder() -> None:
     theirs = EncryptedP2PState(initiating=False, net="regtest")
     first = ours.data_to_send()
     consumed, reply = theirs.respond_v2_handshake(io.BytesIO(first))
-    assert consumed == 1 and reply != -1  # mismatch on the first byte
+    # read up to the first byte unlike the v1 prefix (the first, unless our random key
+    # starts with the network magic's first byte)
+    assert 1 <= consumed < 16 and reply != -1
     random.seed(3)
     n_decoys = random.randint(0, 10)
     random.seed(3)
     used, reply2 = theirs.complete_handshake(io.BytesIO(first[consumed:]))
-    assert used == 63
+    assert used == 64 - consumed
     events = ours.feed(reply + reply2)
     assert events == [HandshakeComplete(theirs.peer["session_id"]), VersionPacket(b"")]
     assert ours.decoys_received == n_decoys > 0
