@@ -22,10 +22,13 @@ was replaced: both are said on stderr. A replaced file is exported again from it
 with the records later than the last one exported. A record cut short at the end of a
 file (still being written, or cut by a crash) is left for the next export.
 
-Memory stays bounded whatever the input: files are read record by record, rows are
-buffered per partition up to one row group (:data:`ROW_GROUP_BYTES`), all buffers
-together are kept under :data:`MEMORY_BUDGET` by flushing the largest, and one writer
-thread encodes and writes row groups while the next rows are decoded.
+Memory stays bounded whatever the input: files are walked in place a window at a time
+(mapped; :class:`_Segments`), rows are buffered per partition up to one row group
+(:data:`ROW_GROUP_BYTES`), all buffers together are kept under :data:`MEMORY_BUDGET` by
+flushing the largest, and one writer thread encodes and writes row groups while the next
+rows are decoded. Per record, Python only splits the header and copies the payload into
+its buffer; the derived tables decode only what they need (inventory entries are turned
+into rows by Arrow, in bulk).
 
 A run writes its files under hidden temporary names and renames them into place only
 when all are complete, then records the run in the manifest; files of a run that died
@@ -38,6 +41,7 @@ pyarrow and duckdb are imported only when these commands run (``pip install
 from __future__ import annotations
 
 import argparse
+import binascii
 import collections
 import concurrent.futures
 import contextlib
@@ -47,6 +51,7 @@ import decimal
 import fcntl
 import hashlib
 import itertools
+import mmap
 import os
 import secrets
 import struct
@@ -61,14 +66,17 @@ from typing import IO, Any, BinaryIO, Final
 import orjson
 
 from msgcap.capture.conversation import CaptureFile, expand_paths
+from msgcap.capture.framing import MsgType
 from msgcap.capture.layout import SESSION_DIR
 from msgcap.capture.records import (
     MAX_RECORD_PAYLOAD,
+    MAX_TIME,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     Damage,
+    RecordChunks,
     read_record_headers,
-    read_records,
+    scan,
 )
 from msgcap.errors import MsgcapError, UsageError
 from msgcap.parser.structures import BlockHeader, Transaction
@@ -231,6 +239,7 @@ class DatasetError(MsgcapError):
 def _pa() -> Any:
     try:
         import pyarrow  # type: ignore[import-untyped]
+        import pyarrow.compute  # type: ignore[import-untyped]
         import pyarrow.parquet  # type: ignore[import-untyped]
     except ImportError:
         raise UsageError(
@@ -312,11 +321,12 @@ def bip34_height(header: BlockHeader, coinbase: Transaction | None) -> int | Non
     return None
 
 
-def block_row(msgtype: str, payload: bytes) -> tuple[str, str, int | None, int, int]:
+def block_row(msgtype: str, payload: bytes | memoryview) -> tuple[str, str, int | None, int, int]:
     """``(hash, prev_hash, height, tx_count, block_time_us)`` of a ``block`` or
     ``cmpctblock`` payload. Reads the header, the counts and the coinbase (the first
-    prefilled transaction of a compact block), not the other transactions."""
-    r = Reader(payload, msgtype)
+    prefilled transaction of a compact block), not the other transactions (a memoryview
+    payload is read in place)."""
+    r = Reader(payload, msgtype)  # type: ignore[arg-type]
     header = BlockHeader.read(r)
     coinbase: Transaction | None = None
     if msgtype == "block":
@@ -353,6 +363,64 @@ def _skip_outputs(r: Reader, n: int) -> None:
         r.var_bytes()  # scriptPubKey
 
 
+def _tx_spans(p: bytes) -> tuple[int, int, int, int, int] | None:
+    """``(flags, io_start, io_end, inputs, outputs)`` of a ``tx`` payload, walked with
+    plain indexing; None where that does not simply succeed (a CompactSize of 0xfd or
+    more, a legacy transaction without inputs, a read past the end, bytes left over):
+    :func:`tx_row` then walks it again with its :class:`Reader`, which says why.
+
+    Where this succeeds the Reader walk does too, with the same result: each item read
+    takes at least the bytes its count check asks for, and every one-byte CompactSize
+    is canonical."""
+    try:
+        n_in = p[4]
+        pos = 5
+        flags = 0
+        io_start = 4
+        if n_in == 0:
+            flags = p[5]
+            if not flags:
+                return None
+            io_start = 6
+            n_in = p[6]
+            pos = 7
+        if n_in >= 0xFD:
+            return None
+        for _ in range(n_in):
+            pos += 36
+            n = p[pos]
+            if n >= 0xFD:
+                return None
+            pos += n + 5
+        n_out = p[pos]
+        if n_out >= 0xFD:
+            return None
+        pos += 1
+        for _ in range(n_out):
+            pos += 8
+            n = p[pos]
+            if n >= 0xFD:
+                return None
+            pos += n + 1
+        io_end = pos
+        if flags:
+            for _ in range(n_in):
+                items = p[pos]
+                if items >= 0xFD:
+                    return None
+                pos += 1
+                for _ in range(items):
+                    n = p[pos]
+                    if n >= 0xFD:
+                        return None
+                    pos += n + 1
+    except IndexError:
+        return None
+    if pos + 4 != len(p):
+        return None
+    return flags, io_start, io_end, n_in, n_out
+
+
 def tx_row(payload: bytes) -> tuple[str, str, int, int, int]:
     """``(txid, wtxid, vsize, inputs, outputs)`` of a ``tx`` payload.
 
@@ -361,6 +429,17 @@ def tx_row(payload: bytes) -> tuple[str, str, int, int, int]:
     builds nothing: the txid is the hash of the payload without marker, flag and
     witnesses, cut out of the payload itself.
     """
+    spans = _tx_spans(payload)
+    if spans is not None:
+        flags, io_start, io_end, n_in, n_out = spans
+        wtxid = _sha256d(payload)
+        if flags:
+            base = payload[:4] + payload[io_start:io_end] + payload[-4:]
+            txid, base_size = _sha256d(base), len(base)
+        else:
+            txid, base_size = wtxid, len(payload)
+        weight = 3 * base_size + len(payload)
+        return txid[::-1].hex(), wtxid[::-1].hex(), (weight + 3) // 4, n_in, n_out
     r = Reader(payload, "tx")
     r.read(4)  # version
     n_in = r.count(41)
@@ -405,12 +484,21 @@ def inv_entries(msgtype: str, payload: bytes) -> list[tuple[int, bytes]]:
     """``(type, hash)`` per inventory entry of an ``inv``, ``getdata`` or ``notfound``
     payload: what :class:`Inv`, :class:`GetData` and :class:`NotFound` decode (the tests
     check them against each other), in bulk."""
-    r = Reader(payload, msgtype)
+    start, n = _inv_span(msgtype, payload)
+    return list(_INV_ENTRY.iter_unpack(memoryview(payload)[start : start + _INV_ENTRY.size * n]))
+
+
+def _inv_span(msgtype: str, payload: bytes | memoryview) -> tuple[int, int]:
+    """Where the entries of an inventory payload start, and how many there are (checked
+    as :func:`inv_entries` checks them)."""
+    if payload and payload[0] < 0xFD and 1 + _INV_ENTRY.size * payload[0] == len(payload):
+        return 1, payload[0]  # the usual case, where the Reader agrees
+    r = Reader(payload, msgtype)  # type: ignore[arg-type]
     n = r.count(_INV_ENTRY.size)
     start = r.pos
     r.read(_INV_ENTRY.size * n)
     r.finish()
-    return list(_INV_ENTRY.iter_unpack(memoryview(payload)[start : r.pos]))
+    return start, n
 
 
 # --- the manifest -------------------------------------------------------------------------
@@ -598,32 +686,47 @@ class Report:
 
 
 class _Buffer:
-    """Rows of one partition of one table, by column: a list of values per column, except
-    a binary last column, whose values are kept one after another in ``data`` (with their
-    ``lengths``), ready to be one Arrow buffer."""
+    """Rows of one partition of one table: a tuple per row (of the values of the columns
+    but a binary last column; turned into columns when written), and the values of a
+    binary last column one after another in ``data`` (with their ``lengths``), ready to
+    be one Arrow buffer."""
 
-    __slots__ = ("columns", "data", "lengths", "nbytes", "rows")
+    __slots__ = ("data", "lengths", "nbytes", "rows", "tuples")
 
-    def __init__(self, n_columns: int) -> None:
-        self.columns: list[list[Any]] = [[] for _ in range(n_columns)]
+    def __init__(self) -> None:
+        self.tuples: list[tuple[Any, ...]] = []
         self.data = bytearray()
         self.lengths: list[int] = []
         self.rows = 0
         self.nbytes = 0
 
     def add(self, row: tuple[Any, ...]) -> None:
-        for column, value in zip(self.columns, row, strict=True):
-            column.append(value)
+        self.tuples.append(row)
         self.rows += 1
 
-    def add_many(self, n: int, same: tuple[Any, ...], *each: Iterable[Any]) -> None:
-        """``n`` rows that share their first columns' values (``same``); each of the other
-        columns gets its ``n`` values from ``each``."""
-        columns = self.columns
-        for column, value in zip(columns, same, strict=False):
-            column.extend(itertools.repeat(value, n))
-        for column, values in zip(columns[len(same) :], each, strict=True):
-            column.extend(values)
+
+class _InvBuffer:
+    """Rows of one partition of ``inv_items``, in bulk: the inventory entries as they are
+    on the wire, one after another (``data``, 36 bytes each), and the columns shared by
+    the entries of a message once per message (``columns``, with ``counts``). Arrow
+    builds the rows from them (:meth:`_InvSink.arrays`), with no Python object per row."""
+
+    __slots__ = ("columns", "counts", "data", "nbytes", "rows")
+
+    def __init__(self) -> None:
+        self.columns: list[list[Any]] = [[] for _ in range(6)]
+        self.counts: list[int] = []
+        self.data = bytearray()
+        self.rows = 0
+        self.nbytes = 0
+
+    def add_message(self, same: tuple[Any, ...], entries: memoryview, n: int) -> None:
+        """The ``n`` entries of one message (``entries``: their bytes), whose rows share
+        the first columns' values (``same``)."""
+        for column, value in zip(self.columns, same, strict=True):
+            column.append(value)
+        self.counts.append(n)
+        self.data += entries
         self.rows += n
 
 
@@ -649,18 +752,21 @@ class _TableSink:
                 "msgcap.schema_version": str(SCHEMA_VERSION),
             },
         )
-        self.buffers: dict[tuple[str, str], _Buffer] = {}
+        self.buffers: dict[tuple[str, str], Any] = {}
         self.rows_written = 0
         self._stored = [c for c in self.columns if c.kind != "binary"]  # in lists
 
-    def buffer(self, node: str, date: str) -> _Buffer:
+    def buffer(self, node: str, date: str) -> Any:
         key = (node, date)
         buf = self.buffers.get(key)
         if buf is None:
-            buf = self.buffers[key] = _Buffer(len(self._stored))
+            buf = self.buffers[key] = self.new_buffer()
         return buf
 
-    def added(self, node: str, date: str, buf: _Buffer, nbytes: int) -> None:
+    def new_buffer(self) -> Any:
+        return _Buffer()
+
+    def added(self, node: str, date: str, buf: Any, nbytes: int) -> None:
         buf.nbytes += nbytes
         self.dataset.buffered += nbytes
         if buf.nbytes >= ROW_GROUP_BYTES or buf.rows >= ROW_GROUP_ROWS:
@@ -673,11 +779,22 @@ class _TableSink:
         if buf is None or not buf.rows:
             return
         self.dataset.buffered -= buf.nbytes
+        arrays = self.arrays(buf)
+        batch = self.dataset.pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        del arrays, buf
+        part = self.dataset.part(self, node, date)
+        self.dataset.background(_write_row_group, self.dataset.pa, part, batch)
+        self.rows_written += batch.num_rows
+
+    def arrays(self, buf: _Buffer) -> list[Any]:
+        """The columns of a buffer as Arrow arrays."""
         pa = self.dataset.pa
         arrays = []
-        for c, values in zip(self._stored, buf.columns, strict=True):
+        columns = list(zip(*buf.tuples, strict=True))
+        buf.tuples.clear()
+        for c, values in zip(self._stored, columns, strict=True):
             arrays.append(pa.array(values, _arrow_type(pa, c.kind)))
-            values.clear()
+        del columns
         if self.columns[-1].kind == "binary":
             # The values as they are: no copy (the Parquet writer makes the only one).
             offsets = pa.array(list(itertools.accumulate(buf.lengths, initial=0)), pa.int32())
@@ -688,15 +805,53 @@ class _TableSink:
                     [None, offsets.buffers()[1], pa.py_buffer(buf.data)],
                 )
             )
-        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-        del arrays, buf
-        part = self.dataset.part(self, node, date)
-        self.dataset.background(_write_row_group, pa, part, batch)
-        self.rows_written += batch.num_rows
+        return arrays
 
     def flush_all(self) -> None:
         for node, date in list(self.buffers):
             self.flush(node, date)
+
+
+class _InvSink(_TableSink):
+    """``inv_items``, buffered as :class:`_InvBuffer`."""
+
+    def new_buffer(self) -> Any:
+        return _InvBuffer()
+
+    def arrays(self, buf: _InvBuffer) -> list[Any]:  # type: ignore[override]
+        pa = self.dataset.pa
+        pc = pa.compute
+        rows, size = buf.rows, _INV_ENTRY.size
+        int32 = pa.int32()
+        ends = pa.array(list(itertools.accumulate(buf.counts)), int32)
+        message = pc.run_end_decode(
+            pa.RunEndEncodedArray.from_arrays(ends, pa.array(range(len(buf.counts)), int32))
+        )  # the message of each row
+        arrays = [
+            pa.array(values, _arrow_type(pa, c.kind)).take(message)
+            for c, values in zip(self.columns, buf.columns, strict=False)
+        ]
+        row = pc.cumulative_sum(pa.repeat(pa.scalar(1, int32), rows))  # 1, 2, ...
+        starts = pc.subtract(ends, pa.array(buf.counts, int32))  # rows before each message
+        arrays.append(pc.subtract(row, pc.add(starts.take(message), 1)).cast(int32))
+        entries = pa.Array.from_buffers(pa.binary(size), rows, [None, pa.py_buffer(buf.data)])
+        if sys.byteorder == "little":
+            raw = pc.binary_slice(entries, 0, 4).buffers()[1]
+            type_ids = pa.Array.from_buffers(pa.uint32(), rows, [None, raw]).cast(pa.int64())
+        else:
+            type_ids = pa.array([t for t, _ in _INV_ENTRY.iter_unpack(buf.data)], pa.int64())
+        known = pc.unique(type_ids)
+        names = pa.array([inv_type_name(t) for t in known.to_pylist()], pa.string())
+        arrays.append(names.take(pc.index_in(type_ids, value_set=known)))
+        arrays.append(type_ids)
+        # The hashes, each reversed (display order), one after another, as hex.
+        wire = pc.binary_slice(entries, 4, size).cast(pa.binary())
+        display = pc.binary_reverse(wire).buffers()[2]
+        hexed = binascii.hexlify(memoryview(display)[: 32 * rows])
+        del entries, wire, display
+        hashes = pa.Array.from_buffers(pa.binary(64), rows, [None, pa.py_buffer(hexed)])
+        arrays.append(hashes.cast(pa.string()))
+        return arrays
 
 
 def _write_row_group(pa: Any, part: _Part, batch: Any) -> None:
@@ -731,7 +886,7 @@ class _DatasetWriter:
                 tuple(c for c in MESSAGES.columns if c.name != "payload"),
             )
         self.messages = _TableSink(self, messages)
-        self.inv_items = _TableSink(self, INV_ITEMS)
+        self.inv_items = _InvSink(self, INV_ITEMS)
         self.transactions = _TableSink(self, TRANSACTIONS)
         self.blocks = _TableSink(self, BLOCKS)
         self.sinks = (self.messages, self.inv_items, self.transactions, self.blocks)
@@ -919,6 +1074,83 @@ def _date(day: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
+_WINDOW: Final = 16 << 20
+"""Bytes of a capture file walked at a time in place (mapped), then let go."""
+
+
+class _Segments:
+    """The whole records of an open capture file from ``start``, as segments
+    ``(data, pos, stop, base)``: ``data[pos:stop]`` holds whole records and ``data[0]`` is
+    at byte ``base`` of the file. ``damage`` then says why the file did not end cleanly,
+    as :class:`RecordChunks` says it (a segment must be let go before the next is asked
+    for).
+
+    The file as it is when the walk starts is mapped and walked in place, a window at a
+    time (its pages let go after each, so memory stays bounded); where that stops (the
+    end of the mapping, or a record that is not whole), :class:`RecordChunks` reads on,
+    and reports damage."""
+
+    def __init__(self, f: BinaryIO, start: int) -> None:
+        self.f = f
+        self.start = start
+        self.damage: Damage | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
+        f = self.f
+        pos = self.start
+        if os.fstat(f.fileno()).st_size > pos:
+            try:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                pass
+            else:
+                yield from self._mapped(mm)
+                pos = self._pos
+                del mm
+        f.seek(pos)
+        chunks = RecordChunks(f)
+        while chunks.fill():
+            stop = chunks.whole_end()
+            yield chunks.data, chunks.pos, stop, chunks.base
+            chunks.pos = stop
+        self.damage = chunks.damage
+
+    def _mapped(self, mm: mmap.mmap) -> Iterator[tuple[Any, int, int, int]]:
+        n = len(mm)
+        pos = self.start
+        page = mmap.PAGESIZE
+        dropped = pos // page * page
+        whole = memoryview(mm)
+        try:
+            while pos < n:
+                limit = min(pos + _WINDOW, n)
+                end = _whole_end(whole[:limit], pos)
+                if end == pos and limit < n:  # a record longer than the window
+                    limit = min(pos + RECORD_HEADER_SIZE + MAX_RECORD_PAYLOAD, n)
+                    end = _whole_end(whole[:limit], pos)
+                if end == pos:
+                    break
+                window = whole[:end]
+                yield window, pos, end, 0
+                window.release()
+                pos = end
+                drop = end // page * page
+                if drop > dropped and hasattr(mmap, "MADV_DONTNEED"):
+                    mm.madvise(mmap.MADV_DONTNEED, dropped, drop - dropped)
+                    dropped = drop
+        finally:
+            self._pos = pos
+            whole.release()
+
+
+def _whole_end(data: memoryview, pos: int) -> int:
+    """Where the whole records from ``pos`` in ``data`` end."""
+    end, later, _ = scan(data, pos, MAX_TIME, 0)  # type: ignore[arg-type]
+    while later is not None:  # stopped where time went back: walk on
+        end, later, _ = scan(data, end, MAX_TIME, 0)  # type: ignore[arg-type]
+    return end
+
+
 def _export_file(
     source: CaptureFile,
     state: FileState,
@@ -936,85 +1168,91 @@ def _export_file(
     last_time = state.last_time
     records = 0
     payload_bytes = 0
+    labels: dict[bytes, str] = {}
+    unpack = RECORD_HEADER.unpack_from
+    header_size = RECORD_HEADER_SIZE
     with open(source.path, "rb") as f:
-        f.seek(start)
-        for rec in read_records(f):
-            if isinstance(rec, Damage):
-                size = os.fstat(f.fileno()).st_size
-                if _is_incomplete_tail(f, rec, size):
-                    report.note(
-                        f"{source.path}: offset {rec.offset}: {rec.reason}: not exported; "
-                        "the next export retries from there"
-                    )
+        segments = _Segments(f, start)
+        for data, pos, stop, base in segments:
+            # Whole records, walked in place: payloads are views of the file, copied
+            # once, into the messages buffer (and as bytes for the tx decoder).
+            view = memoryview(data)
+            while pos < stop:
+                rtime, raw_type, size = unpack(data, pos)
+                offset = base + pos
+                pos += header_size
+                payload = view[pos : pos + size]
+                pos += size
+                t: int | None = rtime
+                if rtime <= _MAX_TIME_US:
+                    day = rtime // _DAY_US
+                    date = days.get(day)
+                    if date is None:
+                        date = days[day] = _date(day)
                 else:
-                    report.damage(source, rec)
-                break
-            t: int | None = rec.time
-            assert t is not None
-            if t <= _MAX_TIME_US:
-                day = t // _DAY_US
-                date = days.get(day)
-                if date is None:
-                    date = days[day] = _date(day)
+                    t, date = None, _NULL_PARTITION
+                msgtype = labels.get(raw_type)
+                if msgtype is None:
+                    msgtype = labels[raw_type] = MsgType.of(raw_type).label
+                buf = messages.buffer(node, date)
+                buf.add((peer, conn, direction, t, msgtype, size, offset))
+                if with_payload:
+                    buf.data += payload
+                    buf.lengths.append(size)
+                messages.added(node, date, buf, size + _ROW_OVERHEAD)
+                if msgtype in INV_MESSAGES:
+                    try:
+                        first, n = _inv_span(msgtype, payload)
+                    except DecodeError as e:
+                        report.undecodable_payload("inv_items", source, offset, e)
+                        n = 0
+                    if n:
+                        ibuf = inv_items.buffer(node, date)
+                        ibuf.add_message(
+                            (peer, conn, direction, t, msgtype, offset),
+                            payload[first : first + _INV_ENTRY.size * n],
+                            n,
+                        )
+                        inv_items.added(node, date, ibuf, _ROW_OVERHEAD * n)
+                elif msgtype == "tx":
+                    try:
+                        txid, wtxid, vsize, n_in, n_out = tx_row(bytes(payload))
+                    except DecodeError as e:
+                        report.undecodable_payload("transactions", source, offset, e)
+                    else:
+                        tbuf = transactions.buffer(node, date)
+                        tbuf.add(
+                            (peer, conn, direction, t, offset, txid, wtxid, size, vsize,
+                             n_in, n_out)
+                        )  # fmt: skip
+                        transactions.added(node, date, tbuf, _ROW_OVERHEAD)
+                elif msgtype == "block" or msgtype == "cmpctblock":
+                    try:
+                        bhash, prev, height, tx_count, btime = block_row(msgtype, payload)
+                    except DecodeError as e:
+                        report.undecodable_payload("blocks", source, offset, e)
+                    else:
+                        bbuf = blocks.buffer(node, date)
+                        bbuf.add(
+                            (peer, conn, direction, t, msgtype, offset, bhash, prev, height,
+                             tx_count, btime, size)
+                        )  # fmt: skip
+                        blocks.added(node, date, bbuf, _ROW_OVERHEAD)
+                end = pos + base
+                last_time = rtime
+                records += 1
+                payload_bytes += size
+            del view, payload, data
+        damage = segments.damage
+        if damage is not None:
+            size = os.fstat(f.fileno()).st_size
+            if _is_incomplete_tail(f, damage, size):
+                report.note(
+                    f"{source.path}: offset {damage.offset}: {damage.reason}: not exported; "
+                    "the next export retries from there"
+                )
             else:
-                t, date = None, _NULL_PARTITION
-            payload = rec.payload
-            size = len(payload)
-            kind = rec.msgtype
-            msgtype = kind.label
-            buf = messages.buffer(node, date)
-            buf.add((peer, conn, direction, t, msgtype, size, rec.offset))
-            if with_payload:
-                buf.data += payload
-                buf.lengths.append(size)
-            messages.added(node, date, buf, size + _ROW_OVERHEAD)
-            if msgtype in INV_MESSAGES:
-                try:
-                    entries = inv_entries(msgtype, payload)
-                except DecodeError as e:
-                    report.undecodable_payload("inv_items", source, rec.offset, e)
-                    entries = []
-                if entries:
-                    n = len(entries)
-                    types, hashes = zip(*entries, strict=True)
-                    ibuf = inv_items.buffer(node, date)
-                    ibuf.add_many(
-                        n,
-                        (peer, conn, direction, t, msgtype, rec.offset),
-                        range(n),
-                        map(inv_type_name, types),
-                        types,
-                        map(display_hash, hashes),
-                    )
-                    inv_items.added(node, date, ibuf, _ROW_OVERHEAD * n)
-            elif msgtype == "tx":
-                try:
-                    txid, wtxid, vsize, n_in, n_out = tx_row(payload)
-                except DecodeError as e:
-                    report.undecodable_payload("transactions", source, rec.offset, e)
-                else:
-                    tbuf = transactions.buffer(node, date)
-                    tbuf.add(
-                        (peer, conn, direction, t, rec.offset, txid, wtxid, size, vsize,
-                         n_in, n_out)
-                    )  # fmt: skip
-                    transactions.added(node, date, tbuf, _ROW_OVERHEAD)
-            elif msgtype == "block" or msgtype == "cmpctblock":
-                try:
-                    bhash, prev, height, tx_count, btime = block_row(msgtype, payload)
-                except DecodeError as e:
-                    report.undecodable_payload("blocks", source, rec.offset, e)
-                else:
-                    bbuf = blocks.buffer(node, date)
-                    bbuf.add(
-                        (peer, conn, direction, t, msgtype, rec.offset, bhash, prev, height,
-                         tx_count, btime, size)
-                    )  # fmt: skip
-                    blocks.added(node, date, bbuf, _ROW_OVERHEAD)
-            end = rec.offset + RECORD_HEADER_SIZE + size
-            last_time = rec.time
-            records += 1
-            payload_bytes += size
+                report.damage(source, damage)
         st = os.fstat(f.fileno())
         state.head_sha256, state.tail_sha256 = _fingerprint(f, end)
         f.seek(0)

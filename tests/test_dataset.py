@@ -9,6 +9,7 @@ import datetime
 import fcntl
 import io
 import json
+import random
 import re
 import shutil
 import struct
@@ -740,3 +741,49 @@ def test_bip34_height(script: bytes, height: int | None) -> None:
     assert dataset.bip34_height(header, coinbase) == height
     old = BlockHeader(1, b"\0" * 32, b"\0" * 32, 0, 0, 0)
     assert dataset.bip34_height(old, coinbase) is None
+
+
+def test_inv_items_rows_are_the_entries_in_bulk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """inv_items is built from the entries in bulk (per partition, not per entry): its
+    rows are still each entry's, in order, whatever the type (unknown ones as 0x%08x),
+    across messages, partitions (a time past 9999 is the null partition) and files."""
+    rng = random.Random(11)
+    types = [1, 2, 5, 7, 0x40000001, 0x40000007, 0xFFFFFFFF]
+    records: list[tuple[int, str, bytes]] = []
+    for i in range(40):
+        entries = tuple(
+            Inventory(rng.choice(types), rng.randbytes(32)) for _ in range(rng.randrange(6))
+        )
+        t = T0 + i * 3_600_000_000 * 7 if i % 9 else 2**63 + i
+        kind = rng.choice([Inv, GetData])
+        records.append((t, kind.msgtype, kind(entries).encode()))
+    records.append((T0, "inv", b"\x05\x00"))  # undecodable: counted, not in inv_items
+    folder = tmp_path / "root" / "203.0.113.5_8333"
+    write(folder / "msgs_recv.dat", records[::2])
+    write(folder / "msgs_sent.dat", records[1::2])
+    out = tmp_path / "out"
+    status, _ = export(capsys, out, folder)
+    assert status == 1  # the undecodable inv
+    expected = []
+    for path in sorted(folder.glob("*.dat")):
+        with open(path, "rb") as f:
+            for rec in read_records(f):
+                assert not hasattr(rec, "reason"), rec
+                try:
+                    entries = dataset.inv_entries(rec.msgtype.label, rec.payload)
+                except DecodeError:
+                    continue
+                for i, (t, h) in enumerate(entries):
+                    expected.append(
+                        (Direction.of_file(path).value, rec.msgtype.label, rec.offset, i,
+                         dataset.inv_type_name(t), t, display_hash(h))
+                    )  # fmt: skip
+    got = sql(
+        out,
+        'select direction, msgtype, file_offset, "index", inv_type, inv_type_id, hash '
+        "from inv_items",
+    )
+    assert sorted(got) == sorted(expected)
+    assert {r[4] for r in got} >= {"0x00000007", "0x40000007", "0xffffffff", "MSG_WTX"}
