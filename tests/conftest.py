@@ -40,16 +40,8 @@ PING = encode_frame(MAGIC, "ping", b"12345678")
 def wait_until(
     predicate: Callable[[], T | None], timeout: float, what: str = "condition", poll: float = 0.02
 ) -> T:
-    """Call ``predicate`` until it returns something truthy (returned), at most ``timeout``
-    seconds; then raise :class:`TimeoutError` naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout:g}s")
-        time.sleep(poll)
+    """``tests.bitcoind.wait_until``, polling more often (local conditions are cheap)."""
+    return bitcoind.wait_until(predicate, timeout, what, poll)
 
 
 async def wait_until_async(
@@ -165,10 +157,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = bitcoind.free_port
 
 
 # --- the proxy as a process ------------------------------------------------------------
