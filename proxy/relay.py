@@ -74,8 +74,12 @@ class Flow:
             return
         dst.write(data)
         self.src.stats.bytes += len(data)
-        worker = relay.worker
-        if worker.full:  # the capture thread is behind (a slow disk): read no further
+        self.pace_capture()
+
+    def pace_capture(self) -> None:
+        """Read no further while the capture thread is behind (a slow disk)."""
+        worker = self.relay.worker
+        if worker.full:
             src = self.src.conn
             src.hold("capture")
             worker.when_room(lambda: src.release("capture"))
@@ -197,7 +201,7 @@ class Relay:
             # The frames of one read completed together: consecutive microseconds.
             t0 = self.clock.stamps(len(frames))
             size = sum(f.length for f in frames) + HEADER_SIZE * len(frames)
-            self.worker.submit(lambda: self._check_and_capture(src, t0, frames), size)
+            self.worker.submit(lambda: self._check_and_capture(src, t0, frames, size), size)
         if fatal is None:
             return None
         self.events.emit(
@@ -206,11 +210,13 @@ class Relay:
         )  # fmt: skip
         return max(0, min(len(data), fatal.offset - start))
 
-    def _check_and_capture(self, src: Side, t0: int, frames: list[UncheckedFrame]) -> None:
+    def _check_and_capture(
+        self, src: Side, t0: int, frames: list[UncheckedFrame], size: int
+    ) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones
         (the i-th at time ``t0 + i``), count them and log the invalid ones."""
         try:
-            ok, captured = self.capture.capture(src.direction, t0, frames)
+            ok, captured = self.capture.capture(src.direction, t0, frames, size)
         except CaptureStopped:
             self._loop.call_soon_threadsafe(self.finish, "capture error")
             return

@@ -68,11 +68,13 @@ class ConnectionCapture:
             self.failed(f"cannot open capture files: {e}")
 
     def capture(
-        self, direction: Direction, t0: int, frames: list[UncheckedFrame]
+        self, direction: Direction, t0: int, frames: list[UncheckedFrame], size: int = -1
     ) -> tuple[list[bool], int]:
         """Check frames as Core would and capture the valid ones, the i-th at time
-        ``t0 + i``: which frames are valid, and how many were captured. Raises
-        :class:`CaptureStopped` when the capture failed under the ``stop`` policy."""
+        ``t0 + i``: which frames are valid, and how many were captured. ``size`` is their
+        records' total when the caller has it already (the relay sums it on the event
+        loop). Raises :class:`CaptureStopped` when the capture failed under the ``stop``
+        policy."""
         typed = [msgtype_is_valid(f.raw_msgtype) for f in frames]
         items: list[batch.BatchItem] = [
             (
@@ -83,7 +85,8 @@ class ConnectionCapture:
             for i, f in enumerate(frames)
             if typed[i]
         ]
-        size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
+        if size < 0:
+            size = sum(f.length for f in frames) + RECORD_HEADER_SIZE * len(frames)
         writer = self.writer if self.active else None
         whole = writer is not None and self.store.reserve(self.quota_key, size) is None
         try:

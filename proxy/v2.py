@@ -185,11 +185,7 @@ class MessageFlow(Flow):
             self.src.conn.abort()
             relay.finish("framing error")
             return
-        worker = relay.worker
-        if worker.full:  # the capture thread is behind (a slow disk): read no further
-            src = self.src.conn
-            src.hold("capture")
-            worker.when_room(lambda: src.release("capture"))
+        self.pace_capture()
 
     def messages(self, messages: list[Message]) -> None:
         """Capture ``messages`` (from ``src``) and send them on to ``dst``."""
