@@ -242,9 +242,6 @@ def derive_keys(shared_secret: bytes, magic: bytes) -> SessionKeys:
 
 _ZERO_KEYSTREAM: Final = bytes(LENGTH_LEN * REKEY_INTERVAL + 32)
 _ZERO32: Final = bytes(32)
-_ZERO_TAG: Final = bytes(TAG_LEN)
-_IN_PLACE_MIN: Final = 64 * 1024
-"""Payload size from which packets are encrypted and decrypted in place in a bytearray."""
 _NONCE_LOW: Final = tuple(j.to_bytes(4, "little") for j in range(REKEY_INTERVAL))
 _LENGTH_WORDS: Final = struct.Struct("<" + "HB" * REKEY_INTERVAL)
 """An epoch's 224 3-byte length keystream words, each as its low 2 bytes and its high byte
@@ -323,14 +320,13 @@ class PacketCipher:
         prefix: bytes,
         payload: bytes | bytearray | memoryview = b"",
         aad: bytes | None = None,
-    ) -> bytes | bytearray:
+    ) -> bytes:
         """One packet whose plaintext is ``prefix`` (header byte, then the start of the
         contents) followed by ``payload``.
 
-        Small packets come back as bytes. From 64 KiB of payload on, the packet is laid
-        out in one bytearray (room for the length, the plaintext, room for the tag) and
-        encrypted there in place: one allocation and one copy of the payload (a second
-        large buffer per packet costs far more in page faults than the copy itself).
+        Uses only ``ChaCha20Poly1305.encrypt`` (bytes-like in, new bytes out), as the
+        ``cryptography`` documentation grants in every version we declare: no buffer is
+        shared between input and output.
         """
         plen = len(prefix) + len(payload)
         n = plen - HEADER_LEN
@@ -338,15 +334,8 @@ class PacketCipher:
             raise ValueError(f"packet contents must be 0..{MAX_PACKET_CONTENTS} bytes")
         j = self._index
         length = (n ^ self._length_ks[j]).to_bytes(LENGTH_LEN, "little")
-        out: bytes | bytearray
-        if len(payload) < _IN_PLACE_MIN:
-            out = length + self._aead.encrypt(self._nonces[j], prefix + payload, aad or None)
-        else:
-            out = bytearray().join((length, prefix, payload, _ZERO_TAG))
-            with memoryview(out) as mv:
-                plain = mv[LENGTH_LEN : LENGTH_LEN + plen]
-                self._aead.encrypt_into(self._nonces[j], plain, aad or None, mv[LENGTH_LEN:])
-                plain.release()
+        plain = prefix + payload if payload else prefix
+        out = length + self._aead.encrypt(self._nonces[j], plain, aad or None)
         if j == REKEY_INTERVAL - 1:
             self._next_epoch()
         else:
@@ -355,7 +344,7 @@ class PacketCipher:
 
     def encrypt_contents(
         self, contents: bytes | bytearray | memoryview, aad: bytes = b"", ignore: bool = False
-    ) -> bytes | bytearray:
+    ) -> bytes:
         """A packet for ``contents`` (Core's BIP324Cipher::Encrypt)."""
         return self.encrypt(b"\x80" if ignore else b"\x00", contents, aad)
 
@@ -640,15 +629,12 @@ class V2Session:
             raise RuntimeError("cannot send packets before the peer's key has arrived")
         return self._send
 
-    def encrypt_message(
-        self, msgtype: str, payload: bytes | bytearray | memoryview
-    ) -> bytes | bytearray:
+    def encrypt_message(self, msgtype: str, payload: bytes | bytearray | memoryview) -> bytes:
         """The packet for one application message (short id when the type has one, else
         0x00 and the 12-byte NUL-padded type).
 
-        bytes for small packets, a bytearray (built and encrypted in place) from 64 KiB
-        of payload on. Handshake bytes not yet drained by :meth:`data_to_send` are
-        prepended, so the result is always the next thing to write."""
+        Handshake bytes not yet drained by :meth:`data_to_send` are prepended, so the
+        result is always the next thing to write."""
         send = self._send
         if send is None or self._outgoing:
             return self._with_pending(_plain_prefix(msgtype), payload)
@@ -657,26 +643,24 @@ class V2Session:
 
     def encrypt_messages(
         self, messages: Sequence[tuple[str, bytes | bytearray | memoryview]]
-    ) -> bytes | bytearray:
+    ) -> bytes:
         """The packets for several messages, joined (a lone packet as it is: a large one
         is not copied again)."""
         parts = [self.encrypt_message(t, p) for t, p in messages]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def encrypt_decoy(self, size: int) -> bytes | bytearray:
+    def encrypt_decoy(self, size: int) -> bytes:
         """A decoy packet (ignore bit set) with ``size`` bytes of zero contents."""
         return self.encrypt_contents(bytes(size), ignore=True)
 
     def encrypt_contents(
         self, contents: bytes | bytearray | memoryview, *, ignore: bool = False
-    ) -> bytes | bytearray:
+    ) -> bytes:
         """A packet with raw ``contents`` (message type encoding included), e.g. to relay a
         packet with an unknown short id or an invalid type unchanged."""
         return self._with_pending(b"\x80" if ignore else b"\x00", contents)
 
-    def _with_pending(
-        self, prefix: bytes, payload: bytes | bytearray | memoryview
-    ) -> bytes | bytearray:
+    def _with_pending(self, prefix: bytes, payload: bytes | bytearray | memoryview) -> bytes:
         packet = self._sender().encrypt(prefix, payload)
         if self._outgoing:
             return self.data_to_send() + packet
@@ -861,8 +845,7 @@ class V2Session:
             else:
                 parts.append(nxt)
                 have += len(nxt)
-        # A large packet goes into a bytearray, to be decrypted in place.
-        chunks.appendleft(bytearray().join(parts) if need >= _IN_PLACE_MIN else b"".join(parts))
+        chunks.appendleft(b"".join(parts))
 
     def _process_packets(self) -> None:
         """Decrypt every complete packet buffered (the hot loop)."""
@@ -879,7 +862,6 @@ class V2Session:
             head = self._head
             n = len(first)
             mv = memoryview(first)
-            in_place = type(first) is bytearray
             rlen = self._recv_len
             ks = recv._length_ks
             nonces = recv._nonces
@@ -903,14 +885,9 @@ class V2Session:
                 end = head + rlen + HEADER_LEN + TAG_LEN
                 if end > n:
                     break
-                plain: bytes | memoryview
+                plain: bytes
                 try:
-                    if in_place:  # a bytearray we merged, holding just this packet
-                        body = mv[head:end]
-                        aead.decrypt_into(nonces[j], body, aad, body[:-TAG_LEN])
-                        plain = mv[head : end - TAG_LEN].toreadonly()
-                    else:
-                        plain = aead.decrypt(nonces[j], mv[head:end], aad)
+                    plain = aead.decrypt(nonces[j], mv[head:end], aad)
                 except InvalidTag:
                     error = (
                         V2ErrorReason.BAD_TAG,
