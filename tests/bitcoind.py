@@ -21,12 +21,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -342,6 +344,25 @@ def wait_synced(nodes: Iterable[BitcoinNode], timeout: float = 60) -> str:
     return wait_until(same, timeout, f"same tip and empty mempools on {group}", poll=0.2)
 
 
+def wait_quiet(*group: BitcoinNode, settle: float = 1.0, timeout: float = 30) -> None:
+    """Until no node's per-peer byte counters move for ``settle`` seconds (nothing in
+    flight on any connection)."""
+    last: list[Any] = []
+    since = [0.0]
+
+    def quiet() -> bool:
+        now = [
+            [(p["addr"], p["bytessent"], p["bytesrecv"]) for p in node.peers()] for node in group
+        ]
+        if now != last:
+            last[:] = now
+            since[0] = time.monotonic()
+            return False
+        return time.monotonic() - since[0] >= settle
+
+    wait_until(quiet, timeout, f"no traffic for {settle}s on {list(group)}", poll=0.2)
+
+
 def wait_mempools(nodes: Iterable[BitcoinNode], txids: Iterable[str], timeout: float = 60) -> None:
     """Until every node's mempool holds every one of ``txids``."""
     group, want = list(nodes), set(txids)
@@ -376,6 +397,53 @@ class NodeFactory:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+# --- capture files, read directly (no project imports) ---------------------------------
+
+_RECORD_HEADER = struct.Struct("<Q12sI")  # time (µs), message type (NUL-padded), length
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """One record of a ``-capturemessages`` file (Core's or the proxy's)."""
+
+    time_us: int
+    msgtype: str
+    payload: bytes
+
+
+def read_capture(path: Path) -> list[CaptureRecord]:
+    """The records of one ``msgs_recv.dat``/``msgs_sent.dat`` (none if it is absent);
+    asserts that the file ends on a record boundary."""
+    data = path.read_bytes() if path.exists() else b""
+    out, pos = [], 0
+    while pos < len(data):
+        assert pos + _RECORD_HEADER.size <= len(data), f"{path}: truncated header at {pos}"
+        time_us, msgtype, length = _RECORD_HEADER.unpack_from(data, pos)
+        start = pos + _RECORD_HEADER.size
+        assert start + length <= len(data), f"{path}: truncated payload at {pos}"
+        out.append(
+            CaptureRecord(time_us, msgtype.rstrip(b"\0").decode(), data[start : start + length])
+        )
+        pos = start + length
+    return out
+
+
+def capture_folder_name(addr: str) -> str:
+    """Core's capture folder for a peer address ``host:port`` (``:`` becomes ``_``)."""
+    return addr.replace(":", "_")
+
+
+def compare_captures(
+    a: Path, b: Path, mirror: bool = False
+) -> tuple[int, list[dict[str, Any]], str]:
+    """``msgcap compare --json [--mirror] A B``: exit status, the per-file-pair results,
+    and the raw output (for assertion messages)."""
+    res = msgcap("compare", "--json", *(["--mirror"] if mirror else []), str(a), str(b))
+    assert res.returncode in (0, 1), res.stderr
+    results: list[dict[str, Any]] = json.loads(res.stdout)
+    return res.returncode, results, res.stdout
 
 
 # --- the msgcap proxy process -----------------------------------------------------------
