@@ -8,17 +8,27 @@ reading on the other side, and a capture thread that is behind holds reading on 
 side that submits to it: per connection, memory is bounded by a chunk or two in flight,
 one frame being reassembled (at most 4 MB), the send buffers and the frames queued for
 the capture thread.
+
+Under ``on_capture_error = "stop"`` the relay is *strict*: a chunk's bytes are forwarded
+only once the capture thread has written the frames they complete (the bytes of a frame
+still incomplete wait for the rest of it), and the end of a direction is passed on only
+after its last capture. When a capture fails, nothing more crosses: no byte reaches the
+other side that was not captured first (or, for a frame Core would drop, checked first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from msgcap.capture.framing import HEADER_SIZE, Frame, FrameDecoder, MsgType, UncheckedFrame
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import Clock
+from msgcap.proxy.config import CaptureErrorPolicy
 from msgcap.proxy.conn import Conn
 from msgcap.proxy.events import EventLog, FrameError, LiveView, Timeout
 from msgcap.proxy.store import CaptureStopped, ConnectionCapture
@@ -49,7 +59,7 @@ class Side:
 class Flow:
     """The bytes from ``src`` to ``dst``: a :class:`~msgcap.proxy.conn.Sink` of ``src``."""
 
-    __slots__ = ("decoder", "dst", "ended", "relay", "src")
+    __slots__ = ("decoder", "dst", "ended", "held", "relay", "sent_offset", "src")
 
     def __init__(self, relay: Relay, src: Side, dst: Side) -> None:
         self.relay = relay
@@ -57,12 +67,19 @@ class Flow:
         self.dst = dst
         self.decoder = FrameDecoder(relay.magic)
         self.ended = False
+        self.held: deque[bytes] = deque()
+        """Strict relay: received bytes not yet forwarded (waiting for their capture)."""
+        self.sent_offset = 0
+        """Strict relay: stream offset of ``held[0][0]`` (bytes forwarded so far)."""
 
     def data(self, data: bytes) -> None:
         relay = self.relay
         if relay.finished:
             return
         relay.last_activity = time.monotonic()
+        if relay.strict:
+            self._data_strict(data)
+            return
         forward = relay.take(self, data)
         dst = self.dst.conn
         if forward is not None:  # a fatal framing error: what precedes it, then close
@@ -76,6 +93,46 @@ class Flow:
         self.src.stats.bytes += len(data)
         self.pace_capture()
 
+    def _data_strict(self, data: bytes) -> None:
+        """Hold ``data`` until the frames it completes are captured, then forward them."""
+        relay = self.relay
+        self.held.append(data)
+        captured_before = relay.take(self, data)
+        if captured_before is None:
+            end = self.decoder.offset  # the end of the last complete frame
+            if end > self.sent_offset:
+                relay.after_capture(lambda: self._forward_to(end))
+            self.pace_capture()
+            return
+        # A fatal framing error: forward what precedes it once captured, then close.
+        self.src.conn.hold("framing error")
+        end = self.sent_offset + sum(map(len, self.held)) - len(data) + captured_before
+
+        def close() -> None:
+            self._forward_to(end)
+            self.dst.conn.close()
+            self.src.conn.abort()
+            relay.finish("framing error")
+
+        relay.after_capture(close)
+
+    def _forward_to(self, end: int) -> None:
+        """Strict relay: forward the held bytes up to stream offset ``end``."""
+        held, write = self.held, self.dst.conn.write
+        n = end - self.sent_offset
+        self.sent_offset = end
+        self.src.stats.bytes += n
+        while n > 0:
+            chunk = held[0]
+            if len(chunk) <= n:
+                write(chunk)
+                held.popleft()
+                n -= len(chunk)
+            else:
+                write(chunk[:n])
+                held[0] = chunk[n:]
+                n = 0
+
     def pace_capture(self) -> None:
         """Read no further while the capture thread is behind (a slow disk)."""
         worker = self.relay.worker
@@ -86,6 +143,9 @@ class Flow:
 
     def eof(self) -> None:
         """Half-close: pass the EOF on and keep the other direction going."""
+        self.relay.after_capture(self._eof)
+
+    def _eof(self) -> None:
         dst = self.dst.conn
         if dst.can_write_eof():
             dst.write_eof()
@@ -93,10 +153,12 @@ class Flow:
         self.relay.direction_ended()
 
     def lost(self, error: BaseException | None) -> None:
-        # A reset on one side is passed on as a reset on the other.
+        # A reset on one side is passed on as a reset on the other, at once.
         if error is not None:
             self.dst.conn.reset()
-        self.relay.finish(type(error).__name__ if error is not None else "closed")
+            self.relay.finish(type(error).__name__)
+            return
+        self.relay.after_capture(lambda: self.relay.finish("closed"))
 
 
 class Relay:
@@ -128,6 +190,10 @@ class Relay:
         self.last_activity = time.monotonic()
         self.close_reason = "eof"
         self.finished = False
+        self.strict = (
+            not raw and capture.active and capture.store.on_error is CaptureErrorPolicy.STOP
+        )
+        """Forward nothing before its capture (``on_capture_error = "stop"``)."""
         self._done: asyncio.Future[None] | None = None
         self._directions: tuple[Flow, Flow] | None = None
 
@@ -161,6 +227,25 @@ class Relay:
 
     def started(self, ab: Flow, ba: Flow) -> None:
         """Called once both directions exist, before either side is read."""
+
+    def after_capture(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the event loop now, or, on a strict relay, once the capture
+        thread has written everything submitted before it (and not at all if the relay
+        has finished by then, e.g. because that capture failed)."""
+        if not self.strict:
+            action()
+            return
+        loop = self._loop
+
+        def guarded() -> None:
+            if not self.finished:
+                action()
+
+        def in_thread() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to do
+                loop.call_soon_threadsafe(guarded)
+
+        self.worker.submit(in_thread)
 
     def direction_ended(self) -> None:
         assert self._directions is not None
@@ -220,6 +305,10 @@ class Relay:
         except CaptureStopped:
             self._loop.call_soon_threadsafe(self.finish, "capture error")
             return
+        except Exception:
+            if self.strict:  # nothing that was not captured may be forwarded
+                self._loop.call_soon_threadsafe(self.finish, "capture error")
+            raise
         stats = src.stats
         valid = ok.count(True)
         stats.captured += captured

@@ -181,9 +181,14 @@ class MessageFlow(Flow):
             self.check_decoys(self.src_leg.session)
         if fatal is not None:
             relay.fatal(self.src, fatal)
-            self.dst.conn.close()
-            self.src.conn.abort()
-            relay.finish("framing error")
+            self.src.conn.hold("framing error")
+
+            def close() -> None:  # after the capture of what came before, if strict
+                self.dst.conn.close()
+                self.src.conn.abort()
+                relay.finish("framing error")
+
+            relay.after_capture(close)
             return
         self.pace_capture()
 
@@ -197,8 +202,8 @@ class MessageFlow(Flow):
         # Submitted first, the capture can start while large packets are encrypted (the
         # AEAD releases the GIL for them).
         relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
-        # (A transport writes any buffer; Conn.write is annotated for bytes only.)
-        self.dst.conn.write(self.dst_leg.encode(messages))
+        encoded = self.dst_leg.encode(messages)
+        relay.after_capture(lambda: self.dst.conn.write(encoded))
 
     def check_decoys(self, session: V2Session) -> None:
         if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:
@@ -244,6 +249,10 @@ class MessageRelay(Relay):
         except CaptureStopped:
             self._loop.call_soon_threadsafe(self.finish, "capture error")
             return
+        except Exception:
+            if self.strict:  # nothing that was not captured may be forwarded
+                self._loop.call_soon_threadsafe(self.finish, "capture error")
+            raise
         src.stats.messages += len(messages)
         src.stats.captured += captured
         if self.live is not None:

@@ -1,0 +1,216 @@
+"""Hostile conditions in the relay: ``stop`` means stop, and incomplete frames have a
+memory bound.
+
+``on_capture_error = "stop"`` promises that no byte crosses that was not captured first:
+each case lets the capture fail after a number of batches while traffic flows, and checks
+that what the receiver got is exactly what the capture holds (re-framed), nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msgcap.capture import batch
+from msgcap.capture.bip324 import V2Message, V2Session
+from msgcap.capture.conversation import folder_conversation
+from msgcap.capture.framing import encode_frame
+from tests.conftest import (
+    MAGIC,
+    Upstream,
+    logged,
+    read_all,
+    read_events,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
+
+TIMEOUT = 30.0
+
+
+def fail_after(calls: int, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``, which raises ENOSPC from its ``calls``-th call on."""
+    count = 0
+
+    def wrapped(*args: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > calls:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return original(*args)
+
+    return wrapped
+
+
+def captured_frames(cap: Path, direction: str) -> bytes:
+    """The capture of one direction, re-framed as it crossed the wire."""
+    folders = [p for p in cap.iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    return b"".join(
+        encode_frame(MAGIC, i.record.msgtype.label, bytes(i.record.payload))
+        for i in folder_conversation(folders[0])
+        if i.direction.value == direction
+    )
+
+
+def frames(seed: int, n: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = [encode_frame(MAGIC, "version", rng.randbytes(100))]
+    for _ in range(n):
+        out.append(encode_frame(MAGIC, "tx", rng.randbytes(rng.choice([50, 1000, 20_000]))))
+    return out
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 8])
+@pytest.mark.parametrize("chunking", ["whole", "odd pieces"])
+async def test_stop_forwards_nothing_uncaptured_v1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int, chunking: str
+) -> None:
+    monkeypatch.setattr(batch, "write_checked", fail_after(fail_at, batch.write_checked))
+    got = bytearray()
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            got.extend(await read_all(r))
+
+    stream = b"".join(frames(3, 400))
+    cap = tmp_path / "cap"
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, route=route_to(up.port), on_capture_error="stop") as px,
+    ):
+        _r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        rng = random.Random(7)
+        pos = 0
+        with contextlib.suppress(ConnectionError):
+            while pos < len(stream):
+                step = len(stream) if chunking == "whole" else rng.randint(1, 30_000)
+                w.write(stream[pos : pos + step])
+                pos += step
+                await w.drain()
+                await asyncio.sleep(0)
+        await wait_until_async(logged(cap, "close"), TIMEOUT, "close event")
+        w.close()
+    assert read_events(cap, "close")[0]["reason"] == "capture error"
+    sent = captured_frames(cap, "sent")
+    assert len(got) < len(stream)  # the failure stopped the relay
+    # Every byte that crossed was captured first (a capture the close overtook may not
+    # have crossed: the proxy drops what it still holds when it stops).
+    assert sent.startswith(bytes(got))
+    assert stream.startswith(sent)
+
+
+async def test_stop_without_failure_forwards_everything(tmp_path: Path) -> None:
+    """Strict forwarding holds an incomplete frame's bytes, never loses them: byte-a-time
+    pieces, a half-close in each direction, and the replies all arrive."""
+    node_stream = b"".join(frames(4, 50))
+    peer_stream = b"".join(frames(5, 50))
+    got_at_peer = bytearray()
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(peer_stream)
+        await w.drain()
+        w.write_eof()
+        got_at_peer.extend(await read_all(r))
+
+    cap = tmp_path / "cap"
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, route=route_to(up.port), on_capture_error="stop") as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        for i in range(0, 200):  # the first 200 bytes one by one
+            w.write(node_stream[i : i + 1])
+            await w.drain()
+        w.write(node_stream[200:])
+        w.write_eof()
+        got_at_node = await asyncio.wait_for(read_all(r), TIMEOUT)
+        w.close()
+        await wait_until_async(logged(cap, "close"), TIMEOUT, "close event")
+    assert got_at_node == peer_stream
+    assert bytes(got_at_peer) == node_stream
+    assert captured_frames(cap, "sent") == node_stream
+    assert captured_frames(cap, "recv") == peer_stream
+
+
+class V2End:
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, initiator: bool):
+        self.r, self.w = r, w
+        self.session = V2Session(initiator, MAGIC)
+        self.got: list[tuple[str, bytes]] = []
+
+    def pump(self) -> None:
+        for ev in self.session.next_events():
+            if isinstance(ev, V2Message):
+                self.got.append((ev.msgtype, bytes(ev.payload)))
+        if out := self.session.data_to_send():
+            self.w.write(out)
+
+    async def handshake(self) -> None:
+        self.pump()
+        while not (self.session.established and self.session.peer_version_received):
+            data = await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            self.session.receive_data(data)
+            self.pump()
+
+    async def read_all(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT):
+                self.session.receive_data(data)
+                self.pump()
+
+
+@pytest.mark.parametrize("fail_at", [1, 10])
+async def test_stop_forwards_nothing_uncaptured_v2_decrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    monkeypatch.setattr(batch, "write_all", fail_after(fail_at, batch.write_all))
+    ends: list[V2End] = []
+
+    async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        end = V2End(r, w, initiator=False)
+        ends.append(end)
+        with contextlib.suppress(ConnectionError):
+            await end.handshake()
+            await end.read_all()
+
+    rng = random.Random(9)
+    msgs = [("version", rng.randbytes(100))] + [
+        ("tx", rng.randbytes(rng.choice([50, 1000, 70_000]))) for _ in range(300)
+    ]
+    cap = tmp_path / "cap"
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, route=route_to(up.port), on_capture_error="stop") as px,
+    ):
+        r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
+        client = V2End(r, w, initiator=True)
+        await client.handshake()
+        with contextlib.suppress(ConnectionError):
+            for t, p in msgs:
+                w.write(client.session.encrypt_message(t, p))
+                await w.drain()
+                await asyncio.sleep(0)
+        await wait_until_async(logged(cap, "close"), TIMEOUT, "close event")
+        w.close()
+    assert read_events(cap, "close")[0]["reason"] == "capture error"
+    folder = next(p for p in cap.iterdir() if p.is_dir())
+    sent = [
+        (i.record.msgtype.label, bytes(i.record.payload))
+        for i in folder_conversation(folder)
+        if i.direction.value == "sent"
+    ]
+    got = ends[0].got
+    assert len(got) < len(msgs)
+    assert got == sent[: len(got)]  # the peer got nothing that was not captured first
+    assert msgs[: len(sent)] == sent
