@@ -677,6 +677,19 @@ class V2Session:
             self._chunks.append(data if type(data) is bytes else bytes(data))
             self._size += len(data)
 
+    @property
+    def incomplete(self) -> int:
+        """Bytes the packet being received will hold once complete, as soon as its length
+        is decrypted; until then (and during the handshake) the bytes buffered."""
+        if self._recv_len >= 0:
+            return LENGTH_LEN + HEADER_LEN + self._recv_len + TAG_LEN
+        return self._size
+
+    def discard(self) -> None:
+        """Drop every buffered byte (the stream is over)."""
+        self._chunks.clear()
+        self._head = self._size = 0
+
     def next_event(self) -> Event | _NeedData:
         """The next event, or NEED_DATA. Raises V2Error."""
         if not self._events:

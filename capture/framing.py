@@ -320,6 +320,21 @@ class FrameDecoder:
         """Bytes received but not yet framed."""
         return self._size
 
+    @property
+    def incomplete(self) -> int:
+        """Bytes the frame being received will hold once complete (header included), as
+        soon as its header is in; until then the bytes buffered. 0 when nothing is."""
+        size = self._size
+        if size < HEADER_SIZE or self._failed is not None:
+            return size
+        length = int.from_bytes(self._peek(HEADER_SIZE)[16:20], "little")
+        return HEADER_SIZE + min(length, self.max_length)
+
+    def discard(self) -> None:
+        """Drop every buffered byte (the stream is over)."""
+        self._chunks.clear()
+        self._head = self._size = 0
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             self._chunks.append(data if type(data) is bytes else bytes(data))

@@ -109,6 +109,9 @@ class Limits:
     """Seconds for SOCKS5 negotiation, the upstream connect and the first bytes."""
     idle_timeout: float = 1200.0
     """Seconds without traffic in either direction (Core's own timeout is 20 minutes)."""
+    frame_buffer_bytes: int = 256 << 20
+    """Bytes of incomplete messages (above 64 KiB each) buffered over all connections; a
+    connection whose next message would pass it waits, not reading, until there is room."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from msgcap.capture.framing import HEADER_SIZE, Frame, FrameDecoder, MsgType, UncheckedFrame
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import Clock
+from msgcap.proxy.budget import FrameBudget, Waiter
 from msgcap.proxy.config import CaptureErrorPolicy
 from msgcap.proxy.conn import Conn
 from msgcap.proxy.events import EventLog, FrameError, LiveView, Timeout
@@ -59,7 +60,7 @@ class Side:
 class Flow:
     """The bytes from ``src`` to ``dst``: a :class:`~msgcap.proxy.conn.Sink` of ``src``."""
 
-    __slots__ = ("decoder", "dst", "ended", "held", "relay", "sent_offset", "src")
+    __slots__ = ("decoder", "dst", "ended", "held", "relay", "sent_offset", "src", "waiter")
 
     def __init__(self, relay: Relay, src: Side, dst: Side) -> None:
         self.relay = relay
@@ -67,6 +68,9 @@ class Flow:
         self.dst = dst
         self.decoder = FrameDecoder(relay.magic)
         self.ended = False
+        conn = src.conn
+        self.waiter = Waiter(lambda: conn.hold("memory"), lambda: conn.release("memory"))
+        """This direction's share of the budget for incomplete messages."""
         self.held: deque[bytes] = deque()
         """Strict relay: received bytes not yet forwarded (waiting for their capture)."""
         self.sent_offset = 0
@@ -81,6 +85,8 @@ class Flow:
             self._data_strict(data)
             return
         forward = relay.take(self, data)
+        if relay.budget is not None and not relay.raw:
+            relay.budget.need(self.waiter, self.incomplete)
         dst = self.dst.conn
         if forward is not None:  # a fatal framing error: what precedes it, then close
             dst.write(data[:forward])
@@ -98,6 +104,8 @@ class Flow:
         relay = self.relay
         self.held.append(data)
         captured_before = relay.take(self, data)
+        if relay.budget is not None:
+            relay.budget.need(self.waiter, self.incomplete)
         if captured_before is None:
             end = self.decoder.offset  # the end of the last complete frame
             if end > self.sent_offset:
@@ -132,6 +140,17 @@ class Flow:
                 write(chunk[:n])
                 held[0] = chunk[n:]
                 n = 0
+
+    @property
+    def incomplete(self) -> int:
+        """Bytes the message being received will hold once complete (see
+        :class:`~msgcap.proxy.budget.FrameBudget`)."""
+        return self.decoder.incomplete
+
+    def discard(self) -> None:
+        """The relay is over: drop what is buffered (and held)."""
+        self.decoder.discard()
+        self.held.clear()
 
     def pace_capture(self) -> None:
         """Read no further while the capture thread is behind (a slow disk)."""
@@ -175,8 +194,11 @@ class Relay:
         idle_timeout: float,
         worker: CaptureWorker,
         raw: bool = False,
+        budget: FrameBudget | None = None,
     ) -> None:
         self.worker = worker
+        self.budget = budget
+        """The shared bound on incomplete messages (None: unbounded, tests only)."""
         self.conn_id = conn_id
         self.raw = raw
         """Relay without framing or capture (BIP324 under the passthrough policy)."""
@@ -258,6 +280,10 @@ class Relay:
             return
         self.finished = True
         self.close_reason = reason
+        for flow in self._directions or ():
+            if self.budget is not None:
+                self.budget.release(flow.waiter)
+            flow.discard()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 

@@ -18,6 +18,7 @@ from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.proxy import socks5
+from msgcap.proxy.budget import FrameBudget
 from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, Socks5, V2Policy
 from msgcap.proxy.conn import Conn, connect, serve
 from msgcap.proxy.events import (
@@ -123,6 +124,7 @@ class Proxy:
         self.store = CaptureStore(config, self.events, self.metrics)
         self.live = LiveView() if config.live else None
         self.worker = CaptureWorker()
+        self.budget = FrameBudget(config.limits.frame_buffer_bytes)
         self.v1_prefix = v1_version_prefix(config.magic)
         self.servers: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -479,9 +481,9 @@ class Proxy:
         args = (conn_id, peer, self.config.magic, capture, self.events, self.live,
                 self.config.limits.idle_timeout, self.worker)  # fmt: skip
         relay = (
-            MessageRelay(*args, legs=(leg_a, leg_b), early=early)
+            MessageRelay(*args, legs=(leg_a, leg_b), early=early, budget=self.budget)
             if decrypt
-            else Relay(*args, raw=raw)
+            else Relay(*args, raw=raw, budget=self.budget)
         )
         # The node's received bytes come from the side that is not the node.
         a = Side(client_side, Direction.SENT if node_is_client else Direction.RECV)

@@ -62,6 +62,15 @@ class Leg(Protocol):
         """The bytes that carry ``messages`` to this side."""
         ...
 
+    @property
+    def incomplete(self) -> int:
+        """Bytes the message (v1) or packet (v2) being received will hold once complete."""
+        ...
+
+    def discard(self) -> None:
+        """Drop what is buffered (the stream is over)."""
+        ...
+
 
 class V1Leg:
     transport = "v1"
@@ -83,6 +92,13 @@ class V1Leg:
                 assert isinstance(ev, InvalidFrame)
                 dropped.append((ev.reason, ev.describe()))
         return messages, dropped, fatal
+
+    @property
+    def incomplete(self) -> int:
+        return self.decoder.incomplete
+
+    def discard(self) -> None:
+        self.decoder.discard()
 
     def encode(self, messages: Sequence[Message]) -> bytes:
         magic = self.magic
@@ -112,6 +128,13 @@ class V2Leg:
             elif not isinstance(ev, HandshakeComplete | VersionPacket):
                 dropped.append((FrameProblem.INVALID_TYPE, f"invalid message type {ev.raw!r}"))
         return messages, dropped, error
+
+    @property
+    def incomplete(self) -> int:
+        return self.session.incomplete
+
+    def discard(self) -> None:
+        self.session.discard()
 
     def encode(self, messages: Sequence[Message]) -> bytes | bytearray:
         return self.session.encrypt_messages(messages)
@@ -172,6 +195,8 @@ class MessageFlow(Flow):
         relay.last_activity = time.monotonic()
         self.src.stats.bytes += len(data)
         messages, dropped, fatal = self.src_leg.receive(data)
+        if relay.budget is not None:
+            relay.budget.need(self.waiter, self.src_leg.incomplete)
         assert isinstance(relay, MessageRelay)
         if dropped:
             relay.dropped(self.src, dropped)
@@ -204,6 +229,14 @@ class MessageFlow(Flow):
         relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
         encoded = self.dst_leg.encode(messages)
         relay.after_capture(lambda: self.dst.conn.write(encoded))
+
+    @property
+    def incomplete(self) -> int:
+        return self.src_leg.incomplete
+
+    def discard(self) -> None:
+        super().discard()
+        self.src_leg.discard()
 
     def check_decoys(self, session: V2Session) -> None:
         if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:

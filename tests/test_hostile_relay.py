@@ -22,9 +22,11 @@ from msgcap.capture import batch
 from msgcap.capture.bip324 import V2Message, V2Session
 from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import encode_frame
+from tests import bitcoind
 from tests.conftest import (
     MAGIC,
     Upstream,
+    free_port,
     logged,
     read_all,
     read_events,
@@ -214,3 +216,68 @@ async def test_stop_forwards_nothing_uncaptured_v2_decrypt(
     assert len(got) < len(msgs)
     assert got == sent[: len(got)]  # the peer got nothing that was not captured first
     assert msgs[: len(sent)] == sent
+
+
+# --- memory for incomplete frames --------------------------------------------------------
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+async def test_incomplete_frames_are_bounded_and_memory_returned(tmp_path: Path) -> None:
+    """Waves of connections that each leave a 4 MB message incomplete (3.5 MB of it sent):
+    the proxy's memory stays within its budget while they are open, and comes back after
+    they close."""
+    budget = 32 << 20
+    conns, waves, sent_each = 100, 3, 3_500_000
+    closes = 0
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await read_all(r)
+
+    header = MAGIC + b"block".ljust(12, b"\0") + (4_000_000).to_bytes(4, "little") + bytes(4)
+    version = encode_frame(MAGIC, "version", bytes(100))
+    payload = random.Random(1).randbytes(sent_each)
+    port = free_port()
+    async with Upstream(sink) as up:
+        config = (
+            f'[[route]]\nlisten = "127.0.0.1:{port}"\npeer = "127.0.0.1:{up.port}"\n'
+            f"[limits]\nmax_connections = {conns + 10}\n"
+            f"frame_buffer_bytes = {budget}\n"
+        )
+        proxy = await asyncio.to_thread(bitcoind.ProxyProcess, tmp_path / "px", config=config)
+        try:
+            pid = proxy.proc.pid
+            base = rss_kib(pid, "VmRSS")
+            after: list[int] = []
+            for _ in range(waves):
+                writers = []
+                for _ in range(conns):
+                    _r, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.write(version + header + payload)
+                    writers.append(w)
+                await asyncio.sleep(1.5)  # the proxy reads what its budget lets it
+                for w in writers:
+                    w.close()
+                closes += conns
+                await wait_until_async(
+                    lambda n=closes: len(read_events(proxy.capture_dir, "close")) >= n,
+                    60,
+                    "every connection closed",
+                )
+                await asyncio.sleep(0.5)  # the trim after large reservations end
+                after.append(rss_kib(pid, "VmRSS"))
+            peak = rss_kib(pid, "VmHWM")
+        finally:
+            await asyncio.to_thread(proxy.stop)
+    mib = 1024
+    # While open: the budget, plus per connection 64 KiB free and a read or two.
+    assert (peak - base) < (budget >> 10) + conns * 512 + 48 * mib, (base, peak, after)
+    # After they closed: back to where it was, give or take.
+    assert max(after) - base < 48 * mib, (base, peak, after)
