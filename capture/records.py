@@ -123,7 +123,8 @@ def _implausible(offset: int, length: int, skipped: int) -> Damage:
 
 
 def _truncated_payload(offset: int, raw_type: bytes, length: int, have: int) -> Damage:
-    name = MsgType.of(raw_type).name
+    msgtype = MsgType.of(raw_type)
+    name = msgtype.name if msgtype.text is None else msgtype.text  # 'block', or b'\x01..'
     return Damage(
         offset,
         f"truncated record: type {name!r} declares {length} payload bytes, "

@@ -75,6 +75,7 @@ from msgcap.capture.records import (
     RECORD_HEADER_SIZE,
     Damage,
     RecordChunks,
+    native,
     read_record_headers,
     scan,
 )
@@ -323,9 +324,11 @@ def bip34_height(header: BlockHeader, coinbase: Transaction | None) -> int | Non
 
 def block_row(msgtype: str, payload: bytes | memoryview) -> tuple[str, str, int | None, int, int]:
     """``(hash, prev_hash, height, tx_count, block_time_us)`` of a ``block`` or
-    ``cmpctblock`` payload. Reads the header, the counts and the coinbase (the first
-    prefilled transaction of a compact block), not the other transactions (a memoryview
-    payload is read in place)."""
+    ``cmpctblock`` payload, or DecodeError where the payload does not decode (as
+    ``msgcap parse`` decides: :func:`check_payload`). Decodes the header, the counts and
+    the coinbase (the first prefilled transaction of a compact block), not the other
+    transactions (a memoryview payload is read in place)."""
+    check_payload(msgtype, payload)
     r = Reader(payload, msgtype)  # type: ignore[arg-type]
     header = BlockHeader.read(r)
     coinbase: Transaction | None = None
@@ -348,6 +351,128 @@ def block_row(msgtype: str, payload: bytes | memoryview) -> tuple[str, str, int 
         tx_count,
         header.time * 1_000_000,
     )
+
+
+_native = native()
+_check: Final[Callable[[str, bytes | memoryview], bool] | None] = (
+    None if _native is None else _native.check
+)
+
+
+def check_payload(msgtype: str, payload: bytes | memoryview) -> None:
+    """Raise the DecodeError ``msgcap parse`` reports (the same reason at the same offset)
+    unless ``payload`` is a valid serialization of ``msgtype``, all of it.
+
+    Walks the payload without building anything: in ``parser/_fastjson.c`` (the render
+    walk, writing nothing) when it was built, else, for a ``block``, with plain indexing
+    (:func:`_txs_end`). Where neither decides, the typed codec does."""
+    if _check is not None:
+        try:
+            if _check(msgtype, payload):
+                return
+        except ValueError as e:  # args: the reason and the payload offset
+            reason, offset = e.args
+            raise DecodeError(msgtype, offset, reason) from None
+    elif msgtype == "block":
+        try:
+            count, pos = _count_at(payload, 80)
+        except (IndexError, struct.error, _NonCanonical):
+            pass
+        else:
+            if _txs_end(payload, pos, count) == len(payload):
+                return
+    from msgcap.parser.messages import decode_message  # only for what is left: slow, exact
+
+    decode_message(msgtype, bytes(payload))
+
+
+class _NonCanonical(Exception):
+    pass
+
+
+_U16: Final = struct.Struct("<H").unpack_from
+_U32: Final = struct.Struct("<I").unpack_from
+_U64: Final = struct.Struct("<Q").unpack_from
+
+
+def _big_compact(p: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """A CompactSize whose first byte (at ``pos``) is 0xfd or more, and where it ends."""
+    first = p[pos]
+    if first == 0xFD:
+        n, end, floor = _U16(p, pos + 1)[0], pos + 3, 0xFD
+    elif first == 0xFE:
+        n, end, floor = _U32(p, pos + 1)[0], pos + 5, 0x10000
+    else:
+        n, end, floor = _U64(p, pos + 1)[0], pos + 9, 0x100000000
+    if n < floor:
+        raise _NonCanonical
+    return int(n), end
+
+
+def _count_at(p: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The CompactSize at ``pos`` and where it ends."""
+    n = p[pos]
+    return (n, pos + 1) if n < 0xFD else _big_compact(p, pos)
+
+
+def _txs_end(p: bytes | memoryview, pos: int, count: int) -> int | None:
+    """Where ``count`` transactions from ``pos`` end, walked with plain indexing; None
+    where that does not simply succeed (a legacy transaction without inputs, a
+    non-canonical CompactSize, a read past the end).
+
+    Where this returns ``len(p)`` the typed codec accepts the payload too: every item
+    walked takes at least the bytes its count check asks for (an input 41, an output 9,
+    a transaction 10), and every CompactSize is canonical."""
+    try:
+        for _ in range(count):
+            n_in = p[pos + 4]
+            pos += 5
+            flags = 0
+            if n_in == 0:
+                flags = p[pos]
+                if not flags:
+                    return None
+                n_in = p[pos + 1]
+                pos += 2
+            if n_in >= 0xFD:
+                n_in, pos = _big_compact(p, pos - 1)
+            for _ in range(n_in):
+                pos += 36  # prevout
+                n = p[pos]
+                if n >= 0xFD:
+                    n, pos = _big_compact(p, pos)
+                    pos += n + 4
+                else:
+                    pos += n + 5  # scriptSig, nSequence
+            n_out = p[pos]
+            pos += 1
+            if n_out >= 0xFD:
+                n_out, pos = _big_compact(p, pos - 1)
+            for _ in range(n_out):
+                pos += 8  # nValue
+                n = p[pos]
+                if n >= 0xFD:
+                    n, pos = _big_compact(p, pos)
+                    pos += n
+                else:
+                    pos += n + 1
+            if flags:
+                for _ in range(n_in):
+                    items = p[pos]
+                    pos += 1
+                    if items >= 0xFD:
+                        items, pos = _big_compact(p, pos - 1)
+                    for _ in range(items):
+                        n = p[pos]
+                        if n >= 0xFD:
+                            n, pos = _big_compact(p, pos)
+                            pos += n
+                        else:
+                            pos += n + 1
+            pos += 4  # nLockTime
+    except (IndexError, struct.error, _NonCanonical):
+        return None
+    return pos
 
 
 def _skip_inputs(r: Reader, n: int) -> None:
