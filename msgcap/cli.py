@@ -64,7 +64,12 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--socks5-username")
     g.add_argument("--socks5-password")
     g.add_argument("--socks5-allow", action="append", metavar="HOST:PORT-GLOB")
-    for name in ("max-connections", "capture-bytes-per-peer", "capture-bytes-total"):
+    for name in (
+        "max-connections",
+        "capture-bytes-per-peer",
+        "capture-bytes-total",
+        "frame-buffer-bytes",
+    ):
         g.add_argument(f"--{name}", type=int)
     for name in ("handshake-timeout", "idle-timeout"):
         g.add_argument(f"--{name}", type=float)
@@ -117,6 +122,7 @@ def proxy_config(args: argparse.Namespace) -> Config:
         "max_connections",
         "capture_bytes_per_peer",
         "capture_bytes_total",
+        "frame_buffer_bytes",
         "handshake_timeout",
         "idle_timeout",
     ):
