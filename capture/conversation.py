@@ -24,6 +24,7 @@ comes first), with the merge itself done in ``parser/_fastjson.c`` when it was b
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from array import array
@@ -43,7 +44,6 @@ from msgcap.capture.records import (
     RecordChunks,
     RecordFilter,
     native,
-    read_record_headers,
     scan,
     walk_records,
 )
@@ -227,16 +227,41 @@ _plan: Final[Plan] = python_plan if _native is None else _native.plan
 _tally: Final[TallyPlan] = python_tally if _native is None else _native.tally
 
 
-def _is_time_ordered(f: BinaryIO) -> bool:
-    """Whether the records of ``f`` (up to any damage) never go back in time."""
+RUN_CHUNK: int = 1 << 20
+"""Bytes read at a time from one run of a file whose clock went backwards."""
+
+
+class _RunIndex(NamedTuple):
+    """A file as runs of records in time order: run ``i`` is the bytes from ``starts[i]``
+    to the next start (the last to ``stop``, the end of the whole records), its first
+    record of time ``times[i]``."""
+
+    starts: array[int]
+    times: array[int]
+    stop: int
+    damage: Damage | None
+    """Where the file stops being records, if it does."""
+
+
+def _run_index(f: BinaryIO) -> _RunIndex:
+    """One pass over ``f`` (bulk, as :class:`_Stream` reads): where its clock goes back.
+    Memory is two integers per run: proportional to the disorder, not to the file."""
     chunks = RecordChunks(f)
+    starts, times = array("Q"), array("Q")
     last = 0
+    stop = 0
     while chunks.fill():
+        if not starts:
+            starts.append(chunks.base + chunks.pos)
+            times.append(RECORD_HEADER.unpack_from(chunks.data, chunks.pos)[0])
         end, later, last = scan(chunks.data, chunks.pos, MAX_TIME, last)
-        if later is not None:  # a whole record earlier than the one before it
-            return False
+        if later is not None:  # a whole record earlier than the one before it: a new run
+            starts.append(chunks.base + end)
+            times.append(later)
+            last = later
+        stop = chunks.base + end
         chunks.pos = end
-    return True
+    return _RunIndex(starts, times, stop, chunks.damage)
 
 
 class _Stream(RecordChunks):
@@ -258,53 +283,82 @@ class _Stream(RecordChunks):
             self.on_damage(self.source, self.damage)
 
 
-class _Sorted:
-    """A file whose clock went backwards: indexed (offset and time per record), then read
-    record by record in time order (a stable sort: equal times keep file order).
-    ``data`` holds its next record, at byte ``base`` of the file, of time ``time``."""
+class _Runs:
+    """A file whose clock went backwards, read in time order by merging its runs (see
+    :class:`_RunIndex`): a heap holds each run's next record (time, run, offset), and
+    each step reads, in bulk, the records of the first run that come before the next
+    run's (a stable merge: equal times keep file order). ``data[pos:]`` holds those
+    records, ``data[0]`` at byte ``base`` of the file, the first of time ``time``.
 
-    def __init__(self, source: CaptureFile, f: BinaryIO, on_damage: DamageReport) -> None:
+    Memory: the heap (one entry per run) and one chunk of at most :data:`RUN_CHUNK`
+    bytes (or one record); reads: one per switch between runs, beside the bulk reads.
+    So one record out of order costs a few reads more than a file in order."""
+
+    def __init__(
+        self, source: CaptureFile, f: BinaryIO, on_damage: DamageReport, runs: _RunIndex
+    ) -> None:
         self.source = source
         self.f = f
         self.on_damage = on_damage
-        index: list[tuple[int, int]] = []
-        self.damage: Damage | None = None
-        for entry in read_record_headers(f):
-            if isinstance(entry, Damage):
-                self.damage = entry
-            else:
-                index.append((entry[1], entry[0]))
-        index.sort(key=lambda e: e[0])
-        self.index = iter(index)
+        self.damage = runs.damage
+        ends = [*runs.starts[1:], runs.stop]
+        self.heap = [
+            (t, i, start, end)
+            for i, (t, start, end) in enumerate(zip(runs.times, runs.starts, ends, strict=True))
+        ]
+        heapq.heapify(self.heap)
         self.data = b""
         self.pos = self.base = 0
         self.time: int | None = None
         self.advance()
 
+    def _read(self, offset: int, n: int) -> bytes:
+        self.f.seek(offset)
+        data = self.f.read(n)
+        if len(data) < n:
+            raise OSError(f"file shrank while read (at byte {offset + len(data)})")
+        return data
+
     def advance(self) -> None:
-        entry = next(self.index, None)
-        if entry is None:
-            if self.damage is not None:
-                self.on_damage(self.source, self.damage)
+        heap = self.heap
+        if not heap:
+            self.time = None
+            if self.damage is not None:  # said once, after the last record
+                damage, self.damage = self.damage, None
+                self.on_damage(self.source, damage)
             return
-        self.time, self.base = entry
-        self.f.seek(self.base)
-        header = self.f.read(RECORD_HEADER_SIZE)
-        self.data = header + self.f.read(RECORD_HEADER.unpack(header)[2])
-        self.pos = 0
+        t, i, offset, end = heapq.heappop(heap)
+        limit = MAX_TIME
+        if heap:  # the records of this run that come before the next run's first
+            t2, j = heap[0][0], heap[0][1]
+            limit = t2 if i < j else t2 - 1  # t < t2 when j < i: the heap's order
+        data = self._read(offset, max(min(RUN_CHUNK, end - offset), RECORD_HEADER_SIZE))
+        need = RECORD_HEADER_SIZE + RECORD_HEADER.unpack_from(data, 0)[2]
+        if len(data) < need:
+            data += self._read(offset + len(data), need - len(data))
+        stop, later, _ = scan(data, 0, limit, 0)
+        after = offset + stop
+        if after < end:
+            if later is None:
+                later = RECORD_HEADER.unpack(self._read(after, RECORD_HEADER_SIZE))[0]
+            heapq.heappush(heap, (later, i, after, end))
+        if stop < len(data):  # the merge walks the whole chunk: only what comes now
+            data = data[:stop]
+        self.data, self.pos, self.base, self.time = data, 0, offset, t
 
 
-_Reader = _Stream | _Sorted
+_Reader = _Stream | _Runs
 
 
 def _open(source: CaptureFile, on_damage: DamageReport) -> _Reader:
     """A reader of ``source`` at its first record."""
     f = open(source.path, "rb")
     try:
-        if _is_time_ordered(f):
-            f.seek(0)
+        runs = _run_index(f)
+        f.seek(0)
+        if len(runs.starts) <= 1:
             return _Stream(source, f, on_damage)
-        return _Sorted(source, f, on_damage)
+        return _Runs(source, f, on_damage, runs)
     except BaseException:
         f.close()
         raise

@@ -53,6 +53,7 @@ import hashlib
 import itertools
 import mmap
 import os
+import re
 import secrets
 import struct
 import sys
@@ -669,21 +670,51 @@ class FileState:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> FileState:
-        return cls(
-            str(d["node"]),
-            str(d["peer"]),
-            d.get("connection"),
-            str(d["direction"]),
-            int(d["offset"]),
-            int(d.get("records", 0)),
-            str(d.get("head_sha256", "")),
-            str(d.get("tail_sha256", "")),
-            int(d.get("last_time", -1)),
-            str(d.get("first_header", "")),
-            int(d.get("device", 0)),
-            int(d.get("inode", 0)),
+    def from_json(cls, d: Any) -> FileState:
+        """From the manifest; ValueError naming the field when it is not what it should be."""
+        if not isinstance(d, dict):
+            raise ValueError("a file entry is not an object")
+        connection = d.get("connection")
+        if connection is not None and not isinstance(connection, str):
+            raise ValueError("connection: not a string")
+        direction = _field(d, "direction", str)
+        if direction not in ("recv", "sent"):
+            raise ValueError(f"direction: {direction!r}")
+        state = cls(
+            _field(d, "node", str),
+            _field(d, "peer", str),
+            connection,
+            direction,
+            _field(d, "offset", int),
+            _field(d, "records", int, 0),
+            _field(d, "head_sha256", str, ""),
+            _field(d, "tail_sha256", str, ""),
+            _field(d, "last_time", int, -1),
+            _field(d, "first_header", str, ""),
+            _field(d, "device", int, 0),
+            _field(d, "inode", int, 0),
         )
+        for name in ("offset", "records", "device", "inode"):
+            if getattr(state, name) < 0:
+                raise ValueError(f"{name}: negative")
+        if state.last_time < -1:
+            raise ValueError("last_time: below -1")
+        return state
+
+
+def _field(d: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """``d[name]`` when it is of ``kind`` (bool is no int here); ``default`` when absent
+    and there is one; else ValueError."""
+    if name not in d and default is not None:
+        return default
+    value = d.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{name}: {value!r} is not a {kind.__name__}")
+    return value
+
+
+RUN_ID: Final = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
+"""A run's id (:func:`_new_run_id`): the only names a part file may carry."""
 
 
 @dataclass(slots=True)
@@ -693,6 +724,8 @@ class Manifest:
     runs: int = 0
     last_run: dict[str, Any] | None = None
     pending_run: str | None = None
+    committed_runs: list[str] = field(default_factory=list)
+    """Every run whose part files are in the dataset: never removed by a rollback."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -703,6 +736,7 @@ class Manifest:
             "runs": self.runs,
             "last_run": self.last_run,
             "pending_run": self.pending_run,
+            "committed_runs": self.committed_runs,
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
         }
 
@@ -724,13 +758,48 @@ def read_manifest(out: Path) -> Manifest | None:
             f"{out}: written with dataset schema version {version}, this msgcap writes and "
             f"reads version {SCHEMA_VERSION}: export into a new folder"
         )
-    return Manifest(
-        bool(data.get("payload", True)),
-        {k: FileState.from_json(v) for k, v in data.get("files", {}).items()},
-        int(data.get("runs", 0)),
-        data.get("last_run"),
-        data.get("pending_run"),
-    )
+    try:
+        return _manifest_of(data)
+    except ValueError as e:
+        raise UsageError(
+            f"{path}: damaged manifest ({e}): nothing was changed; restore it or export "
+            "into a new folder"
+        ) from None
+
+
+def _manifest_of(data: dict[str, Any]) -> Manifest:
+    """The manifest in ``data``; ValueError naming what is wrong."""
+    payload = _field(data, "payload", bool, True)
+    runs = _field(data, "runs", int, 0)
+    if runs < 0:
+        raise ValueError("runs: negative")
+    last_run = data.get("last_run")
+    if last_run is not None and not isinstance(last_run, dict):
+        raise ValueError("last_run: not an object")
+    pending = data.get("pending_run")
+    if pending is not None and not (isinstance(pending, str) and RUN_ID.fullmatch(pending)):
+        raise ValueError(f"pending_run: {pending!r} is not a run id")
+    committed = data.get("committed_runs")
+    if committed is None:  # written before the list was kept: its last run, at least
+        last_id = None if last_run is None else last_run.get("id")
+        committed = [last_id] if last_id is not None else []
+    if not isinstance(committed, list):
+        raise ValueError("committed_runs: not a list")
+    for run_id in committed:
+        if not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+            raise ValueError(f"committed_runs: {run_id!r} is not a run id")
+    if pending is not None and pending in committed:
+        raise ValueError(f"pending_run {pending} is recorded as committed")
+    files = _field(data, "files", dict, {})
+    states = {}
+    for key, value in files.items():
+        if not os.path.isabs(key):
+            raise ValueError(f"files: {key!r} is not an absolute path")
+        try:
+            states[key] = FileState.from_json(value)
+        except ValueError as e:
+            raise ValueError(f"files[{key!r}]: {e}") from None
+    return Manifest(payload, states, runs, last_run, pending, list(committed))
 
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
@@ -1120,14 +1189,19 @@ def _new_run_id() -> str:
     return f"{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}"
 
 
-def _remove_run(out: Path, run_id: str | None) -> int:
-    """Remove the part files of an interrupted run and stray temporary files."""
+def _remove_run(out: Path, run_id: str | None, committed: Iterable[str] = ()) -> int:
+    """Remove the part files of an interrupted run (``run_id``, never one of ``committed``)
+    and stray temporary files: only real files in real folders of the dataset (a symlink
+    is never followed, nor removed unless it is itself one of those names)."""
+    if run_id is not None and (not RUN_ID.fullmatch(run_id) or run_id in set(committed)):
+        raise UsageError(f"{out}: will not remove the files of run {run_id!r}")
     removed = 0
     for table in TABLES:
         root = out / table.name
-        if not root.is_dir():
+        if root.is_symlink() or not root.is_dir():
             continue
-        for dirpath, _, names in os.walk(root):
+        for dirpath, dirnames, names in os.walk(root):  # does not follow symlinks
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
             for name in names:
                 stray = name.startswith(".part-") and name.endswith(".tmp")
                 if stray or (run_id is not None and name.startswith(f"part-{run_id}-")):
@@ -1427,7 +1501,7 @@ def export_parquet(
             flag = "without --no-payload" if manifest.payload else "with --no-payload"
             raise UsageError(f"{out}: this dataset was exported {flag}: export it the same way")
         if manifest.pending_run is not None:
-            _remove_run(out, manifest.pending_run)
+            _remove_run(out, manifest.pending_run, manifest.committed_runs)
             report.note(
                 f"{out}: removed the files of an interrupted export ({manifest.pending_run})"
             )
@@ -1491,6 +1565,7 @@ def export_parquet(
             "payload_bytes": result.payload_bytes,
         }
         manifest.pending_run = None
+        manifest.committed_runs.append(result.run_id)
         write_manifest(out, manifest)
     return result
 
