@@ -11,7 +11,8 @@
  *   header is the 24-byte capture record header, parts the payload's pieces, expected the
  *   frame's 4 checksum bytes. Frames whose payload hashes to `expected` are appended,
  *   header then payload, with writev() (a short write is completed); the result says
- *   which. Raises OSError when the write fails (nothing is known to be written then).
+ *   which. Raises OSError when the write fails; the file is first cut back to where it
+ *   ended before the batch (a full disk must not leave a torn record).
  *   A negative fd checks only. Loaded through capture/batch.py, which has the Python twin.
  */
 #define PY_SSIZE_T_CLEAN
@@ -20,6 +21,7 @@
 #include <limits.h>
 #include <openssl/evp.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -51,19 +53,29 @@ static int sha256d_prefix_matches(EVP_MD_CTX *ctx, item_t *it)
     return memcmp(second, it->expected, 4) == 0;
 }
 
-/* writev everything in iov[0..count), completing short writes. 0, or an errno. */
-static int write_all(int fd, struct iovec *iov, int count)
+/* writev everything in iov[0..count), completing short writes. 0, or an errno. When a
+ * write fails part way, the file is cut back to where it ended before (a full disk must
+ * not leave a torn record); if that fails too, *undo_err is set to its errno. */
+static int write_all(int fd, struct iovec *iov, int count, int *undo_err)
 {
+    *undo_err = 0;
+    if (count == 0)
+        return 0;
+    off_t start = lseek(fd, 0, SEEK_END); /* where this batch begins; -1: not a file */
+    int err = 0;
     while (count > 0) {
         int batch = count < IOV_MAX ? count : IOV_MAX;
         ssize_t n = writev(fd, iov, batch);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return errno;
+            err = errno;
+            break;
         }
-        if (n == 0)
-            return EIO; /* no progress: do not spin */
+        if (n == 0) {
+            err = EIO; /* no progress: do not spin */
+            break;
+        }
         while (batch > 0 && (size_t)n >= iov->iov_len) {
             n -= (ssize_t)iov->iov_len;
             iov++;
@@ -75,7 +87,14 @@ static int write_all(int fd, struct iovec *iov, int count)
             iov->iov_len -= (size_t)n;
         }
     }
-    return 0;
+    if (err && start >= 0) {
+        struct stat st;
+        if (fstat(fd, &st) != 0)
+            *undo_err = errno;
+        else if (st.st_size > start && ftruncate(fd, start) != 0)
+            *undo_err = errno;
+    }
+    return err;
 }
 
 static PyObject *write_checked(PyObject *self, PyObject *args)
@@ -126,7 +145,7 @@ static PyObject *write_checked(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    int failed_hash = 0, err = 0;
+    int failed_hash = 0, err = 0, undo_err = 0;
     Py_BEGIN_ALLOW_THREADS
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     if (ctx == NULL) {
@@ -153,11 +172,23 @@ static PyObject *write_checked(PyObject *self, PyObject *args)
         }
         EVP_MD_CTX_free(ctx);
         if (!failed_hash && fd >= 0)
-            err = write_all(fd, iov, n_iov);
+            err = write_all(fd, iov, n_iov, &undo_err);
     }
     Py_END_ALLOW_THREADS
     if (failed_hash) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL SHA-256 failed");
+        goto done;
+    }
+    if (err && undo_err) {
+        PyObject *msg = PyUnicode_FromFormat(
+            "%s; and the file could not be cut back to its last whole record (%s): it ends "
+            "in a torn record", strerror(err), strerror(undo_err));
+        PyObject *exc = msg ? PyObject_CallFunction(PyExc_OSError, "iO", err, msg) : NULL;
+        Py_XDECREF(msg);
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
         goto done;
     }
     if (err) {

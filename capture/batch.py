@@ -8,11 +8,15 @@ GIL released once) when it was built, and the same work with ``hashlib`` and ``o
 otherwise (``MSGCAP_PURE_PYTHON=1`` forces that, as for the parser's renderer).
 
 Whatever goes wrong raises (``OSError`` from the disk, ``RuntimeError`` from OpenSSL, or
-anything else): callers treat every exception here as a capture failure.
+anything else): callers treat every exception here as a capture failure. A write that
+fails part way through a batch (a full disk) is undone first: the file is cut back to
+where the batch began, so it still ends on a whole record and later appends stay
+readable. Both implementations do this.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -31,19 +35,53 @@ def write_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
     """Append the concatenation of ``parts`` with ``writev()``, without joining them.
 
     A short write, which regular files only do when the disk is full, is completed with
-    further writes or raises. Returns the bytes written.
+    further writes. When a write fails part way, the file is cut back to where it ended
+    before this call (:func:`undo_append`) and the error is raised: a file of whole records
+    stays one, without the failed batch, and later appends are readable. Returns the bytes
+    written.
     """
+    if not parts:
+        return 0
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)  # where this batch begins (O_APPEND)
+    except OSError:
+        start = -1  # not a file (a pipe): nothing to cut back
     total = 0
-    for i in range(0, len(parts), _IOV_MAX):
-        chunk = parts[i : i + _IOV_MAX]
-        size = sum(map(len, chunk))
-        n = os.writev(fd, chunk)
-        if n < size:
-            rest = memoryview(b"".join(chunk))[n:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
-        total += size
+    try:
+        for i in range(0, len(parts), _IOV_MAX):
+            chunk = parts[i : i + _IOV_MAX]
+            size = sum(map(len, chunk))
+            n = os.writev(fd, chunk)
+            if n < size:
+                rest = memoryview(b"".join(chunk))[n:]
+                while rest:
+                    k = os.write(fd, rest)
+                    if k <= 0:  # no progress: do not spin
+                        raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    rest = rest[k:]
+            total += size
+    except BaseException as e:
+        if start >= 0:
+            undo_append(fd, start, e)
+        raise
     return total
+
+
+def undo_append(fd: int, start: int, error: BaseException) -> None:
+    """Cut the file back to ``start`` bytes, where it ended before an append that
+    ``error`` stopped part way. If that fails too, raise an OSError that says so (the
+    file then ends in a torn record)."""
+    try:
+        if os.fstat(fd).st_size > start:
+            os.ftruncate(fd, start)
+    except OSError as e:
+        code = getattr(error, "errno", None) or e.errno
+        raise OSError(
+            code,
+            f"{getattr(error, 'strerror', None) or error}; and the file could not be cut "
+            f"back to its last whole record at offset {start} ({e.strerror}): it ends in a "
+            "torn record",
+        ) from error
 
 
 def python_write_checked(fd: int, batch: list[BatchItem]) -> list[bool]:

@@ -2,13 +2,16 @@
 
 Core names a peer's folder ``CService::ToStringAddrPort()`` with every ``:`` replaced by
 ``_``. Names that did not come from an IP address (hostnames from SOCKS5 requests) are
-escaped so that no name can leave the capture directory.
+escaped so that no name can leave the capture directory, and a name too long for one
+folder (255 bytes) is shortened with a hash of the whole, so that distinct destinations
+never share a folder.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import ipaddress
 import re
 from pathlib import Path
@@ -19,6 +22,12 @@ SENT_FILE: Final = "msgs_sent.dat"
 
 _SAFE_NAME_CHAR = re.compile(r"[A-Za-z0-9.\-]")
 _MAX_NAME = 255
+"""NAME_MAX: the longest folder name, in bytes."""
+_HASH_CHARS = 32
+"""Hex digits of SHA-256 (128 bits) in a shortened name."""
+_SHORTENED = "~"
+"""Between a shortened name's prefix and its hash: escaping turns a ``~`` of a host name
+into ``%7E``, so only shortened names hold one."""
 SESSION_DIR = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_\d+$")
 
 
@@ -47,7 +56,10 @@ def peer_folder_name(host: str, port: int) -> str:
 
     IP literals are canonicalised like Core does (``[2001_db8__1]_8333``). Anything else
     is a name (from a SOCKS5 request or a config): characters outside ``[A-Za-z0-9.-]``
-    and a leading dot are written as ``%XX``, and the name is cut to 255 bytes.
+    and a leading dot are written as ``%XX``. A name that does not fit in one folder name
+    (255 bytes with ``_<port>``) keeps its beginning and ends with ``~`` and 32 hex digits
+    of the SHA-256 of the whole escaped name: distinct destinations never share a folder,
+    and every name that fits is exactly Core's.
     """
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
@@ -62,7 +74,14 @@ def peer_folder_name(host: str, port: int) -> str:
             escaped.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
     name = "".join(escaped) or "%00"
     suffix = f"_{port}"
-    return name[: _MAX_NAME - len(suffix)] + suffix
+    if len(name) + len(suffix) <= _MAX_NAME:  # ASCII: characters are bytes
+        return name + suffix
+    digest = hashlib.sha256(name.encode("ascii")).hexdigest()[:_HASH_CHARS]
+    prefix = name[: _MAX_NAME - len(suffix) - len(_SHORTENED) - _HASH_CHARS]
+    cut = prefix.rfind("%", len(prefix) - 2)
+    if cut >= 0:  # do not end inside a %XX escape
+        prefix = prefix[:cut]
+    return f"{prefix}{_SHORTENED}{digest}{suffix}"
 
 
 def session_folder_name(start: dt.datetime, connection_id: int) -> str:
@@ -81,16 +100,17 @@ def capture_folder(
 ) -> Path:
     """The folder that holds one connection's ``msgs_recv.dat`` and ``msgs_sent.dat``.
 
-    Raises ValueError if the result would not be inside ``capture_dir``.
+    Raises ValueError if ``peer`` is not one safe folder name (the result would not be
+    inside ``capture_dir``). Nothing is looked up on disk: the writer opens the folders
+    without following links (:class:`msgcap.capture.writer.CaptureWriter`).
     """
     if not peer or "/" in peer or "\\" in peer or peer in (".", "..") or "\0" in peer:
         raise ValueError(f"unsafe peer folder name {peer!r}")
+    if len(peer.encode("utf-8", "surrogatepass")) > _MAX_NAME:
+        raise ValueError(f"peer folder name {peer[:40]!r}... is longer than {_MAX_NAME} bytes")
     folder = capture_dir / peer
     if layout is Layout.SESSION:
         folder = folder / session_folder_name(start or dt.datetime.now(dt.UTC), connection_id)
-    root = capture_dir.resolve()
-    if not folder.resolve().is_relative_to(root):
-        raise ValueError(f"peer folder {peer!r} leaves the capture directory")
     return folder
 
 

@@ -1,18 +1,34 @@
 """The ``msgcap`` command: one entry point for every subcommand.
 
 Exit status: 0 on success, 2 on bad usage or config (with a one-line reason), 1 otherwise.
+Whatever goes wrong ends in one line ``msgcap: error: ...`` on stderr, never a traceback
+(see :func:`main`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import math
+import os
+import re
+import select
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-from msgcap.errors import ConfigError, UsageError
+from msgcap.capture.conversation import CaptureFile
+from msgcap.capture.records import Damage
+from msgcap.errors import (
+    ConfigError,
+    MsgcapError,
+    UsageError,
+    describe_exception,
+    describe_os_error,
+)
 from msgcap.parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
 from msgcap.parser.dataset import add_export_parquet_args, add_sql_args, run_export_parquet, run_sql
 from msgcap.proxy.config import (
@@ -27,6 +43,25 @@ from msgcap.proxy.config import (
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"msgcap: error: {message}\n")
+
+
+def _number(text: str) -> float:
+    """A float option that is a number (``nan`` is not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds above 0."""
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
 
 
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
@@ -72,11 +107,37 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
     ):
         g.add_argument(f"--{name}", type=int)
     for name in ("handshake-timeout", "idle-timeout"):
-        g.add_argument(f"--{name}", type=float)
+        g.add_argument(f"--{name}", type=_number)
 
 
 def proxy_config(args: argparse.Namespace) -> Config:
-    data: dict[str, Any] = load_toml(args.config) if args.config else dict(DEFAULT_CONFIG)
+    try:
+        return _checked(_proxy_config(args))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a value the config checks let through
+        raise ConfigError(f"bad config: {' '.join(str(e).split())}") from None
+
+
+def _checked(config: Config) -> Config:
+    """What the config checks let through but cannot work: a timeout that is not a
+    number (TOML has ``nan``)."""
+    for key in ("handshake_timeout", "idle_timeout"):
+        value = getattr(config.limits, key, None)
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"limits.{key}: not a number")
+    return config
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        return load_toml(path)
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _proxy_config(args: argparse.Namespace) -> Config:
+    data: dict[str, Any] = _load_config(args.config) if args.config else dict(DEFAULT_CONFIG)
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for key in SCALAR_KEYS:
         value = getattr(args, key)
@@ -157,10 +218,10 @@ def run_proxy(args: argparse.Namespace) -> int:
     tune_allocator()
     try:
         return int(runner(_serve(config)))
+    except StartupError as e:  # names the step, the file or address, and the cause
+        print(f"msgcap: error: {e}", file=sys.stderr)
+        return e.exit_status
     except OSError as e:
-        print(f"msgcap: error: cannot listen: {e}", file=sys.stderr)
-        return 1
-    except StartupError as e:
         print(f"msgcap: error: {e}", file=sys.stderr)
         return 1
 
@@ -176,8 +237,52 @@ async def _serve(config: Config) -> int:
         host, port = proxy.metrics_address
         text = text.replace("\n  Ctrl-C", f"\n  metrics: http://{host}:{port}/metrics\n  Ctrl-C")
     print(text, flush=True)
-    await proxy.run_until(stop)
+    with _RunFailures() as failures:
+        await proxy.run_until(stop)
+    if failures.count:
+        more = f"{failures.count} errors, the first: " if failures.count > 1 else ""
+        print(f"msgcap: error: while running: {more}{failures.first}", file=sys.stderr)
+        return 1
     return 0
+
+
+class _RunFailures(logging.Handler):
+    """Errors while the proxy runs that would otherwise only be logged: exceptions asyncio
+    hands to the loop (a connection task that raised, a callback that failed; logged here
+    in one line) and errors msgcap logs (a capture job that failed, an event log that
+    cannot be written). The proxy keeps running; at the end they make its exit status 1."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.first = ""
+        self._log = logging.getLogger("msgcap")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first = " ".join(record.getMessage().split())
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, Exception):
+            self._log.error("%s: %s", context.get("message", "asyncio"), describe_exception(error))
+        else:
+            loop.default_exception_handler(context)
+
+    def __enter__(self) -> _RunFailures:
+        self._log.addHandler(self)
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._loop_exception)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.removeHandler(self)
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous)
 
 
 def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
@@ -227,7 +332,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="send every recorded message at once, answers too, unasked")  # fmt: skip
     p.add_argument("--verbatim", action="store_true", help="send the recorded version as is")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=_seconds, default=10.0,
                    help="seconds to wait for the live side (its handshake, a pong, its next "
                    "request; an unanswerable request ends the replay this long after)")  # fmt: skip
     p.add_argument("--strict", action="store_true",
@@ -243,10 +348,16 @@ def run_replay(args: argparse.Namespace) -> int:
     from msgcap.proxy.config import HostPort
     from msgcap.proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
 
+    flag, where = ("--to", args.to) if args.to else ("--listen", args.listen)
+    try:
+        target = HostPort.parse(where, flag)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # a port HostPort let through (non-ASCII digits)
+        raise UsageError(f"{flag}: {where!r} is not HOST:PORT") from e
     try:
         magic = parse_magic(args.network)
         steps = load_conversation(args.paths)
-        target = HostPort.parse(args.to or args.listen, "--to" if args.to else "--listen")
     except (ValueError, ReplayError) as e:
         raise UsageError(str(e)) from None
     if args.connections < 1 or (args.to and args.connections != 1):
@@ -264,19 +375,29 @@ def run_replay(args: argparse.Namespace) -> int:
             reports = asyncio.run(listening)
     except ReplayError as e:
         raise UsageError(str(e)) from None
-    except (OSError, TimeoutError) as e:
-        print(f"msgcap: error: {e or type(e).__name__}", file=sys.stderr)
-        return 1
+    except OSError as e:  # (ReplayFailed, a failure of the replayer, goes to main)
+        if e.errno is None:  # ours: no client connected in time
+            raise MsgcapError(str(e) or type(e).__name__) from e
+        doing = "connect to" if args.to else "listen on"
+        raise MsgcapError(f"cannot {doing} {target}: {describe_os_error(e)}") from e
+    texts = []  # all of them first: a failure while writing one prints none
     for i, report in enumerate(reports, 1):
         if args.json:
-            print(orjson.dumps(report.to_json()).decode())
+            texts.append(orjson.dumps(report.to_json()).decode())
         else:
             heading = f"connection {i} of {len(reports)}:\n" if len(reports) > 1 else ""
-            print(("\n" if i > 1 else "") + heading + report.summary())
+            texts.append(("\n" if i > 1 else "") + heading + report.summary())
+    print("\n".join(texts))
     if len(reports) < args.connections:
-        print(f"msgcap: error: {len(reports)} of {args.connections} connections arrived",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        raise MsgcapError(f"{len(reports)} of {args.connections} connections arrived")
+    # An error in a report (no handshake, no transport, a stream the live side broke)
+    # means the replay was not carried out: that fails the command, --strict or not.
+    errors = [(i, r.error) for i, r in enumerate(reports, 1) if r.error]
+    if errors:
+        i, error = errors[0]
+        where = f"connection {i} of {len(reports)}: " if len(reports) > 1 else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MsgcapError(f"{where}{error}{more}")
     return 1 if args.strict and any(r.diverged for r in reports) else 0
 
 
@@ -305,14 +426,43 @@ def run_export(args: argparse.Namespace) -> int:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"{missing[0]}: no such file or folder")
+    damage = _DamageWarnings()
     if args.fuzz:
-        result = export_fuzz(paths, Path(args.fuzz), magic, payloads=args.payloads)
+        out = Path(args.fuzz)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: not a folder")
+        result = export_fuzz(paths, out, magic, payloads=args.payloads, on_damage=damage)
         print(f"{result.messages} messages, {result.distinct} distinct, "
               f"{result.written} new files in {args.fuzz}")  # fmt: skip
     else:
-        n = export_pcap(paths, Path(args.pcap), magic)
+        _check_pcap_names(paths)
+        n = export_pcap(paths, Path(args.pcap), magic, on_damage=damage)
         print(f"{n} messages written to {args.pcap}")
-    return 0
+    return 1 if damage.count else 0
+
+
+class _DamageWarnings:
+    """Damaged input of an export: a warning each (file and byte offset), and exit
+    status 1 after everything readable was exported (as ``parse`` does)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, source: CaptureFile, damage: Damage) -> None:
+        self.count += 1
+        print(f"msgcap: warning: {source.path}: offset {damage.offset}: {damage.reason}",
+              file=sys.stderr)  # fmt: skip
+
+
+def _check_pcap_names(paths: list[Path]) -> None:
+    """A capture folder named ``HOST_PORT`` gives the pcap its peer's port: one out of
+    range is bad input, not a stand-in."""
+    from msgcap.capture.export import capture_folders
+
+    for folder in capture_folders(paths):
+        m = re.fullmatch(r".+_(\d+)", folder.name, re.ASCII)
+        if m and int(m[1]) > 65535:
+            raise UsageError(f"{folder}: port {m[1]} in the folder name is out of range")
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -334,6 +484,7 @@ def run_compare(args: argparse.Namespace) -> int:
     for folder in folders:
         if not (folder / RECV_FILE).is_file() and not (folder / SENT_FILE).is_file():
             raise UsageError(f"{folder}: not a capture folder (no {RECV_FILE} or {SENT_FILE})")
+        _check_readable([folder / RECV_FILE, folder / SENT_FILE])
     results = compare_folders(folders[0], folders[1], mirror=args.mirror)
     if args.json:
         print(orjson.dumps([r.to_json() for r in results], option=orjson.OPT_INDENT_2).decode())
@@ -372,15 +523,159 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; its exit status.
+
+    Every failure ends in one line ``msgcap: error: REASON`` on stderr, never a
+    traceback: msgcap's own errors with their exit status (2 for bad usage or config), an
+    ``OSError`` as its file and reason (exit status 1), anything else as ``unexpected``
+    with its type and where it was raised (exit status 1). Standard output is flushed
+    here, so a full disk or a closed pipe at the very end is caught too; a reader that
+    went away (``| head``) ends the command quietly, as Unix tools do.
+    """
+    args: argparse.Namespace | None = None
     try:
-        status: int = args.run(args)
-    except UsageError as e:
-        print(f"msgcap: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        _check_args(args)
+        status = int(args.run(args))
     except KeyboardInterrupt:
+        _stdout_failure()
         return 130
+    except SystemExit:  # argparse: --help, or bad usage (its one line is out already)
+        # (argparse ignores the errors of its own writes: ask the file itself)
+        failure = _stdout_failure() or _stdout_broken()
+        if failure is not None and not isinstance(failure, BrokenPipeError):
+            _silence_stdout()
+            return _error(describe_os_error(failure, "standard output"), 1)
+        raise
+    except Exception as e:
+        return _failed(e, args)
+    failure = _stdout_failure()
+    if failure is None or isinstance(failure, BrokenPipeError):
+        return status
+    return _error(describe_os_error(failure, "standard output"), 1)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks every subcommand shares: a time range that is not empty, and input paths
+    named on the command line that can be read (one that does not exist is left to the
+    command, which says so)."""
+    since, until = getattr(args, "since", None), getattr(args, "until", None)
+    if since is not None and until is not None and since > until:
+        raise UsageError("--since is after --until: the time range is empty")
+    _check_readable(getattr(args, "paths", None) or ())
+
+
+def _check_readable(paths: Any) -> None:
+    """Each path exists and can be read (a file) or looked into (a folder); one that does
+    not exist is left to the caller, which says so in its own words."""
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+            if stat.S_ISREG(mode):
+                with open(path, "rb"):
+                    pass
+            elif stat.S_ISDIR(mode):
+                with os.scandir(path):
+                    pass
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise UsageError(describe_os_error(e, path)) from None
+
+
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
+"""Errors that only writing gives: without a file name, they concern the output."""
+
+
+def _failed(e: Exception, args: argparse.Namespace | None) -> int:
+    """The one line for an exception that ended a command; its exit status."""
+    status = e.exit_status if isinstance(e, MsgcapError) else 1
+    if isinstance(e, OSError) and e.filename is None and e.errno in _WRITE_ERRORS:
+        # Writing failed, and the error does not say where: the output file if the
+        # command has one (unless standard output is what refuses writes), else stdout.
+        output = _output_of(args)
+        broken = _stdout_broken()
+        if isinstance(e, BrokenPipeError) and broken is not None:
+            _silence_stdout()
+            return 0  # the reader went away (`| head`): not an error of ours
+        if output is None or broken is not None:
+            _silence_stdout()
+            return _error(describe_os_error(e, "standard output"), status)
+        reason = describe_os_error(e, output)
+    elif isinstance(e, OSError):
+        reason = describe_os_error(e)
+    elif isinstance(e, MsgcapError):
+        reason = " ".join(str(e).split()) or type(e).__name__
+    else:
+        reason = f"unexpected {describe_exception(e)}"
+    _stdout_failure()
+    return _error(reason, status)
+
+
+def _output_of(args: argparse.Namespace | None) -> str | None:
+    """The output file or folder the command writes, if it has one."""
+    for key in ("output", "pcap", "fuzz", "parquet"):
+        value = getattr(args, key, None)
+        if isinstance(value, str | os.PathLike):
+            return os.fspath(value)
+    return None
+
+
+def _error(reason: str, status: int) -> int:
+    try:
+        print(f"msgcap: error: {reason}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone too: the exit status is all that is left
     return status
+
+
+def _stdout_failure() -> OSError | None:
+    """Flush standard output; if that fails, silence it (see :func:`_silence_stdout`) and
+    return the error."""
+    stream = sys.stdout
+    if stream is None:
+        return None
+    try:
+        stream.flush()
+        return None
+    except OSError as e:
+        _silence_stdout()
+        return e
+    except ValueError:  # closed
+        return None
+
+
+def _stdout_broken() -> OSError | None:
+    """Why standard output refuses writes now, if it does: a pipe whose reader went away
+    (``BrokenPipeError``), or a device such as /dev/full (a full disk shows only when
+    written to)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file
+        return None
+    try:
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poll.poll(0)):
+            return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        os.write(fd, b"")
+    except OSError as e:
+        return e
+    return None
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's own flush at exit
+    cannot fail again and print a traceback (``Exception ignored ...``)."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import ipaddress
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,13 +90,216 @@ class Route:
         return target
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def canonical_address(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) is the IPv4 address it maps."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _canonical_network(net: Network) -> Network:
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        first = int(net.network_address) & 0xFFFFFFFF
+        return ipaddress.IPv4Network((first, net.prefixlen - 96))
+    return net
+
+
+@dataclass(frozen=True, slots=True)
+class OctetPattern:
+    """An IPv4 address with ``*`` for whole octets (``203.0.113.*``, ``10.*.*.1``),
+    compared with addresses octet by octet, never with text."""
+
+    octets: tuple[int | None, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> OctetPattern | None:
+        """None if ``text`` is not four dot-separated octets (0-255, no leading zeros) or
+        ``*``, at least one ``*``."""
+        parts = text.split(".")
+        if len(parts) != 4 or "*" not in parts:
+            return None
+        octets: list[int | None] = []
+        for p in parts:
+            if p == "*":
+                octets.append(None)
+            elif p.isascii() and p.isdecimal() and str(int(p)) == p and int(p) <= 255:
+                octets.append(int(p))
+            else:
+                return None
+        return cls(tuple(octets))
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, ipaddress.IPv4Address):
+            return False
+        return all(o is None or o == a for o, a in zip(self.octets, address.packed, strict=True))
+
+
+_GLOB_LABEL = re.compile(r"[a-z0-9_*?-]{1,63}")
+_CHAR = "[a-z0-9_-]"
+"""A character of a DNS label (names are matched in lower case): never a dot."""
+_IPV4_LIKE = re.compile(r"[0-9*?]+(\.[0-9*?]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class NamePattern:
+    """A DNS name pattern of an allow list, matched label by label: ``*`` is any run of
+    characters and ``?`` one character *within* a label (a glob never crosses a dot);
+    ``**`` as the whole first label stands for one or more labels. Lower case, without
+    the trailing dot."""
+
+    text: str
+    regex: re.Pattern[str]
+
+    @classmethod
+    def parse(cls, text: str) -> NamePattern:
+        """Raises ValueError with the reason."""
+        if not text.isascii():
+            raise ValueError("write a non-ASCII name in its ASCII (xn--) form")
+        name = (text[:-1] if text.endswith(".") else text).lower()
+        if not name or len(name) > 253:
+            raise ValueError("a DNS name is 1-253 characters")
+        if _IPV4_LIKE.fullmatch(name) and any(c.isdigit() for c in name):
+            raise ValueError(
+                "an IPv4 glob takes '*' for whole octets only (203.0.113.*); or write a "
+                "network with a prefix length (203.0.113.0/24)"
+            )
+        labels = name.split(".")
+        parts = []
+        for i, label in enumerate(labels):
+            if not _GLOB_LABEL.fullmatch(label):
+                raise ValueError(
+                    f"label {label!r} is not a DNS label (letters, digits, '-', '_') or a "
+                    "glob of one ('*', '?')"
+                )
+            if label == "**" and i == 0:
+                parts.append(rf"{_CHAR}+(?:\.{_CHAR}+)*")
+            elif "**" in label:
+                raise ValueError("'**' (one or more labels) is only the whole first label")
+            elif label == "*":
+                parts.append(f"{_CHAR}+")
+            else:
+                parts.append("".join(
+                    f"{_CHAR}*" if c == "*" else _CHAR if c == "?" else re.escape(c) for c in label
+                ))  # fmt: skip
+        if labels[-1].isdigit():
+            raise ValueError("a DNS name's last label is never all digits")
+        return cls(name, re.compile(r"\.".join(parts), re.ASCII))
+
+    def matches(self, name: str) -> bool:
+        """``name``: a DNS name in lower case, without the trailing dot."""
+        return self.regex.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """One entry of a SOCKS5 allow list, ``HOST[:PORT]`` (the syntax is documented in
+    ``config.example.toml``). ``host`` None is ``*`` (any destination), ``port`` None
+    any port."""
+
+    text: str
+    host: NamePattern | Network | OctetPattern | None
+    port: int | None
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> AllowEntry:
+        try:
+            host, port = _split_port(text)
+            return cls(text, _allow_host(host), port)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {text!r}: {e}") from None
+
+    def _port(self, port: int) -> bool:
+        return self.port is None or self.port == port
+
+    def allows_name(self, name: str, port: int) -> bool:
+        """Whether a name entry (or ``*``) admits the DNS name ``name`` (lower case,
+        without the trailing dot)."""
+        if not self._port(port):
+            return False
+        return self.host is None or (isinstance(self.host, NamePattern) and self.host.matches(name))
+
+    def allows_address(self, address: Address, port: int) -> bool:
+        """Whether an address entry (or ``*``) admits ``address`` (IPv4-mapped IPv6 is
+        the IPv4 address)."""
+        if not self._port(port):
+            return False
+        if self.host is None:
+            return True
+        if isinstance(self.host, NamePattern):
+            return False
+        return canonical_address(address) in self.host
+
+    def admits_addresses(self, port: int) -> bool:
+        """Whether some address on ``port`` could be admitted (an address entry or ``*``)."""
+        return self._port(port) and not isinstance(self.host, NamePattern)
+
+
+def _split_port(text: str) -> tuple[str, int | None]:
+    """``HOST:PORT``, ``[IPV6]:PORT``, or a host alone (any port): an IPv6 address
+    without brackets (two colons or more) has no port."""
+    if text.startswith("["):
+        close = text.find("]")
+        host, rest = text[: close + 1], text[close + 1 :]
+        if close < 0 or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPV6] or [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError("no host (write '*' for any)")
+    if port_text is None or port_text == "*":
+        return host, None
+    if port_text.isascii() and port_text.isdecimal() and int(port_text) <= 65535:
+        return host, int(port_text)
+    raise ValueError(f"port {port_text!r} is not 0-65535 or '*'")
+
+
+def _allow_host(text: str) -> NamePattern | Network | OctetPattern | None:
+    """The host part of an allow-list entry; raises ValueError with the reason."""
+    if text == "*":
+        return None
+    if "%" in text:
+        raise ValueError("IPv6 zone ids are not accepted")
+    if ":" in text:
+        inner = text[1:-1] if text.startswith("[") else text
+        try:
+            net = ipaddress.ip_network(inner)
+        except ValueError as e:
+            raise ValueError(f"not an IPv6 address or network ({e})") from None
+        return _canonical_network(net)
+    if text.startswith("["):
+        raise ValueError("brackets are for IPv6 only: write IPv4 without them")
+    try:
+        return _canonical_network(ipaddress.ip_network(text))
+    except ValueError as e:
+        if "/" in text:
+            raise ValueError(f"not an IPv4 network ({e})") from None
+    octets = OctetPattern.parse(text)
+    if octets is not None:
+        return octets
+    try:
+        canonical = ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return NamePattern.parse(text)
+    raise ValueError(f"write the IPv4 address in its usual form: {canonical}")
+
+
 @dataclass(frozen=True, slots=True)
 class Socks5:
     listen: HostPort
     username: str | None = None
     password: str | None = None
-    allow: tuple[str, ...] = ()
-    """Destination patterns (``host:port`` globs) allowed; empty allows all."""
+    allow: tuple[AllowEntry, ...] = ()
+    """Destinations allowed (names, addresses, networks, each with a port or ``*``);
+    empty allows all. Decided by :class:`msgcap.proxy.socks5.AllowList`."""
     node_name: str | None = None
     """The node that uses this listener: its captures go to ``<capture_dir>/<node_name>/``."""
 
@@ -200,8 +404,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         if ("username" in s) != ("password" in s):
             raise ConfigError(f"{key}: set both 'username' and 'password', or neither")
         allow = tuple(
-            _typed(a, str, f"{key}.allow[]")
-            for a in _typed(s.get("allow", []), list, f"{key}.allow")
+            AllowEntry.parse(_typed(a, str, f"{key}.allow[{j}]"), f"{key}.allow[{j}]")
+            for j, a in enumerate(_typed(s.get("allow", []), list, f"{key}.allow"))
         )
         socks5.append(Socks5(
             HostPort.parse(_typed(s["listen"], str, f"{key}.listen"), f"{key}.listen"),

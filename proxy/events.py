@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from typing import IO, Any, ClassVar
 
 import orjson
 
+from msgcap.capture.batch import write_all
 from msgcap.capture.framing import FrameProblem
 from msgcap.capture.records import Direction
+from msgcap.capture.writer import open_log
 from msgcap.proxy.metrics import Metrics
 
 log = logging.getLogger("msgcap")
@@ -140,6 +143,25 @@ class Timeout(Event):
     """Seconds idle (idle timeout)."""
     during: str | None = None
     """What was awaited (handshake timeout)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceExhausted(Event):
+    """The process ran out of file descriptors (EMFILE, ENFILE) or socket memory (ENOBUFS,
+    ENOMEM) where it accepts or dials connections. Connections already relaying go on; a
+    listener pauses and accepts again once descriptors free up. At most one event every
+    few seconds per place: ``held_back`` counts the occurrences left out since the last."""
+
+    name = "resource_exhausted"
+    anomaly = True
+    where: str
+    """``accept on HOST:PORT`` (a route's or SOCKS5 listener), ``accept on metrics
+    HOST:PORT``, ``upstream connect`` or ``name lookup`` (a SOCKS5 destination)."""
+    error: str
+    held_back: int
+    open_connections: int
+    conn: int | None = None
+    peer: str | None = None
 
 
 # --- frames ---------------------------------------------------------------------------
@@ -294,6 +316,7 @@ EVENTS: tuple[type[Event], ...] = (
     UpstreamError,
     SocksError,
     Timeout,
+    ResourceExhausted,
     FrameError,
     V2Downgrade,
     V2Passthrough,
@@ -309,23 +332,33 @@ EVENTS: tuple[type[Event], ...] = (
 
 
 class EventLog:
-    def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
+    """The JSON lines event log, appended to one whole line at a time.
+
+    ``beneath`` is the capture directory: an event log inside it is opened without
+    following links, as the captures are (a link there raises
+    :class:`msgcap.capture.writer.LinkRefused`); one elsewhere is opened as given. A line
+    that cannot be written whole (a full disk) is cut off again, so the log stays whole
+    lines.
+    """
+
+    def __init__(
+        self, path: Path | None, metrics: Metrics | None = None, *, beneath: Path | None = None
+    ) -> None:
         self.path = path
         self.metrics = metrics
         self._lock = threading.Lock()  # the event loop and the capture thread both log
-        self._f: IO[bytes] | None = None
+        self._fd: int | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "ab", buffering=0)
+            self._fd = open_log(path, beneath=beneath)
 
     def emit(self, event: Event) -> None:
         name, facts = event.event_name, event.fields()
         record = {"ts": dt.datetime.now(dt.UTC).isoformat(), "event": name, **facts}
         line = orjson.dumps(record, default=str) + b"\n"
         with self._lock:
-            if self._f is not None:
+            if self._fd is not None:
                 try:
-                    self._f.write(line)
+                    write_all(self._fd, (line,))
                 except OSError as e:
                     log.error("cannot write event log %s: %s", self.path, e)
         if self.metrics is not None:
@@ -338,9 +371,9 @@ class EventLog:
 
     def close(self) -> None:
         with self._lock:
-            if self._f is not None:
-                self._f.close()
-                self._f = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class LiveView:

@@ -51,7 +51,7 @@ from msgcap.capture.bip324 import V2Error, V2Session
 from msgcap.capture.conversation import DamageReport, conversation, warn_damage
 from msgcap.capture.framing import StreamError, v1_version_prefix
 from msgcap.capture.records import Direction
-from msgcap.errors import UsageError
+from msgcap.errors import MsgcapError, UsageError, describe_exception
 from msgcap.parser import messages as m
 from msgcap.parser.structures import (
     Block,
@@ -114,6 +114,43 @@ Content = tuple[str, bytes]
 
 class ReplayError(Exception):
     """The capture cannot be replayed (no version message on the played side, ...)."""
+
+
+class ReplayFailed(MsgcapError):
+    """The replayer itself failed: an exception of ours (not something the live side
+    did) while it set up, read or played a connection, or one that asyncio reported to the
+    event loop. Such a replay proves nothing: no report is returned, the command exits 1
+    with this reason."""
+
+
+class _LoopFailures:
+    """While a replay runs, exceptions asyncio hands to the loop's exception handler (a
+    callback that raised, a task nobody awaited) fail the replay instead of being logged
+    and forgotten; other reports go to the handler that was there before."""
+
+    def __init__(self, on_failure: Callable[[str], None]) -> None:
+        self.on_failure = on_failure
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> _LoopFailures:
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        self._loop.set_exception_handler(self._previous)
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, Exception):
+            self.on_failure(f"{context.get('message', 'asyncio')}: {describe_exception(error)}")
+        elif self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -885,7 +922,7 @@ class Replayer:
                 self._disconnected("the live side closed the connection")
         except (StreamError, V2Error) as e:
             self.report.error = f"live side: {e}"
-        except ConnectionError as e:
+        except ConnectionError as e:  # the connection's fate, not a failure of ours
             if not self._closing:
                 self._disconnected(f"{type(e).__name__}: {e}")
         finally:
@@ -980,25 +1017,34 @@ class Replayer:
         if early:
             self._received(early)
         reading = asyncio.create_task(self._read(reader, first))
+        read_error: BaseException | None = None
+        handshaken = False
         try:
             if await self._handshake(initiator):
+                handshaken = True
                 fast = self.conversation.fast
                 for s in rec.played if fast else rec.script:
                     self._send(s.msgtype, s.payload)
                     self.conversation.played(s.msgtype, s.payload)
                 await writer.drain()
                 await self._settle()
-        except ConnectionError as e:
+        except ConnectionError as e:  # the connection's fate; any other exception is ours
             if not self._reader_done:
                 self._disconnected(f"{type(e).__name__}: {e}")
         finally:
             self._closing = True
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:  # (a live side that stops reading would hold a closing connection open)
+                await asyncio.wait_for(writer.wait_closed(), self.timeout)
+            except OSError:  # TimeoutError included
+                writer.transport.abort()
             reading.cancel()
-            with contextlib.suppress(BaseException):
-                await reading
+            await asyncio.wait([reading])
+            read_error = None if reading.cancelled() else reading.exception()
+        if read_error is not None:  # the reading task failed: the replay is void
+            raise read_error
+        if not handshaken and self.report.error is None:  # the connection broke in it
+            self._handshake_failed("verack" if self.report.handshaked else "version")
         report = self.report
         substantive, report.benign = self.conversation.divergence()
         report.substantive = substantive + report.substantive
@@ -1012,9 +1058,9 @@ class Replayer:
         """Play to a client that dialed us, in whichever transport it speaks."""
         try:
             leg, early, first = await _accept_transport(reader, writer, self)
-        except (V2Error, ConnectionError, TimeoutError) as e:
+        except (V2Error, ConnectionError, TimeoutError) as e:  # what the client did
             writer.close()
-            self.report.error = f"no transport: {type(e).__name__}: {e}"
+            self.report.error = f"no transport: {_why(e, self.timeout)}"
             return self.report
         return await self.run(reader, writer, initiator=False, leg=leg, early=early, first=first)
 
@@ -1041,20 +1087,44 @@ async def replay_to(
     transport: Transport = "v1",
     **options: Any,
 ) -> Report:
-    """Dial a live node and play one side of the recording to it, over v1 or BIP324."""
+    """Dial a live node and play one side of the recording to it, over v1 or BIP324.
+
+    Raises ``OSError`` when the node cannot be reached and :class:`ReplayFailed` when the
+    replayer fails (an exception of ours, never a report of such a replay)."""
     recording = Recording(steps, play)
-    reader, writer = await asyncio.open_connection(host, port)
     replayer = Replayer(recording, **options)
+    reader, writer = await asyncio.open_connection(host, port)
+    failures: list[str] = []
+    where = f"replay to {host}:{port}"
+    try:
+        with _LoopFailures(failures.append):
+            report = await _play_to(replayer, reader, writer, transport)
+    except MsgcapError:
+        raise
+    except Exception as e:
+        writer.close()
+        raise ReplayFailed(f"{where} failed: {describe_exception(e)}") from e
+    if failures:
+        raise ReplayFailed(f"{where} failed: {failures[0]}")
+    return report
+
+
+async def _play_to(
+    replayer: Replayer,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    transport: Transport,
+) -> Report:
     if transport == "v1":
         return await replayer.run(reader, writer, initiator=True)
     session = V2Session(initiator=True, magic=replayer.magic)
     try:
         async with asyncio.timeout(replayer.timeout or None):
             early = await handshake(_StreamIO(reader, writer), session)
-    except (V2Error, ConnectionError, TimeoutError) as e:
+    except (V2Error, ConnectionError, TimeoutError) as e:  # what the node did
         writer.close()
         replayer.report.transport = "v2"
-        replayer.report.error = f"BIP324 handshake failed: {type(e).__name__}: {e}"
+        replayer.report.error = f"BIP324 handshake failed: {_why(e, replayer.timeout)}"
         return replayer.report
     return await replayer.run(reader, writer, initiator=True, leg=V2Leg(session), early=early)
 
@@ -1095,47 +1165,96 @@ async def replay_listen(
     or a retried v2 attempt, does not count) and have been played to. Returns their
     reports in the order they started; raises :class:`TimeoutError` when no client
     starts within ``accept_timeout`` seconds (fewer than asked: the reports of those that
-    did)."""
+    did).
+
+    A failure of the replayer on any connection (an exception of ours in its handler,
+    counted or not) ends the whole replay at once: the other connections are closed and
+    :class:`ReplayFailed` is raised, naming the connection and the exception."""
     recording = Recording(steps, play)
     reports: list[Report] = []
+    failures: list[str] = []
+    handlers: set[asyncio.Task[Any]] = set()
     running = 0
     changed = asyncio.Event()
+    closed = False
+
+    def failed(why: str) -> None:
+        failures.append(why)
+        changed.set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal running
-        if len(reports) >= connections:
+        if closed or failures or len(reports) >= connections:
             writer.close()
             return
-        replayer: Replayer
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        replayer: Replayer | None = None
 
         def counted() -> None:
             nonlocal running
+            assert replayer is not None
             reports.append(replayer.report)
             running += 1
             changed.set()
 
-        replayer = Replayer(recording, on_version=counted, **options)
         try:
+            replayer = Replayer(recording, on_version=counted, **options)
             await replayer.accept(reader, writer)
+        except Exception as e:  # ours: asyncio would only log it
+            writer.close()
+            failed(f"replay to the client at {_peer(writer)} failed: {describe_exception(e)}")
         finally:
-            if replayer.report.handshaked:
+            handlers.discard(task)
+            if replayer is not None and replayer.report.handshaked:
                 running -= 1
                 changed.set()
 
-    server = await asyncio.start_server(serve, host, port)
-    try:
-        if ready is not None:
-            ready.set_result(server.sockets[0].getsockname()[:2])
-        deadline = time.monotonic() + accept_timeout
-        while len(reports) < connections and (left := deadline - time.monotonic()) > 0:
-            changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
-    finally:
-        server.close()
-    while running:
-        changed.clear()
-        await changed.wait()
+    with _LoopFailures(failed):
+        server = await asyncio.start_server(serve, host, port)
+        try:
+            if ready is not None:
+                ready.set_result(server.sockets[0].getsockname()[:2])
+            deadline = time.monotonic() + accept_timeout
+            while (
+                len(reports) < connections
+                and not failures
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+            server.close()
+            while running and not failures:
+                changed.clear()
+                await changed.wait()
+        finally:
+            closed = True
+            server.close()
+            # Connections still being set up (not counted), or cut short by a failure.
+            for task in handlers:
+                task.cancel()
+            if handlers:
+                await asyncio.wait(handlers)
+    if failures:
+        more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
+        raise ReplayFailed(failures[0] + more)
     if not reports:
         raise TimeoutError(f"no client connected within {accept_timeout:g}s")
     return reports
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    """What the live side did, from the exception it caused."""
+    if isinstance(e, TimeoutError) and not str(e):
+        return f"no answer within {timeout:g}s"
+    return f"{type(e).__name__}: {e}"
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)

@@ -5,22 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import itertools
 import logging
+import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
 from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
+from msgcap.capture.writer import LinkRefused
+from msgcap.errors import MsgcapError
 from msgcap.proxy import socks5
 from msgcap.proxy.budget import FrameBudget
 from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, Socks5, V2Policy
-from msgcap.proxy.conn import Conn, connect, serve
+from msgcap.proxy.conn import Conn, connect
 from msgcap.proxy.events import (
     Close,
     ConnectionLimit,
@@ -28,6 +33,7 @@ from msgcap.proxy.events import (
     Listen,
     LiveView,
     Open,
+    ResourceExhausted,
     SocksError,
     Stop,
     Timeout,
@@ -38,6 +44,7 @@ from msgcap.proxy.events import (
     V2SessionEvent,
     V2StreamError,
 )
+from msgcap.proxy.listener import Listener, RateLimit, bind, is_exhaustion
 from msgcap.proxy.metrics import Metrics
 from msgcap.proxy.relay import DirectionStats, Relay, Side
 from msgcap.proxy.store import CaptureStopped, CaptureStore
@@ -55,12 +62,19 @@ from msgcap.proxy.worker import CaptureWorker
 log = logging.getLogger("msgcap")
 
 
-async def connect_any(host: str, port: int, timeout: float) -> Conn:
-    """Connect to the first address of ``host`` that accepts; raise the first error."""
+async def connect_any(host: str | Sequence[str], port: int, timeout: float) -> Conn:
+    """Connect to the first address of ``host`` (or of the first of several hosts) that
+    accepts; raise the first error."""
     loop = asyncio.get_running_loop()
+    hosts = (host,) if isinstance(host, str) else tuple(host)
     async with asyncio.timeout(timeout or None):
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = []
         first: OSError | None = None
+        for h in hosts:
+            try:
+                infos += await loop.getaddrinfo(h, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                first = first or e
         for family, _type, proto, _name, addr in infos:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM, proto)
@@ -75,7 +89,7 @@ async def connect_any(host: str, port: int, timeout: float) -> Conn:
                 first = first or e
                 continue
             return await connect(sock)
-        raise first or OSError(f"no address for {host}")
+        raise first or OSError(f"no address for {', '.join(hosts)}")
 
 
 async def read_initial(conn: Conn, prefix: bytes, timeout: float) -> bytes:
@@ -106,8 +120,25 @@ def tune_allocator() -> None:
         libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
 
 
-class StartupError(Exception):
-    """The proxy cannot start (exit status 1, with this reason)."""
+class StartupError(MsgcapError):
+    """The proxy cannot start: a one-line reason that names the step (capture directory,
+    event log, listener, metrics), the file or address, and the cause (exit status 1; a
+    bad config is a :class:`~msgcap.errors.ConfigError`, exit status 2, before this)."""
+
+
+def _startup_error(step: str, error: OSError) -> StartupError:
+    """``<step>: <cause>`` for an OSError of a start-up step."""
+    if isinstance(error, LinkRefused):
+        return StartupError(f"{step}: {error}")
+    if isinstance(error, socket.gaierror):
+        cause = f"cannot resolve the host ({error.strerror or error})"
+    elif error.errno and error.errno > 0:
+        cause = os.strerror(error.errno)  # not the wording of whoever raised it
+    else:
+        cause = error.strerror or str(error) or type(error).__name__
+    if error.filename and str(error.filename) not in step:
+        cause += f" ({error.filename})"
+    return StartupError(f"{step}: {cause}")
 
 
 def _close(conn: Conn | None) -> None:
@@ -120,13 +151,18 @@ class Proxy:
         self.config = config
         self.metrics = Metrics() if config.metrics is not None else None
         self.metrics_address: tuple[str, int] | None = None
-        self.events = EventLog(config.event_log_path, self.metrics)
+        try:
+            self.events = EventLog(config.event_log_path, self.metrics,
+                                   beneath=config.capture_dir)  # fmt: skip
+        except OSError as e:
+            raise _startup_error(f"cannot open event log {config.event_log_path}", e) from None
         self.store = CaptureStore(config, self.events, self.metrics)
         self.live = LiveView() if config.live else None
         self.worker = CaptureWorker()
         self.budget = FrameBudget(config.limits.frame_buffer_bytes)
         self.v1_prefix = v1_version_prefix(config.magic)
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listener] = []
+        self.exhaustion = RateLimit(EXHAUSTION_LOG_INTERVAL)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ids = itertools.count(1)
         self.active = 0
@@ -136,13 +172,11 @@ class Proxy:
     async def start(self) -> None:
         if not self.store.writable and self.config.on_capture_error is CaptureErrorPolicy.STOP:
             await self.stop()
-            raise StartupError(
-                f"capture directory {self.config.capture_dir} is not writable and "
-                "on_capture_error is 'stop'"
-            )
+            raise StartupError(f"{self.store.problem} (on_capture_error is 'stop')")
         try:
             for route in self.config.routes:
-                await self._listen(route.listen, functools.partial(self._on_route, route))
+                await self._listen(route.listen, functools.partial(self._on_route, route),
+                                   route.kind)  # fmt: skip
                 self.events.emit(
                     Listen(route=route.kind, listen=str(route.listen),
                            upstream=str(route.upstream), node_name=route.node_name)
@@ -151,9 +185,15 @@ class Proxy:
                 self.metrics.watch(lambda: self.active, lambda: self.store.total,
                                    lambda: self.worker.queued)  # fmt: skip
                 at = self.config.metrics
-                self.metrics_address = self.metrics.serve(at.host, at.port)
+                try:
+                    self.metrics_address = self.metrics.serve(
+                        at.host, at.port, functools.partial(self._accept_failed, f"metrics {at}")
+                    )
+                except OSError as e:
+                    raise _startup_error(f"cannot serve metrics on {at}", e) from None
             for socks in self.config.socks5:
-                await self._listen(socks.listen, functools.partial(self._on_socks, socks))
+                await self._listen(socks.listen, functools.partial(self._on_socks, socks),
+                                   "socks5")  # fmt: skip
                 self.events.emit(
                     Listen(route="socks5", listen=str(socks.listen), node_name=socks.node_name)
                 )
@@ -165,6 +205,7 @@ class Proxy:
         self,
         at: HostPort,
         handler: Callable[[Conn], Awaitable[None]],
+        kind: str,
     ) -> None:
         async def run(conn: Conn) -> None:
             try:
@@ -177,8 +218,46 @@ class Proxy:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-        server = await serve(at.host, at.port, spawn)
-        self.servers.append(server)
+        async def accepted(sock: socket.socket) -> None:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: Conn(spawn), sock)
+
+        try:
+            sockets = bind(at.host, at.port)
+        except OSError as e:
+            raise _startup_error(f"cannot listen on {at} ({kind})", e) from None
+        bound = str(HostPort(*sockets[0].getsockname()[:2]))
+        listener = Listener(sockets, accepted, functools.partial(self._accept_failed, bound))
+        listener.start()
+        self.servers.append(listener)
+
+    def _accept_failed(self, where: str, error: OSError) -> None:
+        """A listener's ``accept()`` failed (it pauses and tries again by itself)."""
+        if is_exhaustion(error):
+            self._exhausted(f"accept on {where}", error)
+        elif self.exhaustion.allow(f"accept error on {where}", time.monotonic()) is not None:
+            log.warning("accept on %s failed: %s", where, describe_error(error))
+
+    def _exhausted(
+        self, where: str, error: BaseException, conn: int | None = None, peer: str | None = None
+    ) -> None:
+        """Log running out of descriptors or socket memory (``error``: anything, only those
+        are logged), at most once every :data:`EXHAUSTION_LOG_INTERVAL` seconds per place."""
+        if not isinstance(error, OSError) or not is_exhaustion(error):
+            return
+        held = self.exhaustion.allow(where, time.monotonic())
+        if held is None:
+            return
+        code = errno.errorcode.get(error.errno or 0, str(error.errno))
+        self.events.emit(
+            ResourceExhausted(
+                where=where,
+                error=f"{code}: {os.strerror(error.errno or 0)}",
+                held_back=held,
+                open_connections=self.active,
+                conn=conn,
+                peer=peer,
+            )
+        )
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -299,10 +378,9 @@ class Proxy:
             peer = peer_folder_name(req.host, req.port)
             dest = HostPort(req.host, req.port)
             try:
-                upstream = await connect_any(
-                    dest.host, dest.port, self.config.limits.handshake_timeout
-                )
-            except (OSError, TimeoutError) as e:
+                upstream = await self._socks_dial(cfg, req)
+            except (OSError, TimeoutError, socks5.SocksError) as e:
+                self._exhausted("upstream connect", e, conn_id, peer)
                 code = socks5.reply_for(e)
                 self.events.emit(
                     SocksError(
@@ -332,6 +410,30 @@ class Proxy:
             self.active -= 1
             _close(conn)
             _close(upstream)
+
+    async def _socks_dial(self, cfg: Socks5, req: socks5.Request) -> Conn:
+        """Connect to a SOCKS5 destination the listener's allow list admits: a name that
+        only address entries can admit is resolved first, and then only the admitted
+        addresses are dialed. Raises :class:`socks5.SocksError` (reply 2) when refused,
+        also when such a name does not resolve (the reply does not tell whether a name
+        exists)."""
+        timeout = self.config.limits.handshake_timeout
+        allow = socks5.AllowList(cfg.allow)
+        verdict = allow.decide(req.host, req.port)
+        if isinstance(verdict, socks5.Resolve):
+            addresses: list[str] = []
+            try:
+                async with asyncio.timeout(timeout or None):
+                    infos = await asyncio.get_running_loop().getaddrinfo(
+                        verdict.host, req.port, type=socket.SOCK_STREAM
+                    )
+                addresses = [str(info[4][0]) for info in infos]
+            except (OSError, TimeoutError) as e:  # no address: refused
+                self._exhausted("name lookup", e)
+            verdict = allow.resolved(req.host, req.port, addresses)
+        if isinstance(verdict, socks5.Refuse):
+            raise socks5.SocksError(verdict.reason, socks5.Reply.NOT_ALLOWED)
+        return await connect_any(verdict.hosts, req.port, timeout)
 
     async def _initial(self, conn_id: int, conn: Conn, peer: str) -> bytes | None:
         """The initiator's first bytes if the connection is to be relayed (v1, or BIP324
@@ -367,6 +469,7 @@ class Proxy:
         try:
             return await connect_any(to.host, to.port, self.config.limits.handshake_timeout)
         except (OSError, TimeoutError) as e:
+            self._exhausted("upstream connect", e, conn_id, peer)
             self.events.emit(
                 UpstreamError(conn=conn_id, peer=peer, upstream=str(to), error=describe_error(e))
             )
@@ -441,6 +544,7 @@ class Proxy:
                 reason = f"closed during the BIP324 handshake ({describe_error(error)})"
                 self.events.emit(Close(conn=conn_id, peer=peer, reason=reason))
             else:
+                self._exhausted("upstream connect", error, conn_id, peer)
                 self.events.emit(UpstreamError(conn=conn_id, peer=peer,
                     upstream=str(upstream_addr), error=describe_error(error)))  # fmt: skip
         _close(replaced)
@@ -523,6 +627,10 @@ class Proxy:
                 )
 
             self.worker.submit(finish)
+
+
+EXHAUSTION_LOG_INTERVAL = 5.0
+"""Seconds between two ``resource_exhausted`` events for one place."""
 
 
 def describe_error(e: BaseException) -> str:

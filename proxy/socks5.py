@@ -3,6 +3,11 @@
 Bitcoin Core sends ATYP DOMAINNAME (an IP literal or a name as text), offers NOAUTH and,
 for stream isolation, USER_PASS with random credentials: any credentials are accepted
 unless the config sets some.
+
+Whether a destination may be dialed is decided by :class:`AllowList`, a plain object
+with no sockets: fed the requested host and port it answers :class:`Dial` (these hosts),
+:class:`Refuse` (reply 2, "not allowed by ruleset") or :class:`Resolve` (look the name
+up, then feed it the addresses: only those it admits are dialed).
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-import fnmatch
 import hmac
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from msgcap.proxy.config import Socks5
+from msgcap.proxy.config import Address, AllowEntry, HostPort, Socks5, canonical_address
 from msgcap.proxy.conn import Conn
 
 VERSION = 5
@@ -121,12 +126,10 @@ async def negotiate(conn: Conn, cfg: Socks5) -> Request:
     port = int.from_bytes(await _read(conn, 2, "request"), "big")
     if cmd != CMD_CONNECT:
         raise SocksError(f"command {cmd} not supported", Reply.COMMAND_NOT_SUPPORTED)
-    if cfg.allow and not any(fnmatch.fnmatchcase(f"{host}:{port}", p) for p in cfg.allow):
-        raise SocksError(f"destination {host}:{port} not in allow list", Reply.NOT_ALLOWED)
     return Request(host, port, atyp, username)
 
 
-_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def host_name_problem(host: str) -> str | None:
@@ -145,9 +148,117 @@ def host_name_problem(host: str) -> str | None:
     if not name or len(name) > 253:
         return f"length {len(host)} is not that of a DNS name (1-253)"
     for label in name.split("."):
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             return f"label {label[:20]!r} is not a DNS label"
     return None
+
+
+# --- the allow list ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    """Connect to the first of ``hosts`` that answers: the requested name (resolved as
+    usual), or address literals (and then nothing else)."""
+
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Only address entries could admit this name: look ``host`` up, then ask
+    :meth:`AllowList.resolved` with its addresses."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Not allowed: reply 2 with this reason."""
+
+    reason: str
+
+
+_NUMERIC = re.compile(r"[0-9A-Fa-fXx.]+")
+
+
+def destination_address(host: str) -> Address | None:
+    """The address ``host`` (a SOCKS request's host) stands for without a lookup, as the
+    resolver reads it: an IPv4 or IPv6 literal, or a legacy IPv4 form that ``inet_aton``
+    and so ``getaddrinfo`` take as an address (``127.1``, ``0x7f.1``, ``2130706433``,
+    ``127.000.000.001``, ``0177.0.0.1`` in octal); IPv4-mapped IPv6 is the IPv4 address.
+    None for a name."""
+    try:
+        return canonical_address(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if _NUMERIC.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            pass
+    return None
+
+
+class AllowList:
+    """A SOCKS5 listener's allow list deciding on destinations (no sockets, no lookups).
+
+    - A name entry admits a requested DNS name it matches (label by label, case-
+      insensitive, with or without the trailing dot); the name is then dialed as it
+      resolves. It never admits an address, whatever text it is written in.
+    - An address or network entry admits an address: the requested one (``127.1`` and
+      ``::ffff:127.0.0.1`` are 127.0.0.1), or, for a name no name entry admits, the
+      addresses it resolves to; only those are dialed, so a name that resolves to an
+      address outside the list is refused.
+    - ``*`` admits everything; the port must match too (``*``: any).
+    - No entries: everything is allowed.
+    """
+
+    def __init__(self, entries: Sequence[AllowEntry]) -> None:
+        self.entries = tuple(entries)
+
+    def decide(self, host: str, port: int) -> Dial | Resolve | Refuse:
+        """The verdict on a request for ``host:port``, before any lookup."""
+        if not self.entries:
+            return Dial((host,))
+        dest = HostPort(host, port)
+        problem = host_name_problem(host)
+        if problem is not None:
+            return Refuse(f"destination {dest} not in allow list: {problem}")
+        address = destination_address(host)
+        if address is not None:
+            if any(e.allows_address(address, port) for e in self.entries):
+                return Dial((str(address),))
+            return Refuse(f"destination {dest} ({address}) not in allow list")
+        name = (host[:-1] if host.endswith(".") else host).lower()
+        # A last label of digits is no DNS name (RFC 3696 2): only '*' admits it by name.
+        by_name = self.entries if not name.rpartition(".")[2].isdigit() else ()
+        if any(e.allows_name(name, port) for e in by_name) or any(
+            e.host is None and e.allows_name(name, port) for e in self.entries
+        ):
+            return Dial((host,))
+        if any(e.admits_addresses(port) for e in self.entries):
+            return Resolve(host)
+        return Refuse(f"destination {dest} not in allow list")
+
+    def resolved(self, host: str, port: int, addresses: Iterable[str]) -> Dial | Refuse:
+        """The verdict once ``host`` (answered :class:`Resolve`) resolved to
+        ``addresses``: dial the admitted ones, in order, or refuse."""
+        seen = list(addresses)
+        admitted: list[str] = []
+        for text in seen:
+            try:
+                address = canonical_address(ipaddress.ip_address(text))
+            except ValueError:
+                continue
+            if str(address) not in admitted and any(
+                e.allows_address(address, port) for e in self.entries
+            ):
+                admitted.append(str(address))
+        if admitted:
+            return Dial(tuple(admitted))
+        found = ", ".join(dict.fromkeys(seen)) or "no address"
+        return Refuse(f"destination {HostPort(host, port)} ({found}) not in allow list")
 
 
 def reply(conn: Conn, code: Reply) -> None:
@@ -156,7 +267,9 @@ def reply(conn: Conn, code: Reply) -> None:
 
 
 def reply_for(error: BaseException) -> Reply:
-    """The SOCKS5 reply code for a failed connect."""
+    """The SOCKS5 reply code for a failed connect (or a refusal)."""
+    if isinstance(error, SocksError) and error.reply is not None:
+        return error.reply
     if isinstance(error, TimeoutError):
         return Reply.TTL_EXPIRED
     if isinstance(error, ConnectionRefusedError):

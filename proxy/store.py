@@ -5,12 +5,14 @@ frames: it checks them as Core does and appends the valid ones through
 :mod:`msgcap.capture.batch` (the native helper or its Python twin). Any exception on that
 path is a capture failure: a ``capture_error`` event, then the ``on_capture_error``
 policy (``stop`` raises :class:`CaptureStopped` so that the relay closes the connection).
+A batch that fails part way is not in the file (the writer cuts it off again), and a link
+planted anywhere under the capture directory is refused the same way, as a
+``capture_error`` that names it (:class:`msgcap.capture.writer.LinkRefused`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from msgcap.capture import batch
 from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
 from msgcap.capture.layout import Layout, capture_folder
 from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header
-from msgcap.capture.writer import CaptureWriter
+from msgcap.capture.writer import CaptureWriter, probe_writable
 from msgcap.proxy.config import CaptureErrorPolicy, Config
 from msgcap.proxy.events import CaptureApart, CaptureError, CaptureLimit, EventLog
 from msgcap.proxy.metrics import Metrics
@@ -63,7 +65,7 @@ class ConnectionCapture:
                                             connection_id=conn_id)  # fmt: skip
                     store.events.emit(CaptureApart(conn=conn_id, peer=peer, capture=str(folder),
                         live_conn=live, live_capture=str(shared), node_name=node_name))  # fmt: skip
-            self.writer = CaptureWriter(folder)
+            self.writer = CaptureWriter(folder, root=store.root)  # no link followed below root
         except (OSError, ValueError) as e:
             self.failed(f"cannot open capture files: {e}")
 
@@ -206,10 +208,11 @@ class CaptureStore:
         """``core`` folders being written, by connection (see :meth:`claim`)."""
         self._live_lock = threading.Lock()  # claimed on the event loop, released by the worker
         self.total = 0
-        self.writable = True
-        problem = self._check_root()
-        if problem is not None:
-            self.writable = False
+        self.problem = self._check_root()
+        """Why the capture directory cannot take files (None: it can)."""
+        self.writable = self.problem is None
+        if self.problem is not None:
+            problem = self.problem
             note = ("no capture until it is writable" if self.on_error is
                     CaptureErrorPolicy.CONTINUE else "refusing connections")  # fmt: skip
             events.emit(CaptureError(error=problem, policy=self.on_error.value, note=note))
@@ -217,12 +220,10 @@ class CaptureStore:
     def _check_root(self) -> str | None:
         """Why the capture directory cannot take files, or None."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".msgcap-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(self.root)
         except OSError as e:
-            return f"capture directory {self.root} is not writable: {e.strerror or e}"
+            where = f" ({e.filename})" if e.filename and e.filename != str(self.root) else ""
+            return f"capture directory {self.root} is not writable: {e.strerror or e}{where}"
         return None
 
     def open(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from msgcap.capture import batch
+from msgcap.capture import batch, writer
 from msgcap.capture.framing import NEED_DATA, Frame, FrameDecoder
 from msgcap.capture.records import Damage, Record, read_records
 from tests.conftest import (
@@ -173,8 +173,19 @@ async def test_capture_failure(
     async with Upstream(peer) as up:
         folder = cap / f"127.0.0.1_{up.port}"
         folder.mkdir(parents=True)
-        if failure == "disk full":
-            os.symlink("/dev/full", folder / "msgs_sent.dat")  # every write: ENOSPC
+        if failure == "disk full":  # every write to msgs_sent.dat: ENOSPC
+            # (not a link to /dev/full: links in the capture tree are refused)
+            real_open = writer.open_append
+
+            def full(dir_fd: int, name: str, shown: Path) -> int:
+                fd = real_open(dir_fd, name, shown)
+                if name == "msgs_sent.dat":
+                    dev = os.open("/dev/full", os.O_WRONLY)
+                    os.dup2(dev, fd)
+                    os.close(dev)
+                return fd
+
+            monkeypatch.setattr(writer, "open_append", full)
         async with running_proxy(
             tmp_path, route=route_to(up.port), on_capture_error=policy
         ) as proxy:
