@@ -14,6 +14,7 @@ from msgcap.capture.framing import Network, encode_frame
 from msgcap.errors import ConfigError
 from msgcap.parser.messages import Verack, Version
 from msgcap.parser.structures import AddressV1
+from msgcap.proxy.server import StartupError
 from msgcap.pytest_plugin import ProxyFactory, RunningProxy
 
 pytest_plugins = ["pytester"]
@@ -125,7 +126,7 @@ def test_startup_errors(msgcap_proxy: ProxyFactory, listener: socket.socket) -> 
     with pytest.raises(ConfigError, match="unknown key"):
         msgcap_proxy({"routes": []})
     taken = f"127.0.0.1:{listener.getsockname()[1]}"
-    with pytest.raises(OSError):
+    with pytest.raises(StartupError, match=f"cannot listen on {taken} .*: Address already in use"):
         msgcap_proxy(route=[{"listen": taken, "peer": "127.0.0.1:1"}])
 
 
