@@ -47,9 +47,12 @@ from tests.bitcoind import (
     BitcoinNode,
     NodeFactory,
     ProxyProcess,
+    capture_folder_name,
+    compare_captures,
     free_port,
     msgcap,
     wait_mempools,
+    wait_quiet,
     wait_synced,
     wait_until,
 )
@@ -107,11 +110,6 @@ def core_records(path: Path) -> list[CoreRecord]:
     return out
 
 
-def folder_name(addr: str) -> str:
-    """Core's capture folder for a peer address (``:`` becomes ``_``)."""
-    return addr.replace(":", "_")
-
-
 def event_time_us(event: dict[str, Any]) -> int:
     t = dt.datetime.fromisoformat(str(event["ts"]))
     return int(t.timestamp() * 1_000_000)
@@ -162,24 +160,6 @@ def wait_connected(*group: BitcoinNode, timeout: float = 30) -> None:
     wait_until(ready, timeout, f"one handshaken peer on each of {group}", poll=0.1)
 
 
-def wait_quiet(*group: BitcoinNode, settle: float = 1.0, timeout: float = 30) -> None:
-    """Until no node's byte counters move for ``settle`` seconds (nothing in flight)."""
-    last: list[Any] = []
-    since = [0.0]
-
-    def quiet() -> bool:
-        now = [
-            [(p["addr"], p["bytessent"], p["bytesrecv"]) for p in node.peers()] for node in group
-        ]
-        if now != last:
-            last[:] = now
-            since[0] = time.monotonic()
-            return False
-        return time.monotonic() - since[0] >= settle
-
-    wait_until(quiet, timeout, f"no traffic for {settle}s on {group}", poll=0.2)
-
-
 def run_scenario(a: BitcoinNode, b: BitcoinNode) -> dict[str, float]:
     """Mine past maturity on A, pay B, mine on B, pay A back, mine on A; both synced.
     Returns the seconds each step took."""
@@ -221,8 +201,8 @@ def outbound_session(
     proxy = start_proxy("--route", f"{listen}={b.address}", "--socks5", "off", "--v2", policy.name)
     a = nodes("a", CAPTURE, FAST_RELAY, f"-connect={listen}")
     # A dialed the proxy's listener: Core names its folder after that address.
-    return Session("outbound", policy, a, b, a, proxy, listen, folder_name(b.address),
-                   a_folder=folder_name(listen))  # fmt: skip
+    return Session("outbound", policy, a, b, a, proxy, listen, capture_folder_name(b.address),
+                   a_folder=capture_folder_name(listen))  # fmt: skip
 
 
 def inbound_session(
@@ -273,7 +253,7 @@ def check_peers(s: Session) -> None:
         assert dialer_peer["addr"] == s.listen, dialer_peer
     s.dialer_addrbind = dialer_peer["addrbind"]
     if s.route == "inbound":
-        s.proxy_folder = folder_name(b_peer["addrbind"])
+        s.proxy_folder = capture_folder_name(b_peer["addrbind"])
     for name, peer in (("a", a_peer), ("b", b_peer)):
         s.report[f"{name}_transport"] = peer["transport_protocol_type"]
         s.report[f"{name}_session_id"] = peer["session_id"]
@@ -281,8 +261,8 @@ def check_peers(s: Session) -> None:
         assert peer["transport_protocol_type"] == s.policy.transport, peer
     if s.policy.transport == "v1":
         assert a_peer["session_id"] == b_peer["session_id"] == ""
-    s.report["a_folder_expected"] = s.a_folder or folder_name(a_peer["addr"])
-    s.report["b_folder_expected"] = folder_name(b_peer["addr"])
+    s.report["a_folder_expected"] = s.a_folder or capture_folder_name(a_peer["addr"])
+    s.report["b_folder_expected"] = capture_folder_name(b_peer["addr"])
 
 
 def check_events(s: Session, counts: dict[str, int], sizes: dict[str, int]) -> list[int]:
@@ -351,19 +331,13 @@ def without_stale(folder: Path, stale: int, dest: Path) -> Path:
     return dest
 
 
-def compare(a: Path, b: Path, mirror: bool) -> tuple[int, list[dict[str, Any]], str]:
-    res = msgcap("compare", "--json", *(["--mirror"] if mirror else []), str(a), str(b))
-    assert res.returncode in (0, 1), res.stderr
-    return res.returncode, json.loads(res.stdout), res.stdout
-
-
 def check_core_capture(s: Session, node: BitcoinNode, folder: Path, mirror: bool,
                        downgrade_times: list[int], tmp: Path) -> None:  # fmt: skip
     """Core's own capture of the connection (``folder``) against the proxy's."""
     proxy_folder = s.proxy.capture_dir / s.proxy_folder
     stale = stale_versions(folder, downgrade_times, dialer=node is s.dialer)
     s.report[f"{node.name}_stale_versions"] = stale
-    rc, results, text = compare(folder, proxy_folder, mirror)
+    rc, results, text = compare_captures(folder, proxy_folder, mirror)
     if stale:
         # Exactly the stale versions differ, at the start of the sent file: nothing else.
         recv_pair, sent_pair = results
@@ -374,7 +348,7 @@ def check_core_capture(s: Session, node: BitcoinNode, folder: Path, mirror: bool
         assert first["a"]["msgtype"] == first["b"]["msgtype"] == "version", text
         assert sent_pair["type_counts"] == {"version": {"a": 1 + stale, "b": 1}}, text
         folder = without_stale(folder, stale, tmp / f"{node.name}-{folder.name}-trimmed")
-        rc, results, text = compare(folder, proxy_folder, mirror)
+        rc, results, text = compare_captures(folder, proxy_folder, mirror)
     assert rc == 0 and all(r["identical"] for r in results), text
     assert all(r["a_count"] == r["b_count"] > 0 for r in results), text
 
@@ -473,10 +447,12 @@ def test_direct_v2_reference(nodes: NodeFactory, tmp_path: Path) -> None:
 
     a_folders = sorted(p.name for p in a.capture_dir.iterdir())
     b_folders = sorted(p.name for p in b.capture_dir.iterdir())
-    assert a_folders == [folder_name(b.address)] and b_folders == [folder_name(b_peer["addr"])]
+    assert a_folders == [capture_folder_name(b.address)] and b_folders == [
+        capture_folder_name(b_peer["addr"])
+    ]
     a_folder, b_folder = a.capture_dir / a_folders[0], b.capture_dir / b_folders[0]
     # No v2 attempt failed: no stale version.
     assert stale_versions(a_folder, [], dialer=True) == 0
-    rc, results, text = compare(a_folder, b_folder, mirror=True)
+    rc, results, text = compare_captures(a_folder, b_folder, mirror=True)
     assert rc == 0 and all(r["identical"] and r["a_count"] > 0 for r in results), text
     print(f"\ndirect: v2 session {a_peer['session_id']}, folders {a_folders} / {b_folders}")
