@@ -64,6 +64,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _mark(text: str) -> int:
+    """A 32-bit packet mark, decimal or 0x-hex."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x...)") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 32-bit mark")
+    return value
+
+
 def add_proxy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config (default: the built-in one)")
     g = p.add_argument_group("config keys (override the file)")
@@ -96,6 +107,20 @@ def add_proxy_args(p: argparse.ArgumentParser) -> None:
         metavar="LISTEN[@NAME]",
         help="SOCKS5 listener, repeatable (replaces the file's; 'off' for none); @NAME as above",
     )
+    g.add_argument(
+        "--transparent",
+        action="append",
+        metavar="LISTEN[@NAME]",
+        help="transparent route, repeatable (replaces the file's): connections the kernel "
+        "redirected to LISTEN go to their original destination; no bitcoind flag needed "
+        "(rules: msgcap transparent-rules)",
+    )
+    g.add_argument("--transparent-node", metavar="ADDRESS",
+                   help="the node's address, when msgcap runs outside the node's "
+                   "network namespace")  # fmt: skip
+    g.add_argument("--transparent-mark", type=_mark, metavar="MARK",
+                   help="SO_MARK of the transparent route's upstream sockets (default 0x6d63; "
+                   "0 for none)")  # fmt: skip
     g.add_argument("--socks5-username")
     g.add_argument("--socks5-password")
     g.add_argument("--socks5-allow", action="append", metavar="HOST:PORT-GLOB")
@@ -145,6 +170,24 @@ def _proxy_config(args: argparse.Namespace) -> Config:
             data[key] = value
     if args.network is not None and args.magic is None:
         data.pop("magic", None)
+    if args.transparent and not args.config:
+        # `--transparent` alone: only the transparent route, not the built-in default's
+        # forward route and SOCKS5 listener (unless given as flags).
+        data.pop("route", None)
+        data.pop("socks5", None)
+    if args.transparent:
+        data["transparent"] = []
+        for spec in args.transparent:
+            listen, name = _node_suffix(spec)
+            data["transparent"].append({"listen": listen, **name})
+    for flag, key in (("transparent_node", "node"), ("transparent_mark", "mark")):
+        value = getattr(args, flag)
+        if value is not None:
+            tables = data.get("transparent")
+            if not tables:
+                raise ConfigError(f"--{flag.replace('_', '-')} needs a transparent route")
+            for table in tables if isinstance(tables, list) else [tables]:
+                table[key] = value
     if args.route or args.inbound:
         routes = []
         for spec, key in [(s, "peer") for s in args.route or []] + [
@@ -305,6 +348,14 @@ def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
             "outbound peer it reaches through the proxy (Core dials loopback and "
             "private addresses directly: name them, e.g. -connect=localhost:18444)"
         )
+    first = len(config.routes) + len(config.socks5)
+    for tp, (host, port) in zip(config.transparent, addresses[first:], strict=False):
+        at = f"the node {tp.node}'s traffic" if tp.node else "the node's P2P traffic"
+        by_node.setdefault(tp.node_name, []).append(
+            f"transparent {host}:{port}: no bitcoind flag; redirect {at} here "
+            f"(msgcap transparent-rules --listen-port {port} --node-port PORT "
+            f"| nft -f -), upstream mark 0x{tp.mark:x}"
+        )
     for name, node_lines in by_node.items():
         if name is None:
             lines += [f"  {line}" for line in node_lines]
@@ -318,12 +369,17 @@ def describe(config: Config, addresses: list[tuple[str, int]]) -> str:
 def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="a capture folder or files")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--to", metavar="HOST:PORT", help="dial a live node and play to it")
+    where.add_argument("--to", metavar="HOST:PORT", action="append",
+                       help="dial a live node and play to it; two or more: play the same "
+                       "recording into each and report how the nodes differ")  # fmt: skip
     where.add_argument("--listen", metavar="HOST:PORT",
                        help="wait for clients (v1 or v2), play to each")  # fmt: skip
     p.add_argument("--connections", type=int, default=1, metavar="N",
                    help="with --listen: serve N connections (default 1); one closed before "
                    "it sent its version, like a probe, does not count")  # fmt: skip
+    p.add_argument("--diff", action="store_true",
+                   help="with --listen and --connections N: report how the N clients "
+                   "differ (implied by two or more --to)")  # fmt: skip
     p.add_argument("--network", default="regtest", help="network (or 8 hex digits of magic)")
     p.add_argument("--play", choices=("peer", "node"),
                    help="side to play (default: peer with --to, node with --listen)")  # fmt: skip
@@ -348,13 +404,16 @@ def run_replay(args: argparse.Namespace) -> int:
     from msgcap.proxy.config import HostPort
     from msgcap.proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
 
-    flag, where = ("--to", args.to) if args.to else ("--listen", args.listen)
-    try:
-        target = HostPort.parse(where, flag)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:  # a port HostPort let through (non-ASCII digits)
-        raise UsageError(f"{flag}: {where!r} is not HOST:PORT") from e
+    flag, wheres = ("--to", args.to) if args.to else ("--listen", [args.listen])
+    targets = []
+    for where in wheres:
+        try:
+            targets.append(HostPort.parse(where, flag))
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        except ValueError as e:  # a port HostPort let through (non-ASCII digits)
+            raise UsageError(f"{flag}: {where!r} is not HOST:PORT") from e
+    target = targets[0]
     try:
         magic = parse_magic(args.network)
         steps = load_conversation(args.paths)
@@ -362,8 +421,14 @@ def run_replay(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.connections < 1 or (args.to and args.connections != 1):
         raise UsageError("--connections takes a number from 1, and only with --listen")
-    options = {"magic": magic, "fast": args.fast, "verbatim": args.verbatim,
-               "timeout": args.timeout}  # fmt: skip
+    if args.to and len(targets) > 1:
+        return _run_diff(args, steps, targets, _replay_options(args, magic))
+    if args.diff and (args.to or args.connections < 2):
+        raise UsageError("--diff compares --listen --connections N (N from 2) clients; "
+                         "two or more --to compare by themselves")  # fmt: skip
+    options = _replay_options(args, magic)
+    if args.diff:
+        return _run_diff(args, steps, targets, options)
     try:
         if args.to:
             reports = [asyncio.run(replay_to(steps, target.host, target.port,
@@ -401,11 +466,62 @@ def run_replay(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(r.diverged for r in reports) else 0
 
 
+def _replay_options(args: argparse.Namespace, magic: bytes) -> dict[str, Any]:
+    return {"magic": magic, "fast": args.fast, "verbatim": args.verbatim,
+            "timeout": args.timeout}  # fmt: skip
+
+
+def _run_diff(args: argparse.Namespace, steps: Any, targets: list[Any],
+              options: dict[str, Any]) -> int:  # fmt: skip
+    """Differential replay: the same recording into each node (``--to`` several times, or
+    ``--listen --connections N --diff``), then how the nodes differ. Exit 1 on a
+    substantive difference (``--strict`` or not) and when no node could be played to."""
+    import orjson
+
+    from msgcap.proxy.diff import compare, replay_many
+    from msgcap.proxy.replay import ReplayError, replay_listen
+
+    try:
+        if args.to:
+            labels = [str(t) for t in targets]
+            replaying = replay_many(steps, [(t.host, t.port) for t in targets],
+                                    play=args.play or "peer", transport=args.transport,
+                                    **options)  # fmt: skip
+            reports = asyncio.run(replaying)
+        else:
+            (target,) = targets
+            listening = replay_listen(steps, target.host, target.port, play=args.play or "node",
+                                      connections=args.connections, transcript=True,
+                                      **options)  # fmt: skip
+            reports = asyncio.run(listening)
+            labels = [f"client {i}" for i in range(1, len(reports) + 1)]
+    except ReplayError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        if e.errno is None:
+            raise MsgcapError(str(e) or type(e).__name__) from e
+        doing = "connect to one of" if args.to else "listen on"
+        raise MsgcapError(f"cannot {doing} {', '.join(map(str, targets))}: "
+                          f"{describe_os_error(e)}") from e  # fmt: skip
+    if len(reports) < 2:
+        raise MsgcapError(f"{len(reports)} of {args.connections} connections arrived: "
+                          "nothing to compare")  # fmt: skip
+    result = compare(labels, reports)
+    print(orjson.dumps(result.to_json()).decode() if args.json else result.summary())
+    if all(r.error for r in reports):
+        raise MsgcapError(f"no node could be played to: {reports[0].error}")
+    return 1 if result.diverged else 0
+
+
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="capture files or folders")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--fuzz", metavar="DIR", help="one v1 wire message per file, SHA-1 named")
     kind.add_argument("--pcap", metavar="OUT", help="a pcap with one TCP connection per peer")
+    kind.add_argument("--functional-test", metavar="OUT.py",
+                      help="a test for Bitcoin Core's functional test framework that "
+                      "plays the recorded peer to a fresh node (data in OUT.json beside "
+                      "it)")  # fmt: skip
     add_export_parquet_args(p, kind)
     p.add_argument("--payloads", action="store_true",
                    help="with --fuzz: bare payloads in one folder per type")  # fmt: skip
@@ -418,6 +534,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.parquet:
         return run_export_parquet(args)
+    if args.functional_test:
+        return _run_export_functional_test(args)
     try:
         magic = parse_magic(args.network)
     except ValueError as e:
@@ -438,6 +556,24 @@ def run_export(args: argparse.Namespace) -> int:
         _check_pcap_names(paths)
         n = export_pcap(paths, Path(args.pcap), magic, on_damage=damage)
         print(f"{n} messages written to {args.pcap}")
+    return 1 if damage.count else 0
+
+
+def _run_export_functional_test(args: argparse.Namespace) -> int:
+    from msgcap.parser.functional_test import ExportError, export_functional_test
+
+    out = Path(args.functional_test)
+    if out.suffix != ".py":
+        raise UsageError(f"--functional-test {out}: give a file name ending in .py")
+    if not out.parent.is_dir():
+        raise UsageError(f"--functional-test {out}: no such folder {out.parent}")
+    damage = _DamageWarnings()
+    try:
+        test, data, plan = export_functional_test(args.paths, out, on_damage=damage)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    print(f"{test}: plays the recorded peer ({len(plan.script)} messages unasked, "
+          f"{len(plan.expected)} requests answered); data in {data}")  # fmt: skip
     return 1 if damage.count else 0
 
 
@@ -493,6 +629,45 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0 if all(r.identical for r in results) else 1
 
 
+def add_transparent_rules_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen-port", type=int, required=True,
+                   help="the transparent listener's port (msgcap proxy --transparent)")  # fmt: skip
+    p.add_argument("--node-port", type=int, required=True, help="the node's P2P port")
+    p.add_argument("--peer-port", type=int, action="append",
+                   help="a port the node's peers listen on, repeatable "
+                   "(default: --node-port)")  # fmt: skip
+    p.add_argument("--mark", type=_mark, default=None,
+                   help="the proxy's upstream mark (default 0x6d63; as "
+                   "--transparent-mark)")  # fmt: skip
+    p.add_argument("--node", metavar="ADDRESS",
+                   help="the node's address: rules for a namespace its traffic passes "
+                   "through (a router), not the node's own")  # fmt: skip
+    p.add_argument("--netns", metavar="NAME",
+                   help="print a shell command applying the rules in network "
+                   "namespace NAME")  # fmt: skip
+
+
+def run_transparent_rules(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from msgcap.proxy.config import DEFAULT_MARK
+    from msgcap.proxy.transparent import nft_rules
+
+    ports = [args.listen_port, args.node_port, *(args.peer_port or ())]
+    if any(not 1 <= p <= 65535 for p in ports):
+        raise UsageError("ports are 1-65535")
+    if args.node is not None:
+        try:
+            ipaddress.ip_address(args.node)
+        except ValueError:
+            raise UsageError(f"--node: {args.node!r} is not an IP address") from None
+    print(nft_rules(node_port=args.node_port, listen_port=args.listen_port,
+                    mark=DEFAULT_MARK if args.mark is None else args.mark,
+                    peer_ports=args.peer_port or (), node=args.node, netns=args.netns),
+          end="")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = _ArgumentParser(
         prog="msgcap",
@@ -514,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
          run_sql),
         ("compare", "two captures of one session, message by message", add_compare_args,
          run_compare),
+        ("transparent-rules", "print nftables rules for a transparent route",
+         add_transparent_rules_args, run_transparent_rules),
     ]  # fmt: skip
     for name, help_text, add_args, run in commands:
         p = sub.add_parser(name, help=help_text)
@@ -614,7 +791,7 @@ def _failed(e: Exception, args: argparse.Namespace | None) -> int:
 
 def _output_of(args: argparse.Namespace | None) -> str | None:
     """The output file or folder the command writes, if it has one."""
-    for key in ("output", "pcap", "fuzz", "parquet"):
+    for key in ("output", "pcap", "fuzz", "parquet", "functional_test"):
         value = getattr(args, key, None)
         if isinstance(value, str | os.PathLike):
             return os.fspath(value)

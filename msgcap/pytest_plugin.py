@@ -11,7 +11,9 @@
   node and return the :class:`proxy.replay.Report`: ``.diverged`` (substantive divergence
   only), ``.substantive`` and ``.benign`` (lists of ``Divergence``), ``.reached``,
   ``.answered``, ``.summary()``. Usable from sync and async tests alike (it runs its own
-  event loop in a thread).
+  event loop in a thread). With several targets (``to=[A, B]``, or ``listen=`` with
+  ``connections=N``) it plays the same recording into each and returns a
+  :class:`proxy.diff.DiffReport` of how the nodes differ.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 import orjson
 import pytest
@@ -34,6 +36,7 @@ from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.parser.messages import Message, Unknown, decode_message
 from msgcap.proxy.config import Config, HostPort, config_from_dict
+from msgcap.proxy.diff import DiffReport, compare, replay_many
 from msgcap.proxy.replay import (
     Report,
     Side,
@@ -74,10 +77,52 @@ def load_capture(*paths: str | os.PathLike[str]) -> list[CapturedMessage]:
     return _typed(load_conversation(paths))
 
 
+@overload
 def replay(
     *paths: str | os.PathLike[str],
-    to: str | None = None,
+    to: str,
+    play: Side | None = ...,
+    network: str = ...,
+    fast: bool = ...,
+    verbatim: bool = ...,
+    transport: Transport = ...,
+    timeout: float = ...,
+) -> Report: ...
+
+
+@overload
+def replay(
+    *paths: str | os.PathLike[str],
+    to: list[str] | tuple[str, ...],
+    play: Side | None = ...,
+    network: str = ...,
+    fast: bool = ...,
+    verbatim: bool = ...,
+    transport: Transport = ...,
+    timeout: float = ...,
+) -> DiffReport: ...
+
+
+@overload
+def replay(
+    *paths: str | os.PathLike[str],
+    listen: str,
+    connections: int = ...,
+    play: Side | None = ...,
+    network: str = ...,
+    fast: bool = ...,
+    verbatim: bool = ...,
+    transport: Transport = ...,
+    timeout: float = ...,
+    on_listening: Callable[[str, int], None] | None = ...,
+) -> Report | DiffReport: ...
+
+
+def replay(
+    *paths: str | os.PathLike[str],
+    to: str | list[str] | tuple[str, ...] | None = None,
     listen: str | None = None,
+    connections: int = 1,
     play: Side | None = None,
     network: str = "regtest",
     fast: bool = False,
@@ -85,30 +130,50 @@ def replay(
     transport: Transport = "v1",
     timeout: float = 10.0,
     on_listening: Callable[[str, int], None] | None = None,
-) -> Report:
+) -> Report | DiffReport:
     """Blocking replay; with ``listen``, ``on_listening(host, port)`` is called once the
     listener is up (start the client under test there), and the first client that sends
     its ``version`` is played to. ``transport="v2"`` speaks BIP324 to the node given by
-    ``to``; a listening replayer takes whichever the client speaks."""
+    ``to``; a listening replayer takes whichever the client speaks.
+
+    Differential replay, as ``msgcap replay --to A --to B`` and ``--listen --connections
+    N --diff``: ``to=[A, B, ...]`` (a list, even of one) plays the same recording into
+    each node at once, and ``listen=`` with ``connections=N`` (from 2) into the first N
+    clients; either returns a :class:`~msgcap.proxy.diff.DiffReport` (``.diverged``,
+    ``.substantive``, ``.benign``, ``.names()``, ``.reports``)."""
     if (to is None) == (listen is None):
         raise ValueError("give exactly one of to= or listen=")
+    if connections < 1 or (to is not None and connections != 1):
+        raise ValueError("connections= takes a number from 1, and only with listen=")
     steps = load_conversation(paths)
     options: dict[str, Any] = {"magic": parse_magic(network), "fast": fast,
                                "verbatim": verbatim, "timeout": timeout}  # fmt: skip
 
-    async def run() -> Report:
-        if to is not None:
+    async def run() -> Report | DiffReport:
+        if isinstance(to, str):
             target = HostPort.parse(to, "to")
             return await replay_to(steps, target.host, target.port, play=play or "peer",
                                    transport=transport, **options)  # fmt: skip
+        if to is not None:
+            targets = [HostPort.parse(t, "to") for t in to]
+            reports = await replay_many(steps, [(t.host, t.port) for t in targets],
+                                        play=play or "peer", transport=transport,
+                                        **options)  # fmt: skip
+            return compare([str(t) for t in targets], reports) if len(reports) > 1 else \
+                DiffReport([str(t) for t in targets], reports, [], [])  # fmt: skip
         assert listen is not None
         target = HostPort.parse(listen, "listen")
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         if on_listening is not None:
             ready.add_done_callback(lambda f: on_listening(*f.result()))
         reports = await replay_listen(steps, target.host, target.port, play=play or "node",
-                                      ready=ready, **options)  # fmt: skip
-        return reports[0]
+                                      connections=connections, ready=ready,
+                                      transcript=connections > 1, **options)  # fmt: skip
+        if connections == 1:
+            return reports[0]
+        if len(reports) < 2:
+            raise TimeoutError(f"{len(reports)} of {connections} clients connected")
+        return compare([f"client {i}" for i in range(1, len(reports) + 1)], reports)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, run()).result()
@@ -395,7 +460,9 @@ def msgcap_capture() -> Callable[..., list[CapturedMessage]]:
 
 
 @pytest.fixture
-def msgcap_replay() -> Callable[..., Report]:
+def msgcap_replay() -> Callable[..., Any]:
     """``msgcap_replay(path, to="127.0.0.1:18444")`` -> Report (``.diverged`` means
-    substantive divergence; ``.substantive`` and ``.benign`` list what differs)."""
+    substantive divergence; ``.substantive`` and ``.benign`` list what differs).
+    ``msgcap_replay(path, to=["127.0.0.1:18444", "127.0.0.1:18445"])`` (or ``listen=``
+    with ``connections=N``) -> DiffReport: how the nodes differ (see :func:`replay`)."""
     return replay

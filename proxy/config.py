@@ -304,6 +304,27 @@ class Socks5:
     """The node that uses this listener: its captures go to ``<capture_dir>/<node_name>/``."""
 
 
+DEFAULT_MARK = 0x6D63
+"""SO_MARK of the transparent route's upstream connections ("mc"): the redirect rules
+leave packets with it alone, so the proxy never dials itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transparent:
+    """A transparent route: connections the kernel redirected here (nftables/iptables
+    REDIRECT or TPROXY), relayed to their original destination. A destination that is the
+    node's address is inbound (the node is the upstream), anything else outbound."""
+
+    listen: HostPort
+    node: str | None = None
+    """The node's address, when the proxy runs outside the node's network namespace (a
+    router); None: the node's addresses are the local addresses of the proxy's own."""
+    node_name: str | None = None
+    """The node this route serves: its captures go to ``<capture_dir>/<node_name>/``."""
+    mark: int = DEFAULT_MARK
+    """SO_MARK on the upstream sockets (0: none)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_connections: int = 256
@@ -329,6 +350,8 @@ class Config:
     routes: tuple[Route, ...] = ()
     socks5: tuple[Socks5, ...] = ()
     """``[socks5]``, or several as ``[[socks5]]``."""
+    transparent: tuple[Transparent, ...] = ()
+    """``[[transparent]]`` routes."""
     limits: Limits = field(default_factory=Limits)
     event_log: Path | None = None
     """Default: ``<capture_dir>/events.jsonl``."""
@@ -352,7 +375,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 SCALAR_KEYS = ("network", "magic", "capture_dir", "layout", "v2", "on_capture_error",
                "event_log", "live", "metrics")  # fmt: skip
 """Top-level keys holding one value (each has a flag of the same name)."""
-_TOP_KEYS = {*SCALAR_KEYS, "route", "socks5", "limits"}
+_TOP_KEYS = {*SCALAR_KEYS, "route", "socks5", "transparent", "limits"}
 
 
 def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
@@ -414,6 +437,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             allow,
             _node_name(s, key),
         ))  # fmt: skip
+    transparent = _transparent(data.get("transparent", []))
     limits = Limits()
     if "limits" in data:
         lim = _typed(data["limits"], dict, "limits")
@@ -438,6 +462,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         ),
         routes=tuple(routes),
         socks5=tuple(socks5),
+        transparent=transparent,
         limits=limits,
         event_log=Path(_typed(data["event_log"], str, "event_log"))
         if "event_log" in data
@@ -449,6 +474,34 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     )
     validate(cfg)
     return cfg
+
+
+def _transparent(tables: Any) -> tuple[Transparent, ...]:
+    """``[[transparent]]`` (or one ``[transparent]`` table)."""
+    out = []
+    for i, t in enumerate(tables if isinstance(tables, list) else [tables]):
+        key = f"transparent[{i}]" if isinstance(tables, list) else "transparent"
+        t = _typed(t, dict, key)
+        extra = set(t) - {"listen", "node", "node_name", "mark"}
+        if extra:
+            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
+        if "listen" not in t:
+            raise ConfigError(f"{key}: needs 'listen'")
+        listen = HostPort.parse(_typed(t["listen"], str, f"{key}.listen"), f"{key}.listen")
+        node = None
+        if "node" in t:
+            text = _typed(t["node"], str, f"{key}.node")
+            try:
+                node = str(ipaddress.ip_address(text.removeprefix("[").removesuffix("]")))
+            except ValueError:
+                raise ConfigError(
+                    f"{key}.node: {text!r} is not an IP address (the node's address, no port)"
+                ) from None
+        mark = _typed(t.get("mark", DEFAULT_MARK), int, f"{key}.mark")
+        if not 0 <= mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.mark: {mark} is not a 32-bit mark (0 for none)")
+        out.append(Transparent(listen, node, _node_name(t, key), mark))
+    return tuple(out)
 
 
 def _node_name(table: dict[str, Any], key: str) -> str | None:
@@ -468,9 +521,15 @@ NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def validate(cfg: Config) -> None:
-    if not cfg.routes and not cfg.socks5:
-        raise ConfigError("nothing to listen on: add a [[route]] or a [socks5] section")
-    listens = [r.listen for r in cfg.routes] + [s.listen for s in cfg.socks5]
+    if not cfg.routes and not cfg.socks5 and not cfg.transparent:
+        raise ConfigError(
+            "nothing to listen on: add a [[route]], a [socks5] or a [[transparent]] section"
+        )
+    listens = (
+        [r.listen for r in cfg.routes]
+        + [s.listen for s in cfg.socks5]
+        + [t.listen for t in cfg.transparent]
+    )
     fixed = [a for a in listens if a.port != 0]  # port 0: any free port
     if len(set(fixed)) != len(fixed):
         raise ConfigError("two listeners share one address")

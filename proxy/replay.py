@@ -630,6 +630,14 @@ class Report:
     seconds: float = 0.0
     handshaked: bool = False
     """Whether the live side sent its ``version`` (a connection counts from then on)."""
+    live: list[tuple[str, bytes, bool]] = field(default_factory=list, repr=False)
+    """With ``transcript``: every message the live side sent, in order: type, payload,
+    and whether its ``verack`` had arrived before it (what differential replay compares;
+    not in JSON)."""
+    local: tuple[str, int] | None = None
+    """The replayer's end of the connection (host, port), as the live side sees it."""
+    remote: tuple[str, int] | None = None
+    """The live side's end of the connection."""
 
     @property
     def diverged(self) -> bool:
@@ -859,8 +867,12 @@ class Replayer:
         verbatim: bool = False,
         timeout: float = 10.0,
         on_version: Callable[[], None] | None = None,
+        transcript: bool = False,
     ) -> None:
         self.recording = recording
+        self.transcript = transcript
+        """Keep every message of the live side in :attr:`Report.live` (differential
+        replay compares them)."""
         self.magic = magic
         self.verbatim = verbatim
         self.timeout = timeout
@@ -891,6 +903,8 @@ class Replayer:
             self.report.received += 1
             self.report.received_types[msgtype] += 1
             data = bytes(payload)
+            if self.transcript:
+                self.report.live.append((msgtype, data, self._verack))
             if msgtype == "version" and not self.report.handshaked:
                 self.report.handshaked = True
                 if self.on_version is not None:
@@ -1013,6 +1027,8 @@ class Replayer:
         if leg is not None:
             self.leg = leg
         self.report.transport = self.leg.transport
+        self.report.local = _address(writer.get_extra_info("sockname"))
+        self.report.remote = _address(writer.get_extra_info("peername"))
         rec = self.recording
         if early:
             self._received(early)
@@ -1258,3 +1274,10 @@ def _peer(writer: asyncio.StreamWriter) -> str:
         host, port = peer[:2]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peer)
+
+
+def _address(name: object) -> tuple[str, int] | None:
+    """A socket's (host, port), or None (not an IP socket)."""
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return None

@@ -22,9 +22,17 @@ from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import LinkRefused
 from msgcap.errors import MsgcapError
-from msgcap.proxy import socks5
+from msgcap.proxy import socks5, transparent
 from msgcap.proxy.budget import FrameBudget
-from msgcap.proxy.config import CaptureErrorPolicy, Config, HostPort, Route, Socks5, V2Policy
+from msgcap.proxy.config import (
+    CaptureErrorPolicy,
+    Config,
+    HostPort,
+    Route,
+    Socks5,
+    Transparent,
+    V2Policy,
+)
 from msgcap.proxy.conn import Conn, connect
 from msgcap.proxy.events import (
     Close,
@@ -62,9 +70,11 @@ from msgcap.proxy.worker import CaptureWorker
 log = logging.getLogger("msgcap")
 
 
-async def connect_any(host: str | Sequence[str], port: int, timeout: float) -> Conn:
+async def connect_any(
+    host: str | Sequence[str], port: int, timeout: float, mark: int | None = None
+) -> Conn:
     """Connect to the first address of ``host`` (or of the first of several hosts) that
-    accepts; raise the first error."""
+    accepts; raise the first error. ``mark``: SO_MARK on the socket (transparent route)."""
     loop = asyncio.get_running_loop()
     hosts = (host,) if isinstance(host, str) else tuple(host)
     async with asyncio.timeout(timeout or None):
@@ -82,6 +92,8 @@ async def connect_any(host: str | Sequence[str], port: int, timeout: float) -> C
                 first = first or e
                 continue
             try:
+                if mark:
+                    transparent.set_mark(sock, mark)
                 sock.setblocking(False)
                 await loop.sock_connect(sock, addr)
             except OSError as e:
@@ -197,6 +209,19 @@ class Proxy:
                 self.events.emit(
                     Listen(route="socks5", listen=str(socks.listen), node_name=socks.node_name)
                 )
+            for tp in self.config.transparent:
+                try:
+                    transparent.check_mark(tp.mark)
+                except OSError as e:
+                    raise _startup_error(
+                        f"cannot set SO_MARK 0x{tp.mark:x} for the transparent route on "
+                        f"{tp.listen} (needs CAP_NET_ADMIN; mark = 0 sets none)",
+                        e,
+                    ) from None
+                await self._listen(tp.listen, functools.partial(self._on_transparent, tp),
+                                   "transparent", transparent.allow_tproxy)  # fmt: skip
+                self.events.emit(Listen(route="transparent", listen=str(tp.listen),
+                                        upstream=tp.node, node_name=tp.node_name))  # fmt: skip
         except BaseException:
             await self.stop()
             raise
@@ -206,6 +231,7 @@ class Proxy:
         at: HostPort,
         handler: Callable[[Conn], Awaitable[None]],
         kind: str,
+        setup: Callable[[socket.socket], None] | None = None,
     ) -> None:
         async def run(conn: Conn) -> None:
             try:
@@ -225,6 +251,9 @@ class Proxy:
             sockets = bind(at.host, at.port)
         except OSError as e:
             raise _startup_error(f"cannot listen on {at} ({kind})", e) from None
+        if setup is not None:
+            for sock in sockets:
+                setup(sock)
         bound = str(HostPort(*sockets[0].getsockname()[:2]))
         listener = Listener(sockets, accepted, functools.partial(self._accept_failed, bound))
         listener.start()
@@ -350,6 +379,50 @@ class Proxy:
             _close(conn)
             _close(upstream)
 
+    async def _on_transparent(self, route: Transparent, conn: Conn) -> None:
+        """A connection the kernel redirected here: relayed to its original destination;
+        the node is the client unless that destination is the node's own address."""
+        conn_id = self._admit(conn, "transparent")
+        if conn_id is None:
+            return
+        client = _peername(conn)
+        upstream: Conn | None = None
+        try:
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            try:
+                dest = transparent.original_destination(sock)
+                listener_port = int(sock.getsockname()[1])
+            except OSError as e:
+                peer = peer_folder_name(*conn.peer_address())
+                self.events.emit(UpstreamError(conn=conn_id, peer=peer, upstream="?",
+                    error=f"no original destination: {describe_error(e)}"))  # fmt: skip
+                return
+            decision = transparent.classify(dest, listener_port, route.node)
+            outbound = decision.kind is transparent.Kind.OUTBOUND
+            peer = (
+                peer_folder_name(dest.host, dest.port)
+                if outbound
+                else peer_folder_name(*conn.peer_address())
+            )
+            if decision.kind is transparent.Kind.LOOP:
+                self.events.emit(UpstreamError(conn=conn_id, peer=peer, upstream=str(dest),
+                                               error=f"refused: {decision.reason}"))  # fmt: skip
+                conn.abort()
+                return
+            first = await self._initial(conn_id, conn, peer)
+            if first is None:
+                return
+            upstream = await self._connect(conn_id, peer, decision.upstream, route.mark)
+            if upstream is None:
+                return
+            await self._relay(conn_id, "transparent", client, peer, outbound, conn, upstream,
+                              first, decision.upstream, route.node_name, route.mark)  # fmt: skip
+        finally:
+            self.active -= 1
+            _close(conn)
+            _close(upstream)
+
     async def _on_socks(self, cfg: Socks5, conn: Conn) -> None:
         conn_id = self._admit(conn, "socks5")
         if conn_id is None:
@@ -465,9 +538,11 @@ class Proxy:
             self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
         return first
 
-    async def _connect(self, conn_id: int, peer: str, to: HostPort) -> Conn | None:
+    async def _connect(
+        self, conn_id: int, peer: str, to: HostPort, mark: int | None = None
+    ) -> Conn | None:
         try:
-            return await connect_any(to.host, to.port, self.config.limits.handshake_timeout)
+            return await connect_any(to.host, to.port, self.config.limits.handshake_timeout, mark)
         except (OSError, TimeoutError) as e:
             self._exhausted("upstream connect", e, conn_id, peer)
             self.events.emit(
@@ -484,6 +559,7 @@ class Proxy:
         upstream: Conn,
         first: bytes,
         upstream_addr: HostPort,
+        mark: int | None = None,
     ) -> tuple[tuple[Leg, Leg], tuple[list[Message], list[Message]], Conn | None] | None:
         """Set up both legs of a BIP324 connection under ``decrypt``: the client's as its
         responder, the upstream's as initiator (v1 if it closes first: then a new
@@ -513,7 +589,10 @@ class Proxy:
                                             error=describe_error(e)))  # fmt: skip
                 upstream.close()
                 replaced = await connect_any(
-                    upstream_addr.host, upstream_addr.port, self.config.limits.handshake_timeout
+                    upstream_addr.host,
+                    upstream_addr.port,
+                    self.config.limits.handshake_timeout,
+                    mark,
                 )
                 return V1Leg(magic), []
             session_event("upstream", "initiator", initiator)
@@ -562,13 +641,14 @@ class Proxy:
         first: bytes,
         upstream_addr: HostPort,
         node_name: str | None,
+        mark: int | None = None,
     ) -> None:
         v2 = not first.startswith(self.v1_prefix)
         decrypt = v2 and self.config.v2 is V2Policy.DECRYPT
         replaced: Conn | None = None
         if decrypt:
             legs = await self._v2_legs(
-                conn_id, peer, node_is_client, client_side, upstream, first, upstream_addr
+                conn_id, peer, node_is_client, client_side, upstream, first, upstream_addr, mark
             )
             if legs is None:
                 return

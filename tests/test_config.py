@@ -43,7 +43,8 @@ def test_every_config_key_has_a_flag() -> None:
     help_text = parser.format_help()
     for key in keys:
         flag = {"username": "socks5-username", "password": "socks5-password",
-                "allow": "socks5-allow"}.get(key, key.replace("_", "-"))  # fmt: skip
+                "allow": "socks5-allow", "mark": "transparent-mark",
+                }.get(key, key.replace("_", "-"))  # fmt: skip
         assert f"--{flag}" in help_text, key
 
 
