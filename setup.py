@@ -1,7 +1,7 @@
 """Build the optional native parts; everything else is in pyproject.toml.
 
-Both are optional: without a compiler (or, for the capture helper, OpenSSL's headers)
-msgcap uses its pure-Python code instead.
+All are optional: without a compiler (or, for the capture and BIP324 helpers, OpenSSL's
+headers) msgcap uses its pure-Python code instead.
 """
 
 from setuptools import Extension, setup
@@ -18,6 +18,13 @@ setup(
             "msgcap.capture._capture",
             ["capture/_capture.c"],
             optional=True,  # without it the capture thread checks and writes in Python
+            libraries=["crypto"],
+            extra_compile_args=["-O2"],
+        ),
+        Extension(
+            "msgcap.capture._v2",
+            ["capture/_v2.c"],
+            optional=True,  # without it BIP324 under decrypt runs capture/bip324.py's Python
             libraries=["crypto"],
             extra_compile_args=["-O2"],
         ),

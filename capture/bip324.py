@@ -21,6 +21,11 @@ is a :class:`V2ErrorReason`; the session is unusable after it (every later call 
 again). Events complete before the error are still returned first (see
 :meth:`V2Session.take_events`).
 
+Under the proxy's ``decrypt`` policy, an established session can hand its receiving and
+sending ciphers over to the native per-read step (:func:`native_pipe`, ``capture/_v2.c``:
+OpenSSL's ChaCha20 and ChaCha20-Poly1305), which then does what this module's packet code
+does for a whole read at once.
+
 The behaviour follows Bitcoin Core's ``V2Transport`` (src/net.cpp) and ``BIP324Cipher``
 (src/bip324.cpp). ElligatorSwift and the ECDH come from the libsecp256k1 bundled with
 coincurve; ChaCha20 and ChaCha20Poly1305 from ``cryptography``.
@@ -37,13 +42,16 @@ import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from coincurve._libsecp256k1 import ffi, lib  # type: ignore[import-not-found]
 from coincurve.context import GLOBAL_CONTEXT
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+if TYPE_CHECKING:
+    from msgcap.capture._v2 import Pipe
 
 # --- constants ------------------------------------------------------------------------
 
@@ -248,6 +256,11 @@ _LENGTH_WORDS: Final = struct.Struct("<" + "HB" * REKEY_INTERVAL)
 (struct has no 3-byte integers): one call instead of 224."""
 
 
+CipherState = tuple[bytes, bytes, int, int]
+"""One direction's packet cipher: ``(l_key, p_key, epoch, index)``: the length and contents
+keys of the current epoch (rekey count), and the next packet's index in it (0..223)."""
+
+
 class PacketCipher:
     """One direction of the packet cipher: FSChaCha20 for the 3-byte lengths and
     FSChaCha20Poly1305 for the contents, both rekeyed every 224 packets.
@@ -262,9 +275,11 @@ class PacketCipher:
         "_aead",
         "_epoch",
         "_index",
+        "_l_key",
         "_length_ks",
         "_next_l_key",
         "_nonces",
+        "_p_key",
     )
 
     def __init__(self, l_key: bytes, p_key: bytes) -> None:
@@ -280,6 +295,7 @@ class PacketCipher:
         return self._epoch * REKEY_INTERVAL + self._index
 
     def _start_epoch(self, l_key: bytes, p_key: bytes) -> None:
+        self._l_key, self._p_key = l_key, p_key
         epoch8 = self._epoch.to_bytes(8, "little")
         # cryptography's ChaCha20 "nonce" is the 32-bit block counter and the 96-bit nonce:
         # counter 0, nonce = 4 zero bytes + the 64-bit rekey count.
@@ -304,6 +320,11 @@ class PacketCipher:
         self._epoch += 1
         self._index = 0
         self._start_epoch(self._next_l_key, p_key)
+
+    def state(self) -> CipherState:
+        """This epoch's keys and the next packet's place in it (what a native pipe takes
+        over)."""
+        return (self._l_key, self._p_key, self._epoch, self._index)
 
     def skip(self, packets: int) -> None:
         """Advance as if ``packets`` packets had been processed (test vectors start at a
@@ -666,6 +687,48 @@ class V2Session:
             return self.data_to_send() + packet
         return packet
 
+    # -- handing over to a native pipe ------------------------------------------------
+
+    def take_receiver(self) -> tuple[CipherState, bytes, int]:
+        """Give up the receiving direction (to a :class:`NativePipe`): its cipher state,
+        the bytes buffered after the last complete packet (the start of the next one, its
+        length field included) and their stream offset. Only once the handshake is over
+        and every complete packet has been taken out; this session receives no more."""
+        recv = self._recv
+        if (
+            recv is None
+            or self._state is not _State.PACKETS
+            or self._version_pending
+            or self._events
+            or self._error is not None
+        ):
+            raise RuntimeError("the receiving direction cannot be handed over now")
+        self._process()
+        if self._events or self._error is not None:
+            raise RuntimeError("complete packets are still buffered")
+        rest = b"".join(bytes(c) for c in self._chunks)[self._head :]
+        offset = self._consumed + self._head
+        if self._recv_len >= 0:  # its length field was consumed: put it back
+            length = self._recv_len ^ recv._length_ks[recv._index]
+            rest = length.to_bytes(LENGTH_LEN, "little") + rest
+            offset -= LENGTH_LEN
+        state = recv.state()
+        self._recv = None
+        self._state = _State.FAILED
+        self._error = V2Error(V2ErrorReason.BAD_TAG, "receiving was handed over", offset)
+        self._chunks.clear()
+        self._size = self._head = 0
+        return state, rest, offset
+
+    def take_sender(self) -> CipherState:
+        """Give up the sending direction (to a :class:`NativePipe`): its cipher state.
+        Only once every handshake byte has been drained; this session sends no more."""
+        send = self._send
+        if send is None or self._outgoing:
+            raise RuntimeError("the sending direction cannot be handed over now")
+        self._send = None
+        return send.state()
+
     # -- receiving ---------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -965,3 +1028,62 @@ class V2Session:
             if self._size < need or len(chunks) == 1:
                 return
             self._merge_front(need)
+
+
+# --- the native per-read step ---------------------------------------------------------
+
+NativePipe: type[Pipe] | None
+try:  # built by pip where a compiler and OpenSSL's headers exist (capture/_v2.c)
+    from msgcap.capture._v2 import Pipe as NativePipe
+except ImportError:  # pragma: no cover - depends on the build
+    NativePipe = None
+
+NATIVE_PIPE: Final = NativePipe is not None and not os.environ.get("MSGCAP_PURE_PYTHON")
+"""Whether :func:`native_pipe` hands connections to the native step (else the sessions'
+Python path runs; ``MSGCAP_PURE_PYTHON=1`` forces that)."""
+
+_PIPE_ERRORS: Final = {1: V2ErrorReason.OVERSIZE, 2: V2ErrorReason.BAD_TAG}
+
+
+def native_pipe(
+    receiver: V2Session, sender: V2Session, pipe_type: type[Pipe] | None = None
+) -> Pipe | None:
+    """One direction of a ``decrypt`` relay in native code: what ``receiver`` receives,
+    captured and re-encrypted by ``sender``'s sending cipher. Both sessions give those
+    directions up (see :meth:`V2Session.take_receiver`). None where the native part was
+    not built or is switched off (unless ``pipe_type`` is given): then nothing is taken."""
+    if pipe_type is None:
+        if NativePipe is None or not NATIVE_PIPE:
+            return None
+        pipe_type = NativePipe
+    if sender._send is None or sender._outgoing:  # take nothing: the Python path goes on
+        return None
+    try:
+        recv, rest, offset = receiver.take_receiver()
+    except RuntimeError:
+        return None
+    pipe = pipe_type(recv, sender.take_sender(), offset)
+    if rest:
+        count, _, _, dropped, error = pipe.feed(rest, 0)
+        assert count == 0 and dropped is None and error is None  # an incomplete packet
+    return pipe
+
+
+def pipe_error(error: tuple[int, int, int, int]) -> V2Error:
+    """The :class:`V2Error` for a native pipe's ``error`` (as the Python path words it)."""
+    code, number, length, offset = error
+    reason = _PIPE_ERRORS[code]
+    if reason is V2ErrorReason.OVERSIZE:
+        message = f"packet contents length {length} above {MAX_CONTENTS_LEN}"
+    else:
+        message = f"packet {number} ({length} bytes contents) failed authentication"
+    return V2Error(reason, message, offset)
+
+
+def pipe_dropped(dropped: list[tuple[int, bytes]]) -> list[tuple[int, str]]:
+    """A native pipe's dropped packets as the Python path describes them, with the
+    short id (0 for an invalid long type)."""
+    return [
+        (sid, f"unknown short id {sid}" if sid else f"invalid message type {raw!r}")
+        for sid, raw in dropped
+    ]

@@ -68,6 +68,21 @@ def record_header(time_us: int, msgtype: MsgType | str, length: int) -> bytes:
     return RECORD_HEADER.pack(time_us, raw, length)
 
 
+def record_messages(records: bytes) -> list[tuple[str, memoryview]]:
+    """The messages of well-formed records laid end to end (e.g. the records a native
+    BIP324 pipe made: every type printable ASCII, NUL-padded), payloads as views."""
+    view = memoryview(records)
+    messages: list[tuple[str, memoryview]] = []
+    pos, end = 0, len(records)
+    unpack = RECORD_HEADER.unpack_from
+    while pos < end:
+        _, raw, length = unpack(records, pos)
+        pos += RECORD_HEADER_SIZE
+        messages.append((raw.rstrip(b"\0").decode("ascii"), view[pos : pos + length]))
+        pos += length
+    return messages
+
+
 def encode_record(
     time_us: int, msgtype: MsgType | str, payload: bytes | bytearray | memoryview
 ) -> bytes:

@@ -187,6 +187,12 @@ class Clock:
         self._last = t + n - 1
         return t
 
+    def used(self, t0: int, n: int) -> None:
+        """``n`` stamps from ``t0`` (the first free one, as ``stamps(0)`` returns it) were
+        given to messages counted only afterwards (a native pipe's read)."""
+        if n:
+            self._last = max(self._last, t0 + n - 1)
+
 
 class CaptureWriter:
     """The two capture files of one connection, open for its whole life.

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from msgcap.capture.framing import HEADER_SIZE, Frame, FrameDecoder, MsgType, UncheckedFrame
 from msgcap.capture.records import Direction
@@ -34,6 +35,8 @@ from msgcap.proxy.conn import Conn
 from msgcap.proxy.events import EventLog, FrameError, LiveView, Timeout
 from msgcap.proxy.store import CaptureStopped, ConnectionCapture
 from msgcap.proxy.worker import CaptureWorker
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -321,20 +324,29 @@ class Relay:
         )  # fmt: skip
         return max(0, min(len(data), fatal.offset - start))
 
+    def guarded(self, capture: Callable[[], T]) -> T | None:
+        """In the capture thread: run ``capture``. When it fails under the ``stop``
+        policy (:class:`CaptureStopped`) the relay finishes and None is returned; any other
+        error finishes a strict relay too (nothing uncaptured may cross) and is raised."""
+        try:
+            return capture()
+        except CaptureStopped:
+            self._loop.call_soon_threadsafe(self.finish, "capture error")
+            return None
+        except Exception:
+            if self.strict:
+                self._loop.call_soon_threadsafe(self.finish, "capture error")
+            raise
+
     def _check_and_capture(
         self, src: Side, t0: int, frames: list[UncheckedFrame], size: int
     ) -> None:
         """In the capture thread: check frames as Core would, capture the valid ones
         (the i-th at time ``t0 + i``), count them and log the invalid ones."""
-        try:
-            ok, captured = self.capture.capture(src.direction, t0, frames, size)
-        except CaptureStopped:
-            self._loop.call_soon_threadsafe(self.finish, "capture error")
+        result = self.guarded(lambda: self.capture.capture(src.direction, t0, frames, size))
+        if result is None:
             return
-        except Exception:
-            if self.strict:  # nothing that was not captured may be forwarded
-                self._loop.call_soon_threadsafe(self.finish, "capture error")
-            raise
+        ok, captured = result
         stats = src.stats
         valid = ok.count(True)
         stats.captured += captured

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from msgcap.capture import bip324
 from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
 from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
@@ -185,6 +186,8 @@ class Proxy:
         if not self.store.writable and self.config.on_capture_error is CaptureErrorPolicy.STOP:
             await self.stop()
             raise StartupError(f"{self.store.problem} (on_capture_error is 'stop')")
+        if self.config.v2 is V2Policy.DECRYPT and not bip324.NATIVE_PIPE:
+            log.warning("native BIP324 step not in use (not built, or pure Python forced)")
         try:
             for route in self.config.routes:
                 await self._listen(route.listen, functools.partial(self._on_route, route),

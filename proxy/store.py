@@ -21,7 +21,7 @@ from pathlib import Path
 from msgcap.capture import batch
 from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
 from msgcap.capture.layout import Layout, capture_folder
-from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header
+from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header, record_messages
 from msgcap.capture.writer import CaptureWriter, probe_writable
 from msgcap.proxy.config import CaptureErrorPolicy, Config
 from msgcap.proxy.events import CaptureApart, CaptureError, CaptureLimit, EventLog
@@ -137,6 +137,27 @@ class ConnectionCapture:
         parts: list[bytes | memoryview] = []
         for time_us, (t, p) in enumerate(messages, t0):
             parts += (record_header(time_us, MsgType.from_text(t), len(p)), p)
+        return self._append_reserved(direction, parts, size, len(messages))
+
+    def capture_records(self, direction: Direction, t0: int, count: int, records: bytes) -> int:
+        """Capture ``count`` ready-made records (a native BIP324 pipe's, the i-th stamped
+        ``t0 + i``) as :meth:`capture_messages` would capture their messages (the same
+        quotas, metrics and failure policy), in one write when no quota is within reach
+        and no metrics are kept."""
+        if self.store.metrics is not None or not self.active or self.writer is None:
+            return self.capture_messages(direction, t0, record_messages(records))
+        size = len(records)
+        if self.store.reserve(self.quota_key, size) is not None:  # a quota is within reach
+            return self.capture_messages(direction, t0, record_messages(records))
+        return self._append_reserved(direction, [records], size, count)
+
+    def _append_reserved(
+        self, direction: Direction, parts: list[bytes | memoryview], size: int, count: int
+    ) -> int:
+        """Append ``parts`` (``count`` records, ``size`` bytes already reserved against
+        the quotas): how many were captured (0 on a failure, which is logged and whose
+        policy applies)."""
+        assert self.writer is not None
         try:
             batch.write_all(self.writer.fd(direction), parts)
         except Exception as e:  # any failure here is a capture failure
@@ -144,7 +165,7 @@ class ConnectionCapture:
             self.failed(f"cannot write capture: {type(e).__name__}: {e}")
             return 0
         self.bytes += size
-        return len(messages)
+        return count
 
     def _capture_up_to_quota(
         self, direction: Direction, items: list[batch.BatchItem], valid: list[bool]

@@ -8,14 +8,18 @@ de-frames, on a v1 leg) the messages of one leg, captures them exactly as Core c
 v2 messages, and encrypts (or frames) them for the other leg.
 
 The cryptography and the state machine are :mod:`msgcap.capture.bip324` (sans-IO); this
-module only moves bytes and messages.
+module only moves bytes and messages. Once both legs are v2 and their handshakes are over,
+each direction's ciphers go to the native step (``capture/_v2.c``, where it was built): one
+call per read decrypts its complete packets, makes their capture records and re-encrypts
+them for the other leg; the capture thread writes the records as they come. A v1 leg, or
+a build without the native step (``MSGCAP_PURE_PYTHON=1``), keeps the Python path.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from msgcap.capture.bip324 import (
     HandshakeComplete,
@@ -24,6 +28,9 @@ from msgcap.capture.bip324 import (
     V2Message,
     V2Session,
     VersionPacket,
+    native_pipe,
+    pipe_dropped,
+    pipe_error,
 )
 from msgcap.capture.framing import (
     Frame,
@@ -33,9 +40,12 @@ from msgcap.capture.framing import (
     StreamError,
     encode_frame,
 )
+from msgcap.capture.records import record_messages
 from msgcap.proxy.events import FrameError, V2Decoys, V2StreamError
 from msgcap.proxy.relay import Flow, Relay, Side
-from msgcap.proxy.store import CaptureStopped
+
+if TYPE_CHECKING:
+    from msgcap.capture._v2 import Pipe
 
 Message = tuple[str, bytes | memoryview]
 """A message type and its payload, whichever transport carried it."""
@@ -178,19 +188,36 @@ async def handshake(conn: Stream, session: V2Session, first: bytes = b"") -> lis
 
 
 class MessageFlow(Flow):
-    """The messages from ``src`` to ``dst``: read on one leg, captured, sent on the other."""
+    """The messages from ``src`` to ``dst``: read on one leg, captured, sent on the other.
 
-    __slots__ = ("decoys_reported", "dst_leg", "src_leg")
+    With both legs on v2 and the native step built, a :class:`~msgcap.capture._v2.Pipe`
+    does a whole read at once (decrypt, capture records, re-encrypt: :meth:`_data_native`);
+    otherwise the legs' Python objects do it message by message."""
+
+    __slots__ = ("decoys_before", "decoys_reported", "dst_leg", "pipe", "src_leg")
 
     def __init__(self, relay: MessageRelay, src: Side, dst: Side, src_leg: Leg, dst_leg: Leg):
         super().__init__(relay, src, dst)
         self.src_leg = src_leg
         self.dst_leg = dst_leg
         self.decoys_reported = False
+        self.pipe: Pipe | None = None
+        self.decoys_before = 0
+        """Decoys the Python session counted before the pipe took over."""
+
+    def go_native(self) -> None:
+        """Hand both ciphers of this direction to the native step, if it was built."""
+        src, dst = self.src_leg, self.dst_leg
+        if isinstance(src, V2Leg) and isinstance(dst, V2Leg):
+            self.decoys_before = src.session.decoys_received
+            self.pipe = native_pipe(src.session, dst.session)
 
     def data(self, data: bytes) -> None:
         relay = self.relay
         if relay.finished:
+            return
+        if self.pipe is not None:
+            self._data_native(self.pipe, data)
             return
         relay.last_activity = time.monotonic()
         self.src.stats.bytes += len(data)
@@ -205,17 +232,56 @@ class MessageFlow(Flow):
         if isinstance(self.src_leg, V2Leg):
             self.check_decoys(self.src_leg.session)
         if fatal is not None:
-            relay.fatal(self.src, fatal)
-            self.src.conn.hold("framing error")
-
-            def close() -> None:  # after the capture of what came before, if strict
-                self.dst.conn.close()
-                self.src.conn.abort()
-                relay.finish("framing error")
-
-            relay.after_capture(close)
+            self.fail(fatal)
             return
         self.pace_capture()
+
+    def _data_native(self, pipe: Pipe, data: bytes) -> None:
+        """One read in one native call; then its capture is queued and its packets are
+        sent on (under ``stop``: once that capture is written)."""
+        relay = self.relay
+        assert isinstance(relay, MessageRelay)
+        relay.last_activity = time.monotonic()
+        self.src.stats.bytes += len(data)
+        clock = relay.clock
+        t0 = clock.stamps(0)  # the next free stamp, max(now, last + 1); reserves none
+        count, records, out, dropped, error = pipe.feed(data, t0)
+        clock.used(t0, count)
+        if relay.budget is not None:
+            relay.budget.need(self.waiter, pipe.incomplete)
+        if dropped:
+            relay.dropped(
+                self.src, [(FrameProblem.INVALID_TYPE, d) for _, d in pipe_dropped(dropped)]
+            )
+        if count:
+            src, dst = self.src, self.dst.conn
+            if not relay.strict:  # forwarded first: then the capture thread is woken
+                dst.write(out)
+            relay.worker.submit(
+                lambda: relay.capture_records(src, t0, count, records), len(records)
+            )
+            if relay.strict:  # forwarded once captured
+                relay.after_capture(lambda: dst.write(out))
+        if not self.decoys_reported and self.decoys_before + pipe.decoys >= DECOY_WARNING:
+            self.report_decoys(self.decoys_before + pipe.decoys)
+        if error is not None:
+            self.fail(pipe_error(error))
+            return
+        self.pace_capture()
+
+    def fail(self, error: Exception) -> None:
+        """A fatal stream error: log it, then close once what came before is captured."""
+        relay = self.relay
+        assert isinstance(relay, MessageRelay)
+        relay.fatal(self.src, error)
+        self.src.conn.hold("framing error")
+
+        def close() -> None:  # after the capture of what came before, if strict
+            self.dst.conn.close()
+            self.src.conn.abort()
+            relay.finish("framing error")
+
+        relay.after_capture(close)
 
     def messages(self, messages: list[Message]) -> None:
         """Capture ``messages`` (from ``src``) and send them on to ``dst``."""
@@ -232,19 +298,24 @@ class MessageFlow(Flow):
 
     @property
     def incomplete(self) -> int:
-        return self.src_leg.incomplete
+        return self.src_leg.incomplete if self.pipe is None else self.pipe.incomplete
 
     def discard(self) -> None:
         super().discard()
-        self.src_leg.discard()
+        if self.pipe is not None:
+            self.pipe.discard()
+        else:
+            self.src_leg.discard()
 
     def check_decoys(self, session: V2Session) -> None:
         if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:
-            self.decoys_reported = True
-            relay = self.relay
-            relay.events.emit(V2Decoys(conn=relay.conn_id, peer=relay.peer,
-                                       direction=self.src.direction,
-                                       count=session.decoys_received))  # fmt: skip
+            self.report_decoys(session.decoys_received)
+
+    def report_decoys(self, count: int) -> None:
+        self.decoys_reported = True
+        relay = self.relay
+        relay.events.emit(V2Decoys(conn=relay.conn_id, peer=relay.peer,
+                                   direction=self.src.direction, count=count))  # fmt: skip
 
 
 class MessageRelay(Relay):
@@ -273,19 +344,30 @@ class MessageRelay(Relay):
                 flow.messages(early)
             if isinstance(flow.src_leg, V2Leg):
                 flow.check_decoys(flow.src_leg.session)
+        for flow in (ab, ba):
+            assert isinstance(flow, MessageFlow)
+            flow.go_native()
+
+    def capture_records(self, src: Side, t0: int, count: int, records: bytes) -> None:
+        """In the capture thread: capture the records a native pipe made (``count``
+        messages, the i-th stamped ``t0 + i``)."""
+        captured = self.guarded(
+            lambda: self.capture.capture_records(src.direction, t0, count, records)
+        )
+        if captured is None:
+            return
+        src.stats.messages += count
+        src.stats.captured += captured
+        if self.live is not None:
+            for i, (msgtype, payload) in enumerate(record_messages(records)):
+                self.live.message(t0 + i, self.peer, src.direction, msgtype, len(payload))
 
     def capture_messages(self, src: Side, t0: int, messages: list[Message]) -> None:
         """In the capture thread: capture one direction's messages, the i-th at
         ``t0 + i``."""
-        try:
-            captured = self.capture.capture_messages(src.direction, t0, messages)
-        except CaptureStopped:
-            self._loop.call_soon_threadsafe(self.finish, "capture error")
+        captured = self.guarded(lambda: self.capture.capture_messages(src.direction, t0, messages))
+        if captured is None:
             return
-        except Exception:
-            if self.strict:  # nothing that was not captured may be forwarded
-                self._loop.call_soon_threadsafe(self.finish, "capture error")
-            raise
         src.stats.messages += len(messages)
         src.stats.captured += captured
         if self.live is not None:
