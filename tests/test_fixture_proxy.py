@@ -15,7 +15,7 @@ from msgcap.errors import ConfigError
 from msgcap.parser.messages import Verack, Version
 from msgcap.parser.structures import AddressV1
 from msgcap.proxy.server import StartupError
-from msgcap.pytest_plugin import ProxyFactory, RunningProxy
+from msgcap.testing import ProxyFactory, RunningProxy
 
 pytest_plugins = ["pytester"]
 

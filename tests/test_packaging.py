@@ -56,3 +56,30 @@ def test_module_and_script_entry_points() -> None:
                 [str(Path(sys.executable).parent / "msgcap"), "--help"]):  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0 and "proxy" in res.stdout, res.stderr
+
+
+def test_the_pytest_plugin_imports_nothing_heavy() -> None:
+    """pytest loads msgcap's plugin in every project where msgcap is installed: importing
+    it loads no msgcap layer and no cryptography until a test uses a fixture. Prints what
+    it costs against importing pytest itself (``-X importtime``, cumulative)."""
+    code = (
+        "import sys, pytest; before = set(sys.modules); import msgcap.pytest_plugin; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    added = res.stdout.split()
+    heavy = [m for m in added if m.split(".")[0] in ("coincurve", "cryptography", "orjson")
+             or m.startswith(("msgcap.capture", "msgcap.parser", "msgcap.proxy"))]  # fmt: skip
+    assert "msgcap.pytest_plugin" in added and not heavy, heavy
+
+    def cumulative_us(module: str) -> int:
+        out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                             capture_output=True, text=True).stderr  # fmt: skip
+        rows = [line.split("|") for line in out.splitlines() if line.startswith("import time:")]
+        return next(int(r[1]) for r in rows if r[2].strip() == module)
+
+    pytest_us = min(cumulative_us("pytest") for _ in range(3))
+    plugin_us = min(cumulative_us("msgcap.pytest_plugin") for _ in range(3))
+    print(f"\nimport pytest: {pytest_us} us; msgcap.pytest_plugin on top of it: "
+          f"{plugin_us - pytest_us} us ({(plugin_us - pytest_us) / pytest_us:.2f}x)")  # fmt: skip
