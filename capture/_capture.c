@@ -21,7 +21,6 @@
 #include <limits.h>
 #include <openssl/evp.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -55,13 +54,13 @@ static int sha256d_prefix_matches(EVP_MD_CTX *ctx, item_t *it)
 
 /* writev everything in iov[0..count), completing short writes. 0, or an errno. When a
  * write fails part way, the file is cut back to where it ended before (a full disk must
- * not leave a torn record); if that fails too, *undo_err is set to its errno. */
+ * not leave a torn record); if that fails too, *undo_err is set to its errno. A real
+ * writev() either writes bytes or fails, so where the batch began is the end of the file
+ * less what was written: found only on failure, no syscall on the hot path. */
 static int write_all(int fd, struct iovec *iov, int count, int *undo_err)
 {
     *undo_err = 0;
-    if (count == 0)
-        return 0;
-    off_t start = lseek(fd, 0, SEEK_END); /* where this batch begins; -1: not a file */
+    off_t written = 0;
     int err = 0;
     while (count > 0) {
         int batch = count < IOV_MAX ? count : IOV_MAX;
@@ -76,6 +75,7 @@ static int write_all(int fd, struct iovec *iov, int count, int *undo_err)
             err = EIO; /* no progress: do not spin */
             break;
         }
+        written += n;
         while (batch > 0 && (size_t)n >= iov->iov_len) {
             n -= (ssize_t)iov->iov_len;
             iov++;
@@ -87,11 +87,12 @@ static int write_all(int fd, struct iovec *iov, int count, int *undo_err)
             iov->iov_len -= (size_t)n;
         }
     }
-    if (err && start >= 0) {
-        struct stat st;
-        if (fstat(fd, &st) != 0)
-            *undo_err = errno;
-        else if (st.st_size > start && ftruncate(fd, start) != 0)
+    if (err && written > 0) {
+        off_t end = lseek(fd, 0, SEEK_END);
+        if (end < 0) {
+            if (errno != ESPIPE) /* a pipe: nothing to cut back */
+                *undo_err = errno;
+        } else if (ftruncate(fd, end - written) != 0)
             *undo_err = errno;
     }
     return err;

@@ -349,6 +349,12 @@ static PyObject *openssl_failed(void)
     return NULL;
 }
 
+/* feed's result when data completes no packet (or the stream is over). */
+static PyObject *nothing(void)
+{
+    return Py_BuildValue("(nyyOO)", (Py_ssize_t)0, "", "", Py_None, Py_None);
+}
+
 static PyObject *Pipe_feed(Pipe *self, PyObject *args)
 {
     Py_buffer data;
@@ -370,7 +376,7 @@ static PyObject *Pipe_feed(Pipe *self, PyObject *args)
     memset(&r, 0, sizeof r);
     if (self->failed) {
         PyBuffer_Release(&data);
-        return Py_BuildValue("(nyyOO)", (Py_ssize_t)0, "", "", Py_None, Py_None);
+        return nothing();
     }
     /* Phase 1 (GIL held, cheap): find the complete packets, advancing the length cipher
      * (its keystream does not depend on the contents cipher). */
@@ -417,7 +423,7 @@ static PyObject *Pipe_feed(Pipe *self, PyObject *args)
         }
         if (!pending_done && !over) { /* all of data went into the packet being received */
             PyBuffer_Release(&data);
-            return Py_BuildValue("(nyyOO)", (Py_ssize_t)0, "", "", Py_None, Py_None);
+            return nothing();
         }
     }
     while (!over && len - pos >= LENGTH_LEN) {

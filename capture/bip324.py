@@ -449,6 +449,9 @@ class UnknownShortId:
         """Whether Core hands it to net_processing (and -capturemessages) as type ""."""
         return self.id in CORE_EMPTY_TYPE_IDS
 
+    def describe(self) -> str:
+        return f"unknown short id {self.id}"
+
 
 @dataclass(frozen=True, slots=True)
 class InvalidMessageType:
@@ -459,6 +462,9 @@ class InvalidMessageType:
     end before the type does (``b""`` for empty contents)."""
 
     raw: bytes
+
+    def describe(self) -> str:
+        return f"invalid message type {self.raw!r}"
 
 
 Event = HandshakeComplete | VersionPacket | V2Message | UnknownShortId | InvalidMessageType
@@ -491,6 +497,14 @@ class V2Error(Exception):
         self.reason = reason
         self.offset = offset
         """Received-stream offset at which the problem was found (-1 if unknown)."""
+
+
+def _oversize(length: int) -> str:
+    return f"packet contents length {length} above {MAX_CONTENTS_LEN}"
+
+
+def _bad_tag(number: int, length: int) -> str:
+    return f"packet {number} ({length} bytes contents) failed authentication"
 
 
 # --- session --------------------------------------------------------------------------
@@ -951,11 +965,7 @@ class V2Session:
                         break
                     rlen = int.from_bytes(mv[head : head + LENGTH_LEN], "little") ^ ks[j]
                     if rlen > MAX_CONTENTS_LEN:
-                        error = (
-                            V2ErrorReason.OVERSIZE,
-                            f"packet contents length {rlen} above {MAX_CONTENTS_LEN}",
-                            head,
-                        )
+                        error = (V2ErrorReason.OVERSIZE, _oversize(rlen), head)
                         break
                     head += LENGTH_LEN
                 end = head + rlen + HEADER_LEN + TAG_LEN
@@ -965,12 +975,8 @@ class V2Session:
                 try:
                     plain = aead.decrypt(nonces[j], mv[head:end], aad)
                 except InvalidTag:
-                    error = (
-                        V2ErrorReason.BAD_TAG,
-                        f"packet {recv._epoch * REKEY_INTERVAL + j} ({rlen} bytes contents) failed "
-                        "authentication",
-                        head - LENGTH_LEN,
-                    )
+                    number = recv._epoch * REKEY_INTERVAL + j
+                    error = (V2ErrorReason.BAD_TAG, _bad_tag(number, rlen), head - LENGTH_LEN)
                     break
                 aad = None
                 head = end
@@ -1072,18 +1078,15 @@ def native_pipe(
 def pipe_error(error: tuple[int, int, int, int]) -> V2Error:
     """The :class:`V2Error` for a native pipe's ``error`` (as the Python path words it)."""
     code, number, length, offset = error
-    reason = _PIPE_ERRORS[code]
-    if reason is V2ErrorReason.OVERSIZE:
-        message = f"packet contents length {length} above {MAX_CONTENTS_LEN}"
-    else:
-        message = f"packet {number} ({length} bytes contents) failed authentication"
-    return V2Error(reason, message, offset)
+    if _PIPE_ERRORS[code] is V2ErrorReason.OVERSIZE:
+        return V2Error(V2ErrorReason.OVERSIZE, _oversize(length), offset)
+    return V2Error(V2ErrorReason.BAD_TAG, _bad_tag(number, length), offset)
 
 
 def pipe_dropped(dropped: list[tuple[int, bytes]]) -> list[tuple[int, str]]:
     """A native pipe's dropped packets as the Python path describes them, with the
     short id (0 for an invalid long type)."""
     return [
-        (sid, f"unknown short id {sid}" if sid else f"invalid message type {raw!r}")
+        (sid, UnknownShortId(sid).describe() if sid else InvalidMessageType(raw).describe())
         for sid, raw in dropped
     ]

@@ -256,14 +256,11 @@ def run_proxy(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    from msgcap.proxy.server import StartupError, tune_allocator
+    from msgcap.proxy.server import tune_allocator
 
     tune_allocator()
-    try:
+    try:  # a StartupError (a MsgcapError) goes to main() like any other
         return int(runner(_serve(config)))
-    except StartupError as e:  # names the step, the file or address, and the cause
-        print(f"msgcap: error: {e}", file=sys.stderr)
-        return e.exit_status
     except OSError as e:
         print(f"msgcap: error: {e}", file=sys.stderr)
         return 1
@@ -284,8 +281,7 @@ async def _serve(config: Config) -> int:
         await proxy.run_until(stop)
     if failures.count:
         more = f"{failures.count} errors, the first: " if failures.count > 1 else ""
-        print(f"msgcap: error: while running: {more}{failures.first}", file=sys.stderr)
-        return 1
+        raise MsgcapError(f"while running: {more}{failures.first}")
     return 0
 
 

@@ -812,31 +812,41 @@ static COLD void raise_error(const Ctx *c) {
     Py_DECREF(args);
 }
 
+/* Walk payload as msgtype into c (which says dry or reverse), without the GIL, and
+   release payload: 0 when it decoded, 1 where it is left to Python, -1 with an
+   exception set (no native renderer, or the payload does not decode). c->out is the
+   caller's to free. */
+static int walk(const char *msgtype, Py_buffer *payload, Ctx *c) {
+    const Kind *k = kind_of(msgtype, strlen(msgtype));
+    if (!k) {
+        PyBuffer_Release(payload);
+        PyErr_Format(PyExc_KeyError, "no native renderer for %s", msgtype);
+        return -1;
+    }
+    c->p = payload->buf;
+    c->n = (size_t)payload->len;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = body(c, k);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(payload);
+    if (!rc) return 0;
+    if (c->err == E_PYTHON) return 1;
+    raise_error(c);
+    return -1;
+}
+
 static PyObject *render(PyObject *self, PyObject *args) {
     const char *msgtype;
     Py_buffer payload;
     int reverse;
     if (!PyArg_ParseTuple(args, "sy*p", &msgtype, &payload, &reverse)) return NULL;
-    const Kind *k = kind_of(msgtype, strlen(msgtype));
-    if (!k) {
-        PyBuffer_Release(&payload);
-        return PyErr_Format(PyExc_KeyError, "no native renderer for %s", msgtype);
-    }
-    Ctx c = {.p = payload.buf, .n = (size_t)payload.len, .reverse = reverse};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = body(&c, k);
-    Py_END_ALLOW_THREADS
-    PyObject *result = NULL;
-    if (rc && c.err == E_PYTHON) {
-        result = Py_NewRef(Py_None);
-    } else if (rc) {
-        raise_error(&c);
-    } else {
-        result = PyBytes_FromStringAndSize(c.out, (Py_ssize_t)c.len);
-    }
+    Ctx c = {.reverse = reverse};
+    int rc = walk(msgtype, &payload, &c);
+    PyObject *result = rc < 0   ? NULL
+                       : rc > 0 ? Py_NewRef(Py_None)
+                                : PyBytes_FromStringAndSize(c.out, (Py_ssize_t)c.len);
     free(c.out);
-    PyBuffer_Release(&payload);
     return result;
 }
 
@@ -844,27 +854,10 @@ static PyObject *check(PyObject *self, PyObject *args) {
     const char *msgtype;
     Py_buffer payload;
     if (!PyArg_ParseTuple(args, "sy*", &msgtype, &payload)) return NULL;
-    const Kind *k = kind_of(msgtype, strlen(msgtype));
-    if (!k) {
-        PyBuffer_Release(&payload);
-        return PyErr_Format(PyExc_KeyError, "no native renderer for %s", msgtype);
-    }
-    Ctx c = {.p = payload.buf, .n = (size_t)payload.len, .dry = 1};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = body(&c, k);
-    Py_END_ALLOW_THREADS
-    PyObject *result = NULL;
-    if (rc && c.err == E_PYTHON) {
-        result = Py_NewRef(Py_False);
-    } else if (rc) {
-        raise_error(&c);
-    } else {
-        result = Py_NewRef(Py_True);
-    }
+    Ctx c = {.dry = 1};
+    int rc = walk(msgtype, &payload, &c);
     free(c.out); /* NULL: nothing was written */
-    PyBuffer_Release(&payload);
-    return result;
+    return rc < 0 ? NULL : Py_NewRef(rc > 0 ? Py_False : Py_True);
 }
 
 /* --- whole records -------------------------------------------------------------------- */

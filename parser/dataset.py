@@ -62,7 +62,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final
+from typing import IO, Any, BinaryIO, Final, cast
 
 import orjson
 
@@ -81,6 +81,7 @@ from msgcap.capture.records import (
     scan,
 )
 from msgcap.errors import MsgcapError, UsageError
+from msgcap.parser import fastjson
 from msgcap.parser.structures import BlockHeader, Transaction
 from msgcap.parser.wire import DecodeError, Reader, display_hash
 
@@ -387,27 +388,11 @@ def check_payload(msgtype: str, payload: bytes | memoryview) -> None:
     decode_message(msgtype, bytes(payload))
 
 
-class _NonCanonical(Exception):
-    pass
-
-
-_U16: Final = struct.Struct("<H").unpack_from
-_U32: Final = struct.Struct("<I").unpack_from
-_U64: Final = struct.Struct("<Q").unpack_from
-
-
-def _big_compact(p: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """A CompactSize whose first byte (at ``pos``) is 0xfd or more, and where it ends."""
-    first = p[pos]
-    if first == 0xFD:
-        n, end, floor = _U16(p, pos + 1)[0], pos + 3, 0xFD
-    elif first == 0xFE:
-        n, end, floor = _U32(p, pos + 1)[0], pos + 5, 0x10000
-    else:
-        n, end, floor = _U64(p, pos + 1)[0], pos + 9, 0x100000000
-    if n < floor:
-        raise _NonCanonical
-    return int(n), end
+# The CompactSize reader of the pure-Python renderer (it reads a memoryview as well).
+_big_compact: Final = cast(
+    Callable[[bytes | memoryview, int], tuple[int, int]], fastjson._big_compact
+)
+_NonCanonical: Final = fastjson._NonCanonical
 
 
 def _count_at(p: bytes | memoryview, pos: int) -> tuple[int, int]:

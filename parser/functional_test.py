@@ -144,6 +144,9 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
     own: dict[bytes, tuple[str, bytes]] = {}
     own_headers: dict[bytes, BlockHeader] = {}
     recorded_txs: list[Transaction] = []
+    stores: dict[str, dict[str, str]] = {"blocks": {}, "cmpctblocks": {}, "txs": {}, "blocktxn": {}}
+    """Recorded payloads by hash (RPC order), the first of each kept: the Plan's dicts."""
+    notfound: list[str] = []
     mentions: list[bytes] = []
     marks: list[int] = []
     """Per pending entry: how many chain mentions preceded it (its own included)."""
@@ -209,7 +212,7 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
                 delivered.add(h)
             store = {"block": "blocks", "cmpctblock": "cmpctblocks"}.get(msgtype)
             if store is not None:
-                pending.append((direction, f"index {store} {display_hash(h)}", payload))
+                stores[store].setdefault(display_hash(h), payload.hex())
             key = open_items.pop(("block", h), None)
             if key is not None:
                 answered.append(key)
@@ -217,7 +220,7 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
             msg = _decode(msgtype, payload)
             if isinstance(msg, m.Tx):
                 for h in (msg.tx.txid, msg.tx.wtxid):
-                    pending.append((direction, f"index txs {display_hash(h)}", payload))
+                    stores["txs"].setdefault(display_hash(h), payload.hex())
                     key = open_items.pop(("tx", h), None)
                     if key is not None:
                         answered.append(key)
@@ -233,7 +236,7 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
         elif msgtype == "notfound":
             msg = _decode(msgtype, payload)
             for item in getattr(msg, "inv", ()):
-                pending.append((direction, f"index notfound {display_hash(item.hash)}", b""))
+                notfound.append(display_hash(item.hash))
                 gone = open_items.pop((_family(item.type) or "", item.hash), "")
                 if gone:
                     answered.append("notfound")
@@ -241,7 +244,7 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
             msg = _decode(msgtype, payload)
             if isinstance(msg, m.BlockTxn):
                 bh = display_hash(msg.block_transactions.block_hash)
-                pending.append((direction, f"index blocktxn {bh}", payload))
+                stores["blocktxn"].setdefault(bh, payload.hex())
             if open_getblocktxn:
                 open_getblocktxn -= 1
                 answered.append("blocktxn")
@@ -257,19 +260,15 @@ def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn
     while len(marks) < len(pending):
         marks.append(len(mentions))
     out = Plan(peer_version, peer_features, node_version, node_features)
+    out.blocks, out.cmpctblocks = stores["blocks"], stores["cmpctblocks"]
+    out.txs, out.blocktxn, out.notfound = stores["txs"], stores["blocktxn"], notfound
     chain = _best_chain(all_headers)
     position = {h: i + 1 for i, h in enumerate(chain)}
     reach = [0]
     for h in mentions:
         reach.append(max(reach[-1], position.get(h, 0)))
     for (_, what, payload), mark in zip(pending, marks, strict=True):
-        if what.startswith("index "):
-            _, store, name = what.split(" ", 2)
-            if store == "notfound":
-                out.notfound.append(name)
-            else:
-                getattr(out, store).setdefault(name, payload.hex())
-        elif what.startswith("answered "):
+        if what.startswith("answered "):
             for key in what.removeprefix("answered ").split("\n"):
                 if key == "getheaders":
                     out.getheaders += 1
@@ -450,12 +449,12 @@ def constructor(msgtype: str, payload: bytes, plan: Plan) -> tuple[str, set[str]
     if isinstance(msg, m.Headers):
         hashes = ", ".join(f'"{display_hash(h.hash)}"' for h in msg.headers)
         return f"msg_headers(self.data.headers([{hashes}]))", {"msg_headers"}
-    if msgtype == "block" and display_hash(_hash256(payload[:80])) in plan.blocks:
-        return f'msg_block(self.data.block("{display_hash(_hash256(payload[:80]))}"))', {
-            "msg_block"
-        }
-    if msgtype == "cmpctblock" and display_hash(_hash256(payload[:80])) in plan.cmpctblocks:
-        return f'self.data.cmpctblock("{display_hash(_hash256(payload[:80]))}")', set()
+    if msgtype in ("block", "cmpctblock"):
+        block = display_hash(_hash256(payload[:80]))
+        if msgtype == "block" and block in plan.blocks:
+            return f'msg_block(self.data.block("{block}"))', {"msg_block"}
+        if msgtype == "cmpctblock" and block in plan.cmpctblocks:
+            return f'self.data.cmpctblock("{block}")', set()
     if isinstance(msg, m.Tx) and display_hash(msg.tx.txid) in plan.txs:
         return f'msg_tx(self.data.tx("{display_hash(msg.tx.txid)}"))', {"msg_tx"}
     return f'msg_generic(b"{msgtype}", bytes.fromhex("{payload.hex()}"))', {"msg_generic"}

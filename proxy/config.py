@@ -12,6 +12,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,15 +416,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         node = HostPort.parse(r["node"], f"{key}.node") if "node" in r else None
         routes.append(Route(listen, peer, node, _node_name(r, key)))
     socks5 = []
-    tables = data.get("socks5", [])
-    for i, s in enumerate(tables if isinstance(tables, list) else [tables]):
-        key = f"socks5[{i}]" if isinstance(tables, list) else "socks5"
-        s = _typed(s, dict, key)
-        extra = set(s) - {"listen", "username", "password", "allow", "node_name"}
-        if extra:
-            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
-        if "listen" not in s:
-            raise ConfigError(f"{key}: needs 'listen'")
+    for key, s in _listeners(data, "socks5", {"username", "password", "allow"}):
         if ("username" in s) != ("password" in s):
             raise ConfigError(f"{key}: set both 'username' and 'password', or neither")
         allow = tuple(
@@ -437,7 +430,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             allow,
             _node_name(s, key),
         ))  # fmt: skip
-    transparent = _transparent(data.get("transparent", []))
+    transparent = _transparent(data)
     limits = Limits()
     if "limits" in data:
         lim = _typed(data["limits"], dict, "limits")
@@ -476,17 +469,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def _transparent(tables: Any) -> tuple[Transparent, ...]:
-    """``[[transparent]]`` (or one ``[transparent]`` table)."""
-    out = []
+def _listeners(
+    data: dict[str, Any], name: str, keys: set[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The tables ``[[name]]`` (or one ``[name]``), each with its key for messages; each
+    has ``listen``, and only ``keys`` besides ``listen`` and ``node_name``."""
+    tables = data.get(name, [])
     for i, t in enumerate(tables if isinstance(tables, list) else [tables]):
-        key = f"transparent[{i}]" if isinstance(tables, list) else "transparent"
+        key = f"{name}[{i}]" if isinstance(tables, list) else name
         t = _typed(t, dict, key)
-        extra = set(t) - {"listen", "node", "node_name", "mark"}
+        extra = set(t) - {"listen", "node_name", *keys}
         if extra:
             raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
         if "listen" not in t:
             raise ConfigError(f"{key}: needs 'listen'")
+        yield key, t
+
+
+def _transparent(data: dict[str, Any]) -> tuple[Transparent, ...]:
+    """``[[transparent]]`` (or one ``[transparent]`` table)."""
+    out = []
+    for key, t in _listeners(data, "transparent", {"node", "mark"}):
         listen = HostPort.parse(_typed(t["listen"], str, f"{key}.listen"), f"{key}.listen")
         node = None
         if "node" in t:

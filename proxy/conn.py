@@ -223,7 +223,6 @@ async def connect(sock: socket.socket) -> Conn:
     return conn
 
 
-async def serve(host: str, port: int, handler: Callable[[Conn], object]) -> asyncio.Server:
-    """Listen on ``host:port`` and call ``handler`` with each accepted :class:`Conn`."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: Conn(handler), host, port)
+async def accept(sock: socket.socket, on_open: Callable[[Conn], object]) -> None:
+    """A :class:`Conn` on an accepted socket, handed to ``on_open`` once it is open."""
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: Conn(on_open), sock)

@@ -106,6 +106,7 @@ class Flow:
         """Hold ``data`` until the frames it completes are captured, then forward them."""
         relay = self.relay
         self.held.append(data)
+        start = self.decoder.offset + self.decoder.buffered  # stream offset of data[0]
         captured_before = relay.take(self, data)
         if relay.budget is not None:
             relay.budget.need(self.waiter, self.incomplete)
@@ -117,7 +118,7 @@ class Flow:
             return
         # A fatal framing error: forward what precedes it once captured, then close.
         self.src.conn.hold("framing error")
-        end = self.sent_offset + sum(map(len, self.held)) - len(data) + captured_before
+        end = start + captured_before
 
         def close() -> None:
             self._forward_to(end)

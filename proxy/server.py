@@ -34,7 +34,7 @@ from msgcap.proxy.config import (
     Transparent,
     V2Policy,
 )
-from msgcap.proxy.conn import Conn, connect
+from msgcap.proxy.conn import Conn, accept, connect
 from msgcap.proxy.events import (
     Close,
     ConnectionLimit,
@@ -71,9 +71,7 @@ from msgcap.proxy.worker import CaptureWorker
 log = logging.getLogger("msgcap")
 
 
-async def connect_any(
-    host: str | Sequence[str], port: int, timeout: float, mark: int | None = None
-) -> Conn:
+async def connect_any(host: str | Sequence[str], port: int, timeout: float, mark: int = 0) -> Conn:
     """Connect to the first address of ``host`` (or of the first of several hosts) that
     accepts; raise the first error. ``mark``: SO_MARK on the socket (transparent route)."""
     loop = asyncio.get_running_loop()
@@ -93,8 +91,7 @@ async def connect_any(
                 first = first or e
                 continue
             try:
-                if mark:
-                    transparent.set_mark(sock, mark)
+                transparent.set_mark(sock, mark)
                 sock.setblocking(False)
                 await loop.sock_connect(sock, addr)
             except OSError as e:
@@ -207,8 +204,8 @@ class Proxy:
                 except OSError as e:
                     raise _startup_error(f"cannot serve metrics on {at}", e) from None
             for socks in self.config.socks5:
-                await self._listen(socks.listen, functools.partial(self._on_socks, socks),
-                                   "socks5")  # fmt: skip
+                await self._listen(socks.listen, functools.partial(self._on_socks, socks,
+                                   socks5.AllowList(socks.allow)), "socks5")  # fmt: skip
                 self.events.emit(
                     Listen(route="socks5", listen=str(socks.listen), node_name=socks.node_name)
                 )
@@ -247,9 +244,6 @@ class Proxy:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-        async def accepted(sock: socket.socket) -> None:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: Conn(spawn), sock)
-
         try:
             sockets = bind(at.host, at.port)
         except OSError as e:
@@ -258,7 +252,11 @@ class Proxy:
             for sock in sockets:
                 setup(sock)
         bound = str(HostPort(*sockets[0].getsockname()[:2]))
-        listener = Listener(sockets, accepted, functools.partial(self._accept_failed, bound))
+        listener = Listener(
+            sockets,
+            functools.partial(accept, on_open=spawn),
+            functools.partial(self._accept_failed, bound),
+        )
         listener.start()
         self.servers.append(listener)
 
@@ -426,7 +424,7 @@ class Proxy:
             _close(conn)
             _close(upstream)
 
-    async def _on_socks(self, cfg: Socks5, conn: Conn) -> None:
+    async def _on_socks(self, cfg: Socks5, allow: socks5.AllowList, conn: Conn) -> None:
         conn_id = self._admit(conn, "socks5")
         if conn_id is None:
             return
@@ -454,7 +452,7 @@ class Proxy:
             peer = peer_folder_name(req.host, req.port)
             dest = HostPort(req.host, req.port)
             try:
-                upstream = await self._socks_dial(cfg, req)
+                upstream = await self._socks_dial(allow, req)
             except (OSError, TimeoutError, socks5.SocksError) as e:
                 self._exhausted("upstream connect", e, conn_id, peer)
                 code = socks5.reply_for(e)
@@ -487,14 +485,13 @@ class Proxy:
             _close(conn)
             _close(upstream)
 
-    async def _socks_dial(self, cfg: Socks5, req: socks5.Request) -> Conn:
+    async def _socks_dial(self, allow: socks5.AllowList, req: socks5.Request) -> Conn:
         """Connect to a SOCKS5 destination the listener's allow list admits: a name that
         only address entries can admit is resolved first, and then only the admitted
         addresses are dialed. Raises :class:`socks5.SocksError` (reply 2) when refused,
         also when such a name does not resolve (the reply does not tell whether a name
         exists)."""
         timeout = self.config.limits.handshake_timeout
-        allow = socks5.AllowList(cfg.allow)
         verdict = allow.decide(req.host, req.port)
         if isinstance(verdict, socks5.Resolve):
             addresses: list[str] = []
@@ -541,9 +538,7 @@ class Proxy:
             self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
         return first
 
-    async def _connect(
-        self, conn_id: int, peer: str, to: HostPort, mark: int | None = None
-    ) -> Conn | None:
+    async def _connect(self, conn_id: int, peer: str, to: HostPort, mark: int = 0) -> Conn | None:
         try:
             return await connect_any(to.host, to.port, self.config.limits.handshake_timeout, mark)
         except (OSError, TimeoutError) as e:
@@ -562,7 +557,7 @@ class Proxy:
         upstream: Conn,
         first: bytes,
         upstream_addr: HostPort,
-        mark: int | None = None,
+        mark: int = 0,
     ) -> tuple[tuple[Leg, Leg], tuple[list[Message], list[Message]], Conn | None] | None:
         """Set up both legs of a BIP324 connection under ``decrypt``: the client's as its
         responder, the upstream's as initiator (v1 if it closes first: then a new
@@ -644,7 +639,7 @@ class Proxy:
         first: bytes,
         upstream_addr: HostPort,
         node_name: str | None,
-        mark: int | None = None,
+        mark: int = 0,
     ) -> None:
         v2 = not first.startswith(self.v1_prefix)
         decrypt = v2 and self.config.v2 is V2Policy.DECRYPT

@@ -232,10 +232,8 @@ class AllowList:
             return Refuse(f"destination {dest} ({address}) not in allow list")
         name = (host[:-1] if host.endswith(".") else host).lower()
         # A last label of digits is no DNS name (RFC 3696 2): only '*' admits it by name.
-        by_name = self.entries if not name.rpartition(".")[2].isdigit() else ()
-        if any(e.allows_name(name, port) for e in by_name) or any(
-            e.host is None and e.allows_name(name, port) for e in self.entries
-        ):
+        dns_name = not name.rpartition(".")[2].isdigit()
+        if any((dns_name or e.host is None) and e.allows_name(name, port) for e in self.entries):
             return Dial((host,))
         if any(e.admits_addresses(port) for e in self.entries):
             return Resolve(host)

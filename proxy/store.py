@@ -144,10 +144,9 @@ class ConnectionCapture:
         ``t0 + i``) as :meth:`capture_messages` would capture their messages (the same
         quotas, metrics and failure policy), in one write when no quota is within reach
         and no metrics are kept."""
-        if self.store.metrics is not None or not self.active or self.writer is None:
-            return self.capture_messages(direction, t0, record_messages(records))
         size = len(records)
-        if self.store.reserve(self.quota_key, size) is not None:  # a quota is within reach
+        if (self.store.metrics is not None or not self.active or self.writer is None
+                or self.store.reserve(self.quota_key, size) is not None):  # fmt: skip
             return self.capture_messages(direction, t0, record_messages(records))
         return self._append_reserved(direction, [records], size, count)
 
@@ -231,12 +230,15 @@ class CaptureStore:
         self.total = 0
         self.problem = self._check_root()
         """Why the capture directory cannot take files (None: it can)."""
-        self.writable = self.problem is None
         if self.problem is not None:
-            problem = self.problem
             note = ("no capture until it is writable" if self.on_error is
                     CaptureErrorPolicy.CONTINUE else "refusing connections")  # fmt: skip
-            events.emit(CaptureError(error=problem, policy=self.on_error.value, note=note))
+            events.emit(CaptureError(error=self.problem, policy=self.on_error.value, note=note))
+
+    @property
+    def writable(self) -> bool:
+        """Whether the capture directory could take files when the store was made."""
+        return self.problem is None
 
     def _check_root(self) -> str | None:
         """Why the capture directory cannot take files, or None."""

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from msgcap.proxy.config import DEFAULT_MARK, HostPort
+from msgcap.proxy.config import DEFAULT_MARK, HostPort, canonical_address
 
 SO_ORIGINAL_DST: Final = 80
 """``getsockopt(SOL_IP, ...)``: the IPv4 destination before a NAT redirect (netfilter)."""
@@ -70,9 +70,7 @@ def canonical_host(host: str) -> str:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return str(canonical_address(address))
 
 
 def is_local(host: str) -> bool:

@@ -134,9 +134,9 @@ class V2Leg:
                 if ev.core_delivers:  # Core passes ids 29..32 on as type ""
                     messages.append(("", ev.payload))
                 else:
-                    dropped.append((FrameProblem.INVALID_TYPE, f"unknown short id {ev.id}"))
+                    dropped.append((FrameProblem.INVALID_TYPE, ev.describe()))
             elif not isinstance(ev, HandshakeComplete | VersionPacket):
-                dropped.append((FrameProblem.INVALID_TYPE, f"invalid message type {ev.raw!r}"))
+                dropped.append((FrameProblem.INVALID_TYPE, ev.describe()))
         return messages, dropped, error
 
     @property

@@ -111,6 +111,19 @@ class Upstream:
         self.server.close()
 
 
+async def echo_server() -> asyncio.Server:
+    """A loopback server that sends back whatever it receives, until EOF."""
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    return await asyncio.start_server(echo, "127.0.0.1", 0)
+
+
 @contextlib.asynccontextmanager
 async def running_proxy(tmp: Path, **overrides: Any) -> AsyncIterator[Proxy]:
     """A proxy in this event loop on regtest, capturing to ``tmp / "cap"`` (events in

@@ -22,6 +22,7 @@ from tests.conftest import (
     MAGIC,
     PING,
     VERSION,
+    echo_server,
     logged,
     read_events,
     running_proxy,
@@ -193,17 +194,6 @@ CASES: dict[str, tuple[Attack, str, str, bytes | None]] = {
         "socks_error", "bad request version 4", b"\x05\x00\x05\x01",
     ),
 }  # fmt: skip
-
-
-async def echo_server() -> asyncio.Server:
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-        w.close()
-
-    return await asyncio.start_server(echo, "127.0.0.1", 0)
 
 
 def files_outside(root: Path, allowed: Path) -> list[Path]:

@@ -55,6 +55,7 @@ from tests.conftest import (
     MAGIC,
     PING,
     VERSION,
+    echo_server,
     logged,
     read_events,
     running_proxy,
@@ -166,14 +167,7 @@ async def test_planted_link_through_the_proxy(tmp_path: Path, outside: Path, pol
     """A link planted as a peer's msgs_sent.dat: refused with a capture_error, and the
     policy holds (continue: forwarding goes on without capture; stop: closed)."""
 
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-        w.close()
-
-    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    srv = await echo_server()
     port = srv.sockets[0].getsockname()[1]
     cap = tmp_path / "cap"
     plant(cap, f"127.0.0.1_{port}/{SENT_FILE}", outside / "precious")
@@ -549,14 +543,7 @@ async def test_long_socks5_destinations_are_captured_apart(
     """Two SOCKS5 destinations whose 253-byte names differ in the last byte: two
     folders, each with its own conversation."""
 
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-        w.close()
-
-    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    srv = await echo_server()
     echo_port = srv.sockets[0].getsockname()[1]
     real_connect = server.connect_any
 

@@ -47,6 +47,7 @@ from tests.conftest import (
     VERSION,
     ProxyProcess,
     Upstream,
+    echo_server,
     free_port,
     logged,
     read_events,
@@ -399,17 +400,6 @@ def test_arbitrary_hosts_never_reach_a_denied_address(host: str, port: int) -> N
 
 
 # --- SOCKS5 allow lists, end to end -----------------------------------------------------
-
-
-async def echo_server() -> asyncio.Server:
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-        w.close()
-
-    return await asyncio.start_server(echo, "127.0.0.1", 0)
 
 
 def socks_request(host: str | bytes, port: int) -> bytes:
