@@ -816,7 +816,7 @@ static COLD void raise_error(const Ctx *c) {
    release payload: 0 when it decoded, 1 where it is left to Python, -1 with an
    exception set (no native renderer, or the payload does not decode). c->out is the
    caller's to free. */
-static int walk(const char *msgtype, Py_buffer *payload, Ctx *c) {
+static int render_walk(const char *msgtype, Py_buffer *payload, Ctx *c) {
     const Kind *k = kind_of(msgtype, strlen(msgtype));
     if (!k) {
         PyBuffer_Release(payload);
@@ -842,7 +842,7 @@ static PyObject *render(PyObject *self, PyObject *args) {
     int reverse;
     if (!PyArg_ParseTuple(args, "sy*p", &msgtype, &payload, &reverse)) return NULL;
     Ctx c = {.reverse = reverse};
-    int rc = walk(msgtype, &payload, &c);
+    int rc = render_walk(msgtype, &payload, &c);
     PyObject *result = rc < 0   ? NULL
                        : rc > 0 ? Py_NewRef(Py_None)
                                 : PyBytes_FromStringAndSize(c.out, (Py_ssize_t)c.len);
@@ -855,7 +855,7 @@ static PyObject *check(PyObject *self, PyObject *args) {
     Py_buffer payload;
     if (!PyArg_ParseTuple(args, "sy*", &msgtype, &payload)) return NULL;
     Ctx c = {.dry = 1};
-    int rc = walk(msgtype, &payload, &c);
+    int rc = render_walk(msgtype, &payload, &c);
     free(c.out); /* NULL: nothing was written */
     return rc < 0 ? NULL : Py_NewRef(rc > 0 ? Py_False : Py_True);
 }
