@@ -50,6 +50,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from msgcap.capture.errors import MsgcapError
+
 if TYPE_CHECKING:
     from msgcap.capture._v2 import Pipe
 
@@ -489,7 +491,7 @@ class V2ErrorReason(enum.Enum):
     """A packet's contents length is above :data:`MAX_CONTENTS_LEN`."""
 
 
-class V2Error(Exception):
+class V2Error(MsgcapError):
     """A condition on which Core gives up the connection; the stream cannot continue."""
 
     def __init__(self, reason: V2ErrorReason, message: str, offset: int) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, NamedTuple
 
+from msgcap.capture.errors import UsageError
 from msgcap.capture.layout import SESSION_DIR, peer_of_capture_file
 from msgcap.capture.records import (
     MAX_TIME,
@@ -47,7 +48,6 @@ from msgcap.capture.records import (
     scan,
     walk_records,
 )
-from msgcap.errors import UsageError
 
 log = logging.getLogger("msgcap")
 
@@ -477,7 +477,7 @@ def conversation(
     """The records of capture files and folders (searched recursively for ``*.dat``) as
     one time-ordered stream, with the tie rule and damage reports of the module doc.
 
-    Raises :class:`~msgcap.errors.UsageError` for a path that does not exist or a folder
+    Raises :class:`~msgcap.capture.errors.UsageError` for a path that does not exist or a folder
     without capture files.
     """
     return merged(expand_paths(os.fspath(p) for p in paths), on_damage)

@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from msgcap.capture.errors import MsgcapError
+
 HEADER_SIZE: Final = 24
 MAX_PROTOCOL_MESSAGE_LENGTH: Final = 4_000_000
 """Core's MAX_PROTOCOL_MESSAGE_LENGTH: longer payloads make it disconnect."""
@@ -65,9 +67,14 @@ def parse_magic(text: str) -> bytes:
     return magic
 
 
+def hash256(data: bytes | bytearray | memoryview) -> bytes:
+    """SHA256(SHA256(data)), Core's ``Hash``: message checksums, txids, block hashes."""
+    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
+
+
 def checksum(payload: bytes | bytearray | memoryview) -> bytes:
-    """First 4 bytes of SHA256(SHA256(payload))."""
-    return hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
+    """First 4 bytes of :func:`hash256` of the payload."""
+    return hash256(payload)[:4]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -255,7 +262,7 @@ class UncheckedFrame(NamedTuple):
 # --- errors ---------------------------------------------------------------------------
 
 
-class StreamError(Exception):
+class StreamError(MsgcapError):
     """A framing error on which Core disconnects: nothing after it can be framed."""
 
     problem: FrameProblem

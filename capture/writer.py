@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from msgcap.capture.batch import write_all
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.layout import RECV_FILE, SENT_FILE
 from msgcap.capture.records import Direction, encode_record
 
@@ -36,7 +37,7 @@ _APPEND_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _CLOEXEC
 _FILE_FLAGS: Final = _APPEND_FLAGS | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0)
 
 
-class LinkRefused(OSError):
+class LinkRefused(MsgcapError, OSError):
     """A symbolic link (or something other than a folder or a regular file) where the
     capture tree needs a folder or a file: refused, nothing is written through it."""
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from msgcap.capture.conversation import CaptureFile
-from msgcap.capture.records import Damage
-from msgcap.errors import (
+from msgcap.capture.errors import (
     ConfigError,
     MsgcapError,
     UsageError,
     describe_exception,
     describe_os_error,
 )
+from msgcap.capture.records import Damage
 from msgcap.parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
 from msgcap.parser.dataset import add_export_parquet_args, add_sql_args, run_export_parquet, run_sql
 from msgcap.proxy.config import (

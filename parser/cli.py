@@ -21,9 +21,9 @@ from collections import Counter
 from typing import IO
 
 from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged_batches
+from msgcap.capture.errors import UsageError
 from msgcap.capture.framing import MsgType
 from msgcap.capture.records import Damage, RecordFilter
-from msgcap.errors import UsageError
 from msgcap.parser.render import BatchRenderer, Problem
 
 _MAX_WARNINGS_PER_KIND = 10

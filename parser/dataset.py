@@ -67,7 +67,8 @@ from typing import IO, Any, BinaryIO, Final, cast
 import orjson
 
 from msgcap.capture.conversation import CaptureFile, expand_paths
-from msgcap.capture.framing import MsgType
+from msgcap.capture.errors import MsgcapError, UsageError
+from msgcap.capture.framing import MsgType, hash256
 from msgcap.capture.layout import SESSION_DIR
 from msgcap.capture.records import (
     MAX_RECORD_PAYLOAD,
@@ -80,9 +81,8 @@ from msgcap.capture.records import (
     read_record_headers,
     scan,
 )
-from msgcap.errors import MsgcapError, UsageError
 from msgcap.parser import fastjson
-from msgcap.parser.structures import BlockHeader, Transaction
+from msgcap.parser.structures import BlockHeader, InvType, Transaction
 from msgcap.parser.wire import DecodeError, Reader, display_hash
 
 SCHEMA_VERSION: Final = 1
@@ -214,23 +214,6 @@ BLOCKS: Final = Table(
 )
 TABLES: Final = (MESSAGES, INV_ITEMS, TRANSACTIONS, BLOCKS)
 
-INV_TYPE_NAMES: Final[dict[int, str]] = {
-    0: "UNDEFINED",
-    1: "MSG_TX",
-    2: "MSG_BLOCK",
-    3: "MSG_FILTERED_BLOCK",
-    4: "MSG_CMPCT_BLOCK",
-    5: "MSG_WTX",
-    0x40000001: "MSG_WITNESS_TX",
-    0x40000002: "MSG_WITNESS_BLOCK",
-    0x40000003: "MSG_FILTERED_WITNESS_BLOCK",
-}
-"""Bitcoin Core's names (protocol.h, GetDataMsg); others are written as ``0x%08x``."""
-
-
-def inv_type_name(t: int) -> str:
-    return INV_TYPE_NAMES.get(t) or f"0x{t:08x}"
-
 
 class DatasetError(MsgcapError):
     """The dataset cannot be written or read (exit status 1, with this reason)."""
@@ -273,10 +256,6 @@ _SQL_TYPES: Final = {
     "binary": "BLOB",
     "date": "DATE",
 }
-
-
-def _sha256d(b: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(b).digest()).digest()
 
 
 def partition_value(text: str) -> str:
@@ -543,10 +522,10 @@ def tx_row(payload: bytes) -> tuple[str, str, int, int, int]:
     spans = _tx_spans(payload)
     if spans is not None:
         flags, io_start, io_end, n_in, n_out = spans
-        wtxid = _sha256d(payload)
+        wtxid = hash256(payload)
         if flags:
             base = payload[:4] + payload[io_start:io_end] + payload[-4:]
-            txid, base_size = _sha256d(base), len(base)
+            txid, base_size = hash256(base), len(base)
         else:
             txid, base_size = wtxid, len(payload)
         weight = 3 * base_size + len(payload)
@@ -577,10 +556,10 @@ def tx_row(payload: bytes) -> tuple[str, str, int, int, int]:
     lock_time = r.pos
     r.read(4)
     r.finish()
-    wtxid = _sha256d(payload)
+    wtxid = hash256(payload)
     if flags:
         base = payload[:4] + payload[io_start:io_end] + payload[lock_time:]
-        txid, base_size = _sha256d(base), len(base)
+        txid, base_size = hash256(base), len(base)
     else:
         txid, base_size = wtxid, len(payload)
     weight = 3 * base_size + len(payload)
@@ -1020,7 +999,7 @@ class _InvSink(_TableSink):
         else:
             type_ids = pa.array([t for t, _ in _INV_ENTRY.iter_unpack(buf.data)], pa.int64())
         known = pc.unique(type_ids)
-        names = pa.array([inv_type_name(t) for t in known.to_pylist()], pa.string())
+        names = pa.array([InvType.name_of(t) for t in known.to_pylist()], pa.string())
         arrays.append(names.take(pc.index_in(type_ids, value_set=known)))
         arrays.append(type_ids)
         # The hashes, each reversed (display order), one after another, as hex.

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import orjson
 
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.records import native
 from msgcap.parser.wire import DecodeError
 
@@ -65,7 +66,7 @@ _HEADER = struct.Struct("<i32s32sIII").unpack_from
 JsonRender = Callable[[bytes, bool], Any]
 
 
-class _NonCanonical(Exception):
+class _NonCanonical(MsgcapError):
     pass
 
 

@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msgcap.capture.conversation import DamageReport, conversation, warn_damage
+from msgcap.capture.errors import MsgcapError
+from msgcap.capture.framing import hash256
 from msgcap.capture.records import Direction
 from msgcap.parser import messages as m
-from msgcap.parser.structures import Block, BlockHeader, InvType, Transaction
+from msgcap.parser.structures import MSG_WITNESS_FLAG, Block, BlockHeader, InvType, Transaction
 from msgcap.parser.wire import DecodeError, Reader, display_hash
 
 HANDSHAKE = frozenset({"version", "verack", "wtxidrelay", "sendaddrv2", "sendtxrcncl"})
@@ -51,13 +53,8 @@ NODE_COMPACT_FILTERS = 1 << 6
 NODE_P2P_V2 = 1 << 11
 REGTEST_GENESIS = "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
 
-INV_NAMES = {
-    InvType.TX: "MSG_TX",
-    InvType.BLOCK: "MSG_BLOCK",
-    InvType.FILTERED_BLOCK: "MSG_FILTERED_BLOCK",
-    InvType.CMPCT_BLOCK: "MSG_CMPCT_BLOCK",
-    InvType.WTX: "MSG_WTX",
-}
+INV_NAMES: dict[int, str] = {t: t.name for t in InvType if t and t < MSG_WITNESS_FLAG}
+"""The framework's names for Core's inventory types (the witness flag is or-ed in)."""
 EMPTY_CLASSES = {
     "sendheaders": "msg_sendheaders",
     "getaddr": "msg_getaddr",
@@ -69,12 +66,8 @@ EMPTY_CLASSES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(MsgcapError, ValueError):
     """The capture cannot become a functional test (no version of the peer, ...)."""
-
-
-def _hash256(data: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
 
 
 def _hex_int(h: bytes) -> str:
@@ -115,10 +108,10 @@ class Plan:
 
 
 def _family(inv_type: int) -> str | None:
-    base = inv_type & ~InvType.WITNESS_FLAG
-    if base in (InvType.BLOCK, InvType.CMPCT_BLOCK, InvType.FILTERED_BLOCK):
+    base = inv_type & ~MSG_WITNESS_FLAG
+    if base in (InvType.MSG_BLOCK, InvType.MSG_CMPCT_BLOCK, InvType.MSG_FILTERED_BLOCK):
         return "block"
-    if base in (InvType.TX, InvType.WTX):
+    if base in (InvType.MSG_TX, InvType.MSG_WTX):
         return "tx"
     return None
 
@@ -424,15 +417,15 @@ def constructor(msgtype: str, payload: bytes, plan: Plan) -> tuple[str, set[str]
     if isinstance(msg, m.Ping):
         return f"msg_ping(nonce={msg.nonce})", {"msg_ping"}
     if isinstance(msg, m.Inv | m.GetData | m.NotFound) and all(
-        i.type in INV_NAMES or i.type & ~InvType.WITNESS_FLAG in INV_NAMES for i in msg.inv
+        i.type in INV_NAMES or i.type & ~MSG_WITNESS_FLAG in INV_NAMES for i in msg.inv
     ):
         names = {"CInv"}
         items = []
         for i in msg.inv:
-            base = INV_NAMES[i.type & ~InvType.WITNESS_FLAG]
+            base = INV_NAMES[i.type & ~MSG_WITNESS_FLAG]
             names.add(base)
             kind = base
-            if i.type & InvType.WITNESS_FLAG:
+            if i.type & MSG_WITNESS_FLAG:
                 names.add("MSG_WITNESS_FLAG")
                 kind = f"{base} | MSG_WITNESS_FLAG"
             items.append(f"CInv({kind}, {_hex_int(i.hash)})")
@@ -450,7 +443,7 @@ def constructor(msgtype: str, payload: bytes, plan: Plan) -> tuple[str, set[str]
         hashes = ", ".join(f'"{display_hash(h.hash)}"' for h in msg.headers)
         return f"msg_headers(self.data.headers([{hashes}]))", {"msg_headers"}
     if msgtype in ("block", "cmpctblock"):
-        block = display_hash(_hash256(payload[:80]))
+        block = display_hash(hash256(payload[:80]))
         if msgtype == "block" and block in plan.blocks:
             return f'msg_block(self.data.block("{block}"))', {"msg_block"}
         if msgtype == "cmpctblock" and block in plan.cmpctblocks:

@@ -9,12 +9,14 @@ docstrings give Core's name where it differs.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import socket
 from base64 import b32encode
 from dataclasses import dataclass
 from typing import Any, Final
 
+from msgcap.capture.framing import hash256
 from msgcap.parser import wire
 from msgcap.parser.wire import HashHex, Reader
 
@@ -149,16 +151,47 @@ class AddressV2:
         }
 
 
-class InvType:
-    """Inventory types (CInv.type)."""
+MSG_WITNESS_FLAG: Final = 1 << 30
+"""Set on an inventory type to ask for the witness serialization (protocol.h)."""
 
-    ERROR: Final = 0
-    TX: Final = 1
-    BLOCK: Final = 2
-    FILTERED_BLOCK: Final = 3
-    CMPCT_BLOCK: Final = 4
-    WTX: Final = 5
-    WITNESS_FLAG: Final = 1 << 30
+
+class InvType(enum.IntEnum):
+    """CInv.type: Bitcoin Core's ``GetDataMsg`` (protocol.h), by Core's names."""
+
+    UNDEFINED = 0
+    MSG_TX = 1
+    MSG_BLOCK = 2
+    MSG_FILTERED_BLOCK = 3
+    MSG_CMPCT_BLOCK = 4
+    MSG_WTX = 5
+    MSG_WITNESS_TX = 0x40000001
+    MSG_WITNESS_BLOCK = 0x40000002
+    MSG_FILTERED_WITNESS_BLOCK = 0x40000003
+
+    @classmethod
+    def name_of(cls, value: int) -> str:
+        """Core's name for ``value`` (``MSG_WITNESS_TX``), or ``0x%08x`` for any other."""
+        try:
+            return cls(value).name
+        except ValueError:
+            return f"0x{value:08x}"
+
+    @classmethod
+    def base(cls, value: int) -> InvType | None:
+        """The type ``value`` names without the witness flag, if it is one of Core's."""
+        try:
+            return cls(value & ~MSG_WITNESS_FLAG)
+        except ValueError:
+            return None
+
+
+_ITEM_WORDS: Final = {
+    InvType.MSG_BLOCK: "block",
+    InvType.MSG_CMPCT_BLOCK: "cmpctblock",
+    InvType.MSG_FILTERED_BLOCK: "filtered block",
+    InvType.MSG_TX: "tx",
+    InvType.MSG_WTX: "wtx",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +210,12 @@ class Inventory:
 
     def json(self, hx: HashHex) -> JsonDict:
         return {"hash": hx(self.hash), "type": self.type}
+
+    def describe(self) -> str:
+        """``block 0f91…`` (the hash as RPC prints it); ``type 7 …`` for an unknown type."""
+        base = InvType.base(self.type)
+        word = _ITEM_WORDS.get(base) if base is not None else None
+        return f"{word or f'type {self.type}'} {wire.display_hash(self.hash)}"
 
 
 def read_inventory(r: Reader) -> tuple[Inventory, ...]:
@@ -338,11 +377,11 @@ class Transaction:
     @property
     def txid(self) -> bytes:
         """The transaction id in wire order (hash of the serialization without witness)."""
-        return _hash256(self.encode(with_witness=False))
+        return hash256(self.encode(with_witness=False))
 
     @property
     def wtxid(self) -> bytes:
-        return _hash256(self.encode())
+        return hash256(self.encode())
 
     def json(self, hx: HashHex) -> JsonDict:
         return {
@@ -364,10 +403,6 @@ class Transaction:
 def read_transactions(r: Reader) -> tuple[Transaction, ...]:
     n = r.count(10)
     return tuple(Transaction.read(r) for _ in range(n))
-
-
-def _hash256(b: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(b).digest()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +441,7 @@ class BlockHeader:
     @property
     def hash(self) -> bytes:
         """The block hash in wire order."""
-        return _hash256(self.encode())
+        return hash256(self.encode())
 
     def json(self, hx: HashHex) -> JsonDict:
         return {

@@ -12,6 +12,8 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from msgcap.capture.errors import MsgcapError
+
 _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
 _I32: Final = struct.Struct("<i")
@@ -32,7 +34,7 @@ def display_hash(h: bytes) -> str:
     return h[::-1].hex()
 
 
-class DecodeError(ValueError):
+class DecodeError(MsgcapError, ValueError):
     """A payload that is not a valid serialization of its message type."""
 
     def __init__(self, msgtype: str, offset: int, reason: str) -> None:

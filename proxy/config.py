@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msgcap.capture.errors import ConfigError
 from msgcap.capture.framing import parse_magic
 from msgcap.capture.layout import Layout
-from msgcap.errors import ConfigError
 
 
 class V2Policy(enum.Enum):

@@ -57,7 +57,6 @@ from msgcap.proxy.replay import (
     Transport,
     replay_to,
 )
-from msgcap.proxy.replay import _describe_item as describe_item
 
 NORMALISED = (
     "version: nonce, timestamp, addr_recv and addr_from (compared: version, services, "
@@ -162,10 +161,6 @@ def _addr_items(msg: Any, ends: dict[tuple[str, int], str]) -> list[str]:
     return out
 
 
-def _hash256(data: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
-
-
 def _short(payload: bytes) -> str:
     return f"{len(payload)} bytes sha256 {hashlib.sha256(payload).hexdigest()[:16]}"
 
@@ -177,7 +172,7 @@ def _items(msgtype: str, payload: bytes, ends: dict[tuple[str, int], str]) -> li
     except DecodeError:
         return [f"undecodable {_short(payload)}"]
     if isinstance(msg, m.Inv | m.GetData | m.NotFound):
-        return [describe_item(i) for i in msg.inv] or ["empty"]
+        return [i.describe() for i in msg.inv] or ["empty"]
     if isinstance(msg, m.Headers):
         return [f"header {display_hash(h.hash)}" for h in msg.headers] or ["empty"]
     if isinstance(msg, m.GetHeaders | m.GetBlocks):

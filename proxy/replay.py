@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import difflib
 import enum
-import hashlib
 import os
 import random
 import time
@@ -49,11 +48,12 @@ from typing import Any, Literal
 
 from msgcap.capture.bip324 import V2Error, V2Session
 from msgcap.capture.conversation import DamageReport, conversation, warn_damage
-from msgcap.capture.framing import StreamError, v1_version_prefix
+from msgcap.capture.errors import MsgcapError, UsageError, describe_exception
+from msgcap.capture.framing import StreamError, hash256, v1_version_prefix
 from msgcap.capture.records import Direction
-from msgcap.errors import MsgcapError, UsageError, describe_exception
 from msgcap.parser import messages as m
 from msgcap.parser.structures import (
+    MSG_WITNESS_FLAG,
     Block,
     BlockHeader,
     BlockTransactions,
@@ -112,7 +112,7 @@ Content = tuple[str, bytes]
 ``("header", hash)``, ``("tx", txid)``, ``("inv", hash)``, ... (hashes in wire order)."""
 
 
-class ReplayError(Exception):
+class ReplayError(MsgcapError):
     """The capture cannot be replayed (no version message on the played side, ...)."""
 
 
@@ -191,10 +191,6 @@ def load_conversation(
 # --- what messages deliver ---------------------------------------------------------------
 
 
-def _hash256(data: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
-
-
 def _header(payload: bytes) -> BlockHeader | None:
     """The 80-byte header a block, cmpctblock or merkleblock payload starts with."""
     try:
@@ -212,28 +208,14 @@ def _decode(msgtype: str, payload: bytes) -> Any:
 
 def _family(inv_type: int) -> str | None:
     """What a getdata item asks for: ``block``, ``merkleblock`` or ``tx`` (None: unknown)."""
-    base = inv_type & ~InvType.WITNESS_FLAG
-    if base in (InvType.BLOCK, InvType.CMPCT_BLOCK):
+    base = inv_type & ~MSG_WITNESS_FLAG
+    if base in (InvType.MSG_BLOCK, InvType.MSG_CMPCT_BLOCK):
         return "block"
-    if base == InvType.FILTERED_BLOCK:
+    if base == InvType.MSG_FILTERED_BLOCK:
         return "merkleblock"
-    if base in (InvType.TX, InvType.WTX):
+    if base in (InvType.MSG_TX, InvType.MSG_WTX):
         return "tx"
     return None
-
-
-_INV_NAMES = {
-    InvType.BLOCK: "block",
-    InvType.CMPCT_BLOCK: "cmpctblock",
-    InvType.FILTERED_BLOCK: "filtered block",
-    InvType.TX: "tx",
-    InvType.WTX: "wtx",
-}
-
-
-def _describe_item(item: Inventory) -> str:
-    name = _INV_NAMES.get(item.type & ~InvType.WITNESS_FLAG, f"type {item.type}")
-    return f"{name} {display_hash(item.hash)}"
 
 
 def delivered(msgtype: str, payload: bytes) -> frozenset[Content]:
@@ -241,7 +223,7 @@ def delivered(msgtype: str, payload: bytes) -> frozenset[Content]:
     is checked."""
     if msgtype in BLOCK_TYPES:
         kind = "merkleblock" if msgtype == "merkleblock" else "block"
-        return frozenset({(kind, _hash256(payload[:80]))})
+        return frozenset({(kind, hash256(payload[:80]))})
     if msgtype in ("addr", "addrv2", "pong"):
         return frozenset()
     msg = _decode(msgtype, payload)
@@ -261,7 +243,7 @@ def delivered(msgtype: str, payload: bytes) -> frozenset[Content]:
 def describe(msgtype: str, payload: bytes) -> str:
     """An answer in a few words, hashes as RPC shows them."""
     if msgtype in BLOCK_TYPES:
-        return f"{msgtype} {display_hash(_hash256(payload[:80]))}"
+        return f"{msgtype} {display_hash(hash256(payload[:80]))}"
     msg = _decode(msgtype, payload)
     if isinstance(msg, m.Tx):
         return f"tx {display_hash(msg.tx.txid)}"
@@ -271,7 +253,7 @@ def describe(msgtype: str, payload: bytes) -> str:
         return f"{len(msg.headers)} headers from {display_hash(msg.headers[0].hash)}"
     if isinstance(msg, m.Inv | m.NotFound) and msg.inv:
         more = f" and {len(msg.inv) - 1} more" if len(msg.inv) > 1 else ""
-        return f"{msgtype} of {_describe_item(msg.inv[0])}{more}"
+        return f"{msgtype} of {msg.inv[0].describe()}{more}"
     if isinstance(msg, m.BlockTxn):
         return f"blocktxn {display_hash(msg.block_transactions.block_hash)}"
     return msgtype
@@ -374,9 +356,11 @@ class _Request:
             if not msg.headers or msg.headers[0].prev_block in req.locator.hashes:
                 hit = set(self.open)
         elif kind == "getblocks" or kind == "mempool":
-            want = (InvType.BLOCK,) if kind == "getblocks" else (InvType.TX, InvType.WTX)
+            want = (
+                (InvType.MSG_BLOCK,) if kind == "getblocks" else (InvType.MSG_TX, InvType.MSG_WTX)
+            )
             items = msg.inv
-            if items and all(i.type & ~InvType.WITNESS_FLAG in want for i in items):
+            if items and all(i.type & ~MSG_WITNESS_FLAG in want for i in items):
                 first = chain.by_hash.get(items[0].hash)
                 if kind == "mempool" or first is None or first.prev_block in req.locator.hashes:
                     hit = set(self.open)
@@ -495,7 +479,7 @@ class Recording:
                 merkle_txs = None
                 continue
             is_block = s.msgtype in BLOCK_TYPES
-            msg = _hash256(s.payload[:80]) if is_block else _decode(s.msgtype, s.payload)
+            msg = hash256(s.payload[:80]) if is_block else _decode(s.msgtype, s.payload)
             answered = None
             if msg is not None:
                 answered = next((r for r in pending if r.take(s.msgtype, msg, self.chain)), None)
@@ -756,7 +740,7 @@ class Conversation:
                 return [("headers", m.Headers(headers).encode())]
             if not hashes:
                 return []
-            return [("inv", m.Inv(tuple(Inventory(InvType.BLOCK, h) for h in hashes)).encode())]
+            return [("inv", m.Inv(tuple(Inventory(InvType.MSG_BLOCK, h) for h in hashes)).encode())]
         if isinstance(msg, m.GetBlockTxn):
             answer = self._blocktxn(msg)
             if answer is None:
@@ -781,7 +765,7 @@ class Conversation:
             family, h = _family(item.type), item.hash
             answer: list[Message] = []
             if family == "block":
-                cmpct = item.type & ~InvType.WITNESS_FLAG == InvType.CMPCT_BLOCK
+                cmpct = item.type & ~MSG_WITNESS_FLAG == InvType.MSG_CMPCT_BLOCK
                 if cmpct and h in rec.cmpctblocks:
                     answer = [("cmpctblock", rec.cmpctblocks[h])]
                 elif (block := rec.blocks.get(h) or self._block_from_cmpct(h)) is not None:
@@ -795,7 +779,7 @@ class Conversation:
             elif family is not None and h in rec.notfound:
                 missing.append(item)
             else:
-                self._cannot("getdata", _describe_item(item))
+                self._cannot("getdata", item.describe())
         if missing:
             out.append(("notfound", m.NotFound(tuple(missing)).encode()))
         return out or None

@@ -18,11 +18,11 @@ from typing import Any
 
 from msgcap.capture import bip324
 from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import LinkRefused
-from msgcap.errors import MsgcapError
 from msgcap.proxy import socks5, transparent
 from msgcap.proxy.budget import FrameBudget
 from msgcap.proxy.config import (
@@ -133,7 +133,7 @@ def tune_allocator() -> None:
 class StartupError(MsgcapError):
     """The proxy cannot start: a one-line reason that names the step (capture directory,
     event log, listener, metrics), the file or address, and the cause (exit status 1; a
-    bad config is a :class:`~msgcap.errors.ConfigError`, exit status 2, before this)."""
+    bad config is a :class:`~msgcap.capture.errors.ConfigError`, exit status 2, before this)."""
 
 
 def _startup_error(step: str, error: OSError) -> StartupError:

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from msgcap.capture.errors import MsgcapError
 from msgcap.proxy.config import Address, AllowEntry, HostPort, Socks5, canonical_address
 from msgcap.proxy.conn import Conn
 
@@ -47,7 +48,7 @@ class Reply(enum.IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
-class SocksError(Exception):
+class SocksError(MsgcapError):
     """Negotiation failed; ``reply`` is the code to send (None: just close)."""
 
     def __init__(self, reason: str, reply: Reply | None = None) -> None:

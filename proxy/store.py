@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from msgcap.capture import batch
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.framing import MsgType, UncheckedFrame, msgtype_is_valid
 from msgcap.capture.layout import Layout, capture_folder
 from msgcap.capture.records import RECORD_HEADER_SIZE, Direction, record_header, record_messages
@@ -28,7 +29,7 @@ from msgcap.proxy.events import CaptureApart, CaptureError, CaptureLimit, EventL
 from msgcap.proxy.metrics import Metrics
 
 
-class CaptureStopped(Exception):
+class CaptureStopped(MsgcapError):
     """Capture failed under the ``stop`` policy: the connection must close."""
 
 

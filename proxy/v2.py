@@ -32,6 +32,7 @@ from msgcap.capture.bip324 import (
     pipe_dropped,
     pipe_error,
 )
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.framing import (
     Frame,
     FrameDecoder,
@@ -150,7 +151,7 @@ class V2Leg:
         return self.session.encrypt_messages(messages)
 
 
-class HandshakeClosed(ConnectionError):
+class HandshakeClosed(MsgcapError, ConnectionError):
     """The other side closed before the BIP324 handshake completed."""
 
 

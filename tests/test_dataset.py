@@ -27,13 +27,14 @@ duckdb = pytest.importorskip("duckdb")
 
 import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: E402
 
+from msgcap.capture.errors import UsageError  # noqa: E402
 from msgcap.capture.records import Direction, encode_record, read_records  # noqa: E402
-from msgcap.errors import UsageError  # noqa: E402
 from msgcap.parser import dataset  # noqa: E402
 from msgcap.parser.messages import GetData, Inv, Ping, decode_message  # noqa: E402
 from msgcap.parser.structures import (  # noqa: E402
     BlockHeader,
     Inventory,
+    InvType,
     OutPoint,
     Transaction,
     TxIn,
@@ -173,7 +174,7 @@ def test_every_inventory_entry_appears_in_inv_items(
         if msgtype in ("inv", "getdata", "notfound"):
             msg: Any = decode_message(msgtype, payload)
             for i, inv in enumerate(msg.inv):
-                name = dataset.inv_type_name(inv.type)
+                name = InvType.name_of(inv.type)
                 expected.append(
                     (node, peer, direction, t, msgtype, offset, i, name, inv.type,
                      display_hash(inv.hash))
@@ -778,7 +779,7 @@ def test_inv_items_rows_are_the_entries_in_bulk(
                 for i, (t, h) in enumerate(entries):
                     expected.append(
                         (Direction.of_file(path).value, rec.msgtype.label, rec.offset, i,
-                         dataset.inv_type_name(t), t, display_hash(h))
+                         InvType.name_of(t), t, display_hash(h))
                     )  # fmt: skip
     got = sql(
         out,

@@ -10,8 +10,8 @@ from contextlib import closing
 
 import pytest
 
+from msgcap.capture.errors import ConfigError
 from msgcap.capture.framing import Network, encode_frame
-from msgcap.errors import ConfigError
 from msgcap.parser.messages import Verack, Version
 from msgcap.parser.structures import AddressV1
 from msgcap.proxy.server import StartupError

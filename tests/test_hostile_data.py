@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from msgcap.capture import conversation, records
 from msgcap.capture.conversation import CaptureFile, merged, merged_runs
+from msgcap.capture.errors import MsgcapError
 from msgcap.capture.records import Damage, encode_record
-from msgcap.errors import MsgcapError
 
 # --- class 8: one out-of-order record is cheap -------------------------------------------
 

@@ -19,7 +19,7 @@ from msgcap.capture.export import export_fuzz, export_pcap
 from msgcap.capture.framing import Frame, FrameDecoder, encode_frame
 from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.parser.messages import GetData, Inv
-from msgcap.parser.structures import Inventory, InvType
+from msgcap.parser.structures import MSG_WITNESS_FLAG, Inventory, InvType
 from msgcap.proxy.replay import Report
 from tests.bcoin import BcoinNode, require_bcoin, wait_listening
 from tests.conftest import MAGIC, ProxyProcess, free_port, wait_until
@@ -127,8 +127,8 @@ def _wait_bound(port: int, timeout: float = 20) -> None:
 VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
 BLOCK = bytes.fromhex(VECTORS["block"])
 BLOCK_HASH = hashlib.sha256(hashlib.sha256(BLOCK[:80]).digest()).digest()
-INV = Inv((Inventory(InvType.BLOCK, BLOCK_HASH),)).encode()
-GETDATA = GetData((Inventory(InvType.BLOCK | InvType.WITNESS_FLAG, BLOCK_HASH),)).encode()
+INV = Inv((Inventory(InvType.MSG_BLOCK, BLOCK_HASH),)).encode()
+GETDATA = GetData((Inventory(InvType.MSG_BLOCK | MSG_WITNESS_FLAG, BLOCK_HASH),)).encode()
 
 
 def write_capture(folder: Path) -> Path:

@@ -33,6 +33,7 @@ from msgcap.parser.messages import (
     decode_message,
 )
 from msgcap.parser.structures import (
+    MSG_WITNESS_FLAG,
     Block,
     BlockHeader,
     BlockLocator,
@@ -85,7 +86,7 @@ def item(kind: int, h: bytes) -> Inventory:
     return Inventory(kind, h)
 
 
-def getdata(*hashes: bytes, kind: int = InvType.BLOCK | InvType.WITNESS_FLAG) -> bytes:
+def getdata(*hashes: bytes, kind: int = InvType.MSG_BLOCK | MSG_WITNESS_FLAG) -> bytes:
     return GetData(tuple(item(kind, h) for h in hashes)).encode()
 
 
@@ -113,7 +114,7 @@ def sync_steps() -> list[Step]:
     steps += [Step(next(t), RECV, "block", b.encode()) for b in BLOCKS[:3]]
     steps += [
         Step(next(t), SENT, "getdata", getdata(*H[3:])),
-        Step(next(t), RECV, "inv", Inv((item(InvType.TX, b"\x11" * 32),)).encode()),
+        Step(next(t), RECV, "inv", Inv((item(InvType.MSG_TX, b"\x11" * 32),)).encode()),
     ]
     steps += [Step(next(t), RECV, "block", b.encode()) for b in BLOCKS[3:]]
     return steps
@@ -171,7 +172,7 @@ def test_headers_and_getblocks_are_cut_from_the_recorded_chain() -> None:
         if not got:
             return []
         msg = decode_message(*got[0])
-        assert isinstance(msg, Inv) and {i.type for i in msg.inv} == {InvType.BLOCK}
+        assert isinstance(msg, Inv) and {i.type for i in msg.inv} == {InvType.MSG_BLOCK}
         return [i.hash for i in msg.inv]
 
     assert inv(GENESIS) == H
@@ -194,15 +195,15 @@ def test_what_the_recording_does_not_hold_is_named() -> None:
     steps = sync_steps()
     missing_tx = b"\x22" * 32
     steps += [
-        Step(100, SENT, "getdata", getdata(missing_tx, kind=InvType.WTX)),
-        Step(101, RECV, "notfound", NotFound((item(InvType.WTX, missing_tx),)).encode()),
+        Step(100, SENT, "getdata", getdata(missing_tx, kind=InvType.MSG_WTX)),
+        Step(101, RECV, "notfound", NotFound((item(InvType.MSG_WTX, missing_tx),)).encode()),
     ]
     conv = Conversation(Recording(steps, "peer"))
     unknown = b"\x33" * 32
     got = answers_of(conv, "getdata", getdata(H[0], unknown))
     assert [t for t, _ in got] == ["block"]  # what it holds, and nothing for the rest
-    assert answers_of(conv, "getdata", getdata(missing_tx, kind=InvType.WTX)) == [
-        ("notfound", NotFound((item(InvType.WTX, missing_tx),)).encode())
+    assert answers_of(conv, "getdata", getdata(missing_tx, kind=InvType.MSG_WTX)) == [
+        ("notfound", NotFound((item(InvType.MSG_WTX, missing_tx),)).encode())
     ]  # as recorded
     assert answers_of(conv, "getaddr", b"") == []  # silence answers getaddr
     substantive, _ = conv.divergence()
@@ -218,24 +219,24 @@ def test_transactions_compact_blocks_and_blocktxn() -> None:
     )
     steps = sync_steps()[:-1]  # block 5 only as a compact block
     steps += [
-        Step(100, SENT, "getdata", getdata(H[4], kind=InvType.CMPCT_BLOCK)),
+        Step(100, SENT, "getdata", getdata(H[4], kind=InvType.MSG_CMPCT_BLOCK)),
         Step(101, RECV, "cmpctblock", CmpctBlock(cmpct).encode()),
-        Step(102, SENT, "getdata", getdata(segwit.wtxid, kind=InvType.WTX)),
+        Step(102, SENT, "getdata", getdata(segwit.wtxid, kind=InvType.MSG_WTX)),
         Step(103, RECV, "tx", Tx(segwit).encode()),
     ]
     conv = Conversation(Recording(steps, "peer"))
-    assert answers_of(conv, "getdata", getdata(segwit.wtxid, kind=InvType.WTX)) == [
+    assert answers_of(conv, "getdata", getdata(segwit.wtxid, kind=InvType.MSG_WTX)) == [
         ("tx", Tx(segwit).encode())
     ]
-    assert answers_of(conv, "getdata", getdata(segwit.txid, kind=InvType.TX)) == [
+    assert answers_of(conv, "getdata", getdata(segwit.txid, kind=InvType.MSG_TX)) == [
         ("tx", Tx(segwit).encode())
     ]
-    assert answers_of(conv, "getdata", getdata(H[4], kind=InvType.CMPCT_BLOCK)) == [
+    assert answers_of(conv, "getdata", getdata(H[4], kind=InvType.MSG_CMPCT_BLOCK)) == [
         ("cmpctblock", CmpctBlock(cmpct).encode())
     ]
     # A full block: the compact block prefills every transaction.
     assert answers_of(conv, "getdata", getdata(H[4])) == [("block", BLOCKS[4].encode())]
-    assert answers_of(conv, "getdata", getdata(H[0], kind=InvType.CMPCT_BLOCK)) == [
+    assert answers_of(conv, "getdata", getdata(H[0], kind=InvType.MSG_CMPCT_BLOCK)) == [
         ("block", BLOCKS[0].encode())
     ]
     request = GetBlockTxn(BlockTransactionsRequest(H[1], (0, 0))).encode()  # 0 and 1

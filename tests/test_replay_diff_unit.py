@@ -4,7 +4,7 @@ transcripts: what is normalised, and nothing else."""
 from __future__ import annotations
 
 from msgcap.parser import messages as m
-from msgcap.parser.structures import AddressV1, Inventory, InvType
+from msgcap.parser.structures import MSG_WITNESS_FLAG, AddressV1, Inventory, InvType
 from msgcap.proxy.diff import compare
 from msgcap.proxy.replay import Divergence, Kind, Report
 
@@ -23,7 +23,7 @@ def version(**changes: object) -> tuple[str, bytes, bool]:
 
 
 def getdata(*hashes: bytes) -> tuple[str, bytes, bool]:
-    items = tuple(Inventory(InvType.BLOCK | InvType.WITNESS_FLAG, h) for h in hashes)
+    items = tuple(Inventory(InvType.MSG_BLOCK | MSG_WITNESS_FLAG, h) for h in hashes)
     return ("getdata", m.GetData(items).encode(), True)
 
 

@@ -36,7 +36,14 @@ from msgcap.capture.framing import Network, v1_version_prefix
 from msgcap.capture.records import encode_record
 from msgcap.cli import main
 from msgcap.parser.messages import GetData, GetHeaders, Headers, decode_message
-from msgcap.parser.structures import Block, BlockHeader, BlockLocator, Inventory, InvType
+from msgcap.parser.structures import (
+    MSG_WITNESS_FLAG,
+    Block,
+    BlockHeader,
+    BlockLocator,
+    Inventory,
+    InvType,
+)
 from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
 from tests.vectors import VECTORS
 
@@ -60,7 +67,7 @@ BLOCKS = _chain(3)
 HASHES = [b.hash for b in BLOCKS]
 GETHEADERS = GetHeaders(BlockLocator(70016, (GENESIS,)), bytes(32)).encode()
 GETDATA = GetData(
-    tuple(Inventory(InvType.BLOCK | InvType.WITNESS_FLAG, h) for h in HASHES)
+    tuple(Inventory(InvType.MSG_BLOCK | MSG_WITNESS_FLAG, h) for h in HASHES)
 ).encode()
 REQUESTS: list[Message] = [("getheaders", GETHEADERS), ("getdata", GETDATA)]
 """What the live node asks for after verack: everything the recording answers."""

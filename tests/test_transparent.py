@@ -42,10 +42,10 @@ from typing import Any
 
 import pytest
 
+from msgcap.capture.errors import ConfigError
 from msgcap.capture.framing import encode_frame
 from msgcap.cli import build_parser as _build_parser
 from msgcap.cli import main, proxy_config
-from msgcap.errors import ConfigError
 from msgcap.proxy.config import DEFAULT_MARK, HostPort, config_from_dict
 from msgcap.proxy.transparent import (
     Kind,
