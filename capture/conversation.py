@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Final, NamedTuple
 
 from msgcap.capture.errors import UsageError
-from msgcap.capture.layout import SESSION_DIR, peer_of_capture_file
+from msgcap.capture.layout import CapturePath
 from msgcap.capture.records import (
     MAX_TIME,
     RECORD_HEADER,
@@ -65,14 +65,11 @@ class CaptureFile:
     @classmethod
     def at(cls, path: Path, root: Path | None = None) -> CaptureFile:
         """The capture file at ``path``; ``root`` is the folder it was found under."""
+        where = CapturePath.of(path)
         node = None
-        if root is not None:
-            folders = list(path.relative_to(root).parts[:-1])
-            if folders and SESSION_DIR.match(folders[-1]):
-                folders.pop()
-            if len(folders) >= 2:
-                node = folders[-2]
-        return cls(path, Direction.of_file(path), peer_of_capture_file(path), node)
+        if root is not None and where.above != root and where.above.is_relative_to(root):
+            node = where.above.name
+        return cls(path, Direction.of_file(path), where.peer, node)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 import re
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 RECV_FILE: Final = "msgs_recv.dat"
 SENT_FILE: Final = "msgs_sent.dat"
@@ -114,9 +114,20 @@ def capture_folder(
     return folder
 
 
-def peer_of_capture_file(path: Path) -> str:
-    """The peer folder name a capture file belongs to, in either layout."""
-    parent = path.parent
-    if SESSION_DIR.match(parent.name):
-        return parent.parent.name
-    return parent.name
+class CapturePath(NamedTuple):
+    """Where a capture file sits: ``<above>/<peer>/[<session>/]msgs_*.dat``, in either
+    layout (the one parser of capture paths; nothing is looked up on disk)."""
+
+    above: Path
+    """The folder that holds the peer folder: a capture root, or a node's folder in it."""
+    peer: str
+    session: str | None
+    """The session folder's name (``layout = "session"``), or None."""
+
+    @classmethod
+    def of(cls, path: Path) -> CapturePath:
+        folder = path.parent
+        session = None
+        if SESSION_DIR.match(folder.name):
+            session, folder = folder.name, folder.parent
+        return cls(folder.parent, folder.name, session)

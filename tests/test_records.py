@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from msgcap.capture.conversation import python_plan, python_tally
 from msgcap.capture.framing import MsgType
 from msgcap.capture.layout import (
+    CapturePath,
     Layout,
     addr_port_string,
     capture_folder,
     peer_folder_name,
-    peer_of_capture_file,
 )
 from msgcap.capture.records import (
     MAX_RECORD_PAYLOAD,
@@ -180,9 +180,15 @@ def test_session_layout(tmp_path: Path) -> None:
         tmp_path, "127.0.0.1_18444", Layout.SESSION, start=start, connection_id=7
     )
     assert folder == tmp_path / "127.0.0.1_18444" / "20261125T160501.123456Z_7"
-    assert peer_of_capture_file(folder / "msgs_recv.dat") == "127.0.0.1_18444"
-    assert peer_of_capture_file(tmp_path / "127.0.0.1_18444" / "msgs_recv.dat") == (
-        "127.0.0.1_18444"
+    assert CapturePath.of(folder / "msgs_recv.dat") == (
+        tmp_path,
+        "127.0.0.1_18444",
+        "20261125T160501.123456Z_7",
+    )
+    assert CapturePath.of(tmp_path / "127.0.0.1_18444" / "msgs_recv.dat") == (
+        tmp_path,
+        "127.0.0.1_18444",
+        None,
     )
 
 
