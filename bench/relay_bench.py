@@ -29,13 +29,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402
 from msgcap.capture.framing import Network, encode_frame  # noqa: E402
 from tests.bcoin import free_port, wait_listening  # noqa: E402
 
@@ -43,42 +43,21 @@ MAGIC = Network.REGTEST.magic
 VERSION = encode_frame(MAGIC, "version", bytes(100))
 
 
-class Sink:
+class Sink(bench.Sink):
     """Counts (or echoes) the bytes of every connection it accepts."""
 
     def __init__(self, echo: bool = False) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.echo = echo
-        self.received = 0
-        self.cond = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        if self.echo:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def serve(self, conn: socket.socket) -> None:
+        if not self.echo:
+            return super().serve(conn)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             while data := conn.recv(1 << 20):
-                if self.echo:
-                    conn.sendall(data)
-                with self.cond:
-                    self.received += len(data)
-                    self.cond.notify_all()
-
-    def wait_for(self, total: int, timeout: float = 300) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.received >= total, timeout)
-
-    def close(self) -> None:
-        self.sock.close()
+                conn.sendall(data)
+                self.add(len(data))
 
 
 RELAYS = ("msgcap", "plain", "bare", "socat")

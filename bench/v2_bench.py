@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402
 from msgcap.capture.bip324 import (  # noqa: E402
     ELLSWIFT_LEN,
     EXPANSION,
@@ -89,41 +89,24 @@ def capture_size(messages: Messages) -> int:
 # --- sink ------------------------------------------------------------------------------
 
 
-class Sink:
+class Sink(bench.Sink):
     """Counts the bytes of every connection it accepts; with ``v2`` it is a BIP324
     responder that does its handshake and then counts the bytes after it, undecrypted."""
 
     def __init__(self, v2: bool) -> None:
         self.v2 = v2
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.received = 0
-        self.cond = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _add(self, n: int) -> None:
-        with self.cond:
-            self.received += n
-            self.cond.notify_all()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         buf = bytearray(1 << 20)
         with conn, contextlib.suppress(OSError):
             if self.v2:
                 early = self._handshake(conn)
                 if early is None:
                     return
-                self._add(early)
+                self.add(early)
             while n := conn.recv_into(buf):
-                self._add(n)
+                self.add(n)
 
     @staticmethod
     def _handshake(conn: socket.socket) -> int | None:
@@ -157,9 +140,6 @@ class Sink:
                 raise TimeoutError(f"sink: {self.received} of {total} bytes in {timeout:g}s")
         if self.received != total:
             raise RuntimeError(f"sink: {self.received} bytes, expected {total}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- relays ----------------------------------------------------------------------------

@@ -21,13 +21,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from msgcap.capture.conversation import DamageReport, conversation, folder_conversation, warn_damage
-from msgcap.capture.framing import checksum
+from msgcap.capture.framing import encode_raw_frame
+from msgcap.capture.layout import CapturePath
 from msgcap.capture.records import Direction, Record
-
-
-def frame_raw(magic: bytes, raw_msgtype: bytes, payload: bytes) -> bytes:
-    """A v1 wire message from a record's raw 12-byte type field (kept byte for byte)."""
-    return magic + raw_msgtype + struct.pack("<I", len(payload)) + checksum(payload) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +55,7 @@ def export_fuzz(
             data = rec.payload
             folder = out / name
         else:
-            data = frame_raw(magic, rec.raw_msgtype, rec.payload)
+            data = encode_raw_frame(magic, rec.raw_msgtype, rec.payload)
             folder = out
         digest = hashlib.sha1(data).hexdigest()
         key = f"{folder.name}/{digest}" if payloads else digest
@@ -122,16 +118,11 @@ class _Conversation:
         src.seq = (src.seq + len(data) + (1 if flags & (SYN | FIN) else 0)) & 0xFFFFFFFF
 
 
-_PEER_NAME = re.compile(r"^(?P<host>.+)_(?P<port>\d+)$")
-
-
-def _peer_endpoint(folder_name: str, index: int) -> tuple[bytes, int]:
+def _peer_endpoint(folder: Path, index: int) -> tuple[bytes, int]:
     """The peer's IPv4 address and port from its folder name, or a stand-in."""
-    m = _PEER_NAME.match(folder_name)
-    port = int(m.group("port")) if m else 8333
+    host, port = CapturePath.of_folder(folder).peer_host_port or ("", 8333)
     try:
-        ip = ipaddress.IPv4Address(m.group("host") if m else "")
-        return ip.packed, port
+        return ipaddress.IPv4Address(host).packed, port
     except ValueError:
         return ipaddress.IPv4Address(f"10.0.1.{index % 250 + 1}").packed, port
 
@@ -165,7 +156,7 @@ def export_pcap(
             messages = _folder_messages(folder, on_damage)
             if not messages:
                 continue
-            peer_ip, peer_port = _peer_endpoint(folder.name, i)
+            peer_ip, peer_port = _peer_endpoint(folder, i)
             node = _Endpoint(bytes([10, 0, 0, 1]), 40000 + i % 20000, 1_000_000 * (i + 1))
             peer = _Endpoint(peer_ip, peer_port, 2_000_000 * (i + 1))
             conv = _Conversation(f, node, peer)
@@ -177,7 +168,7 @@ def export_pcap(
             conv.packet(t0 + 1, 1 - client, SYN | ACK)
             conv.packet(t0 + 2, client, ACK)
             for when, side, rec in messages:
-                data = frame_raw(magic, rec.raw_msgtype, rec.payload)
+                data = encode_raw_frame(magic, rec.raw_msgtype, rec.payload)
                 for k in range(0, len(data), _MSS):
                     conv.packet(when, side, ACK | PSH, data[k : k + _MSS])
                 count += 1

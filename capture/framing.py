@@ -133,6 +133,51 @@ class MsgType:
         return self.label
 
 
+KNOWN_MSGTYPES: Final[frozenset[str]] = frozenset(
+    {
+        "addr",
+        "addrv2",
+        "block",
+        "blocktxn",
+        "cfcheckpt",
+        "cfheaders",
+        "cfilter",
+        "cmpctblock",
+        "feefilter",
+        "filteradd",
+        "filterclear",
+        "filterload",
+        "getaddr",
+        "getblocks",
+        "getblocktxn",
+        "getcfcheckpt",
+        "getcfheaders",
+        "getcfilters",
+        "getdata",
+        "getheaders",
+        "headers",
+        "inv",
+        "mempool",
+        "merkleblock",
+        "notfound",
+        "ping",
+        "pong",
+        "sendaddrv2",
+        "sendcmpct",
+        "sendheaders",
+        "sendtxrcncl",
+        "tx",
+        "verack",
+        "version",
+        "wtxidrelay",
+    }
+)
+"""Every message type Core's test framework decodes, by wire name: the types
+:mod:`msgcap.parser.messages` has a class for (its ``MESSAGES`` has exactly these keys),
+and the ones metrics label by name (any other is ``other``). Kept here, below the codec,
+so that whoever only needs the names does not load it."""
+
+
 def encode_msgtype(msgtype: str) -> bytes:
     raw = msgtype.encode("ascii")
     if len(raw) > MSGTYPE_SIZE:
@@ -142,7 +187,13 @@ def encode_msgtype(msgtype: str) -> bytes:
 
 def encode_frame(magic: bytes, msgtype: str, payload: bytes) -> bytes:
     """A complete v1 wire message: header (with checksum) followed by the payload."""
-    return _HEADER.pack(magic, encode_msgtype(msgtype), len(payload), checksum(payload)) + payload
+    return encode_raw_frame(magic, encode_msgtype(msgtype), payload)
+
+
+def encode_raw_frame(magic: bytes, raw_msgtype: bytes, payload: bytes) -> bytes:
+    """:func:`encode_frame` with the 12-byte type field given as stored (a capture
+    record's, byte for byte, whether or not it is a valid type)."""
+    return _HEADER.pack(magic, raw_msgtype, len(payload), checksum(payload)) + payload
 
 
 def v1_version_prefix(magic: bytes) -> bytes:

@@ -29,6 +29,7 @@ _SHORTENED = "~"
 """Between a shortened name's prefix and its hash: escaping turns a ``~`` of a host name
 into ``%7E``, so only shortened names hold one."""
 SESSION_DIR = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_\d+$")
+_PEER_NAME = re.compile(r"(?P<host>.+)_(?P<port>[0-9]+)")
 
 
 class Layout(enum.Enum):
@@ -131,3 +132,16 @@ class CapturePath(NamedTuple):
         if SESSION_DIR.match(folder.name):
             session, folder = folder.name, folder.parent
         return cls(folder.parent, folder.name, session)
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> CapturePath:
+        """:meth:`of` for the folder that holds the capture files."""
+        return cls.of(folder / RECV_FILE)
+
+    @property
+    def peer_host_port(self) -> tuple[str, int] | None:
+        """The peer folder name ``HOST_PORT`` split: the host as the name writes it (IPv6
+        with ``_`` for ``:``, a name ``%XX``-escaped) and the port, which may be out of
+        range in a folder not named by us; None for a name without ``_PORT``."""
+        m = _PEER_NAME.fullmatch(self.peer)
+        return (m["host"], int(m["port"])) if m else None

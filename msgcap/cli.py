@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import math
 import os
-import re
 import select
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from msgcap.capture.conversation import CaptureFile
 from msgcap.capture.errors import (
@@ -41,8 +42,9 @@ from msgcap.proxy.config import (
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"msgcap: error: {message}\n")
+    def error(self, message: str) -> NoReturn:
+        """Bad usage: the one error line (no usage text before it), exit status 2."""
+        self.exit(_error(message, 2))
 
 
 def _number(text: str) -> float:
@@ -262,8 +264,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     try:  # a StartupError (a MsgcapError) goes to main() like any other
         return int(runner(_serve(config)))
     except OSError as e:
-        print(f"msgcap: error: {e}", file=sys.stderr)
-        return 1
+        return _error(str(e), 1)
 
 
 async def _serve(config: Config) -> int:
@@ -425,7 +426,7 @@ def run_replay(args: argparse.Namespace) -> int:
     options = _replay_options(args, magic)
     if args.diff:
         return _run_diff(args, steps, targets, options)
-    try:
+    with _replay_failures(f"connect to {target}" if args.to else f"listen on {target}"):
         if args.to:
             reports = [asyncio.run(replay_to(steps, target.host, target.port,
                                              play=args.play or "peer", transport=args.transport,
@@ -434,13 +435,6 @@ def run_replay(args: argparse.Namespace) -> int:
             listening = replay_listen(steps, target.host, target.port, play=args.play or "node",
                                       connections=args.connections, **options)  # fmt: skip
             reports = asyncio.run(listening)
-    except ReplayError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:  # (ReplayFailed, a failure of the replayer, goes to main)
-        if e.errno is None:  # ours: no client connected in time
-            raise MsgcapError(str(e) or type(e).__name__) from e
-        doing = "connect to" if args.to else "listen on"
-        raise MsgcapError(f"cannot {doing} {target}: {describe_os_error(e)}") from e
     texts = []  # all of them first: a failure while writing one prints none
     for i, report in enumerate(reports, 1):
         if args.json:
@@ -462,6 +456,24 @@ def run_replay(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(r.diverged for r in reports) else 0
 
 
+@contextlib.contextmanager
+def _replay_failures(doing: str) -> Iterator[None]:
+    """A replay run's errors as msgcap's: a capture that cannot be replayed is bad usage;
+    an ``OSError`` without an errno is ours (no client connected in time); any other
+    says what could not be done (``doing``: ``connect to HOST:PORT``). ``ReplayFailed``,
+    a failure of the replayer itself, goes on to :func:`main`."""
+    from msgcap.proxy.replay import ReplayError
+
+    try:
+        yield
+    except ReplayError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        if e.errno is None:
+            raise MsgcapError(str(e) or type(e).__name__) from e
+        raise MsgcapError(f"cannot {doing}: {describe_os_error(e)}") from e
+
+
 def _replay_options(args: argparse.Namespace, magic: bytes) -> dict[str, Any]:
     return {"magic": magic, "fast": args.fast, "verbatim": args.verbatim,
             "timeout": args.timeout}  # fmt: skip
@@ -475,9 +487,11 @@ def _run_diff(args: argparse.Namespace, steps: Any, targets: list[Any],
     import orjson
 
     from msgcap.proxy.diff import compare, replay_many
-    from msgcap.proxy.replay import ReplayError, replay_listen
+    from msgcap.proxy.replay import replay_listen
 
-    try:
+    addresses = ", ".join(map(str, targets))
+    doing = f"connect to one of {addresses}" if args.to else f"listen on {addresses}"
+    with _replay_failures(doing):
         if args.to:
             labels = [str(t) for t in targets]
             replaying = replay_many(steps, [(t.host, t.port) for t in targets],
@@ -491,14 +505,6 @@ def _run_diff(args: argparse.Namespace, steps: Any, targets: list[Any],
                                       **options)  # fmt: skip
             reports = asyncio.run(listening)
             labels = [f"client {i}" for i in range(1, len(reports) + 1)]
-    except ReplayError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        if e.errno is None:
-            raise MsgcapError(str(e) or type(e).__name__) from e
-        doing = "connect to one of" if args.to else "listen on"
-        raise MsgcapError(f"cannot {doing} {', '.join(map(str, targets))}: "
-                          f"{describe_os_error(e)}") from e  # fmt: skip
     if len(reports) < 2:
         raise MsgcapError(f"{len(reports)} of {args.connections} connections arrived: "
                           "nothing to compare")  # fmt: skip
@@ -590,11 +596,12 @@ def _check_pcap_names(paths: list[Path]) -> None:
     """A capture folder named ``HOST_PORT`` gives the pcap its peer's port: one out of
     range is bad input, not a stand-in."""
     from msgcap.capture.export import capture_folders
+    from msgcap.capture.layout import CapturePath
 
     for folder in capture_folders(paths):
-        m = re.fullmatch(r".+_(\d+)", folder.name, re.ASCII)
-        if m and int(m[1]) > 65535:
-            raise UsageError(f"{folder}: port {m[1]} in the folder name is out of range")
+        _, port = CapturePath.of_folder(folder).peer_host_port or ("", 0)
+        if port > 65535:
+            raise UsageError(f"{folder}: port {port} in the folder name is out of range")
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -795,6 +802,8 @@ def _output_of(args: argparse.Namespace | None) -> str | None:
 
 
 def _error(reason: str, status: int) -> int:
+    """Print the one line every failure ends in, ``msgcap: error: REASON`` (the only place
+    it is written); the exit status, passed through."""
     try:
         print(f"msgcap: error: {reason}", file=sys.stderr, flush=True)
     except (OSError, ValueError):

@@ -22,7 +22,7 @@ from typing import IO
 
 from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged_batches
 from msgcap.capture.errors import UsageError
-from msgcap.capture.framing import MsgType
+from msgcap.capture.framing import HEADER_SIZE, MsgType
 from msgcap.capture.records import Damage, RecordFilter
 from msgcap.parser.render import BatchRenderer, Problem
 
@@ -241,6 +241,6 @@ def run_stats(args: argparse.Namespace) -> int:
         left = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths[:3], strict=True))
         right = "  ".join(c.rjust(w) for c, w in zip(r[3:], widths[3:], strict=True))
         print(f"{left}  {right}")
-    print("(bytes are payload bytes; each message adds a 24-byte header on the wire)")
+    print(f"(bytes are payload bytes; each message adds a {HEADER_SIZE}-byte header on the wire)")
     warn.summary()
     return 1 if warn.skipped else 0

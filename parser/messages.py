@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
 from msgcap.parser import wire
 from msgcap.parser.structures import (
@@ -217,70 +217,62 @@ class AddrV2:
 
 
 @dataclass(frozen=True, slots=True)
-class Inv:
+class InventoryMessage:
+    """What ``inv``, ``getdata`` and ``notfound`` share: one list of inventory vectors.
+
+    Each is a named subclass (so ``isinstance(msg, Inv)`` tells them apart) that only
+    sets its wire name and the JSON key Core's parser prints the list under.
+    """
+
+    msgtype: ClassVar[str]
+    json_key: ClassVar[str] = "inv"
+
+    inv: tuple[Inventory, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        return cls(read_inventory(r))
+
+    def encode(self) -> bytes:
+        return encode_list(self.inv)
+
+    def json(self, hx: HashHex) -> JsonDict:
+        return {self.json_key: [i.json(hx) for i in self.inv]}
+
+
+class Inv(InventoryMessage):
+    __slots__ = ()
     msgtype: ClassVar[str] = "inv"
 
-    inv: tuple[Inventory, ...]
 
-    @classmethod
-    def read(cls, r: Reader) -> Inv:
-        return cls(read_inventory(r))
-
-    def encode(self) -> bytes:
-        return encode_list(self.inv)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"inv": [i.json(hx) for i in self.inv]}
-
-
-@dataclass(frozen=True, slots=True)
-class GetData:
+class GetData(InventoryMessage):
+    __slots__ = ()
     msgtype: ClassVar[str] = "getdata"
 
-    inv: tuple[Inventory, ...]
 
-    @classmethod
-    def read(cls, r: Reader) -> GetData:
-        return cls(read_inventory(r))
+class NotFound(InventoryMessage):
+    """``inv`` is Core's ``vec``."""
 
-    def encode(self) -> bytes:
-        return encode_list(self.inv)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"inv": [i.json(hx) for i in self.inv]}
-
-
-@dataclass(frozen=True, slots=True)
-class NotFound:
+    __slots__ = ()
     msgtype: ClassVar[str] = "notfound"
-
-    inv: tuple[Inventory, ...]
-    """vec"""
-
-    @classmethod
-    def read(cls, r: Reader) -> NotFound:
-        return cls(read_inventory(r))
-
-    def encode(self) -> bytes:
-        return encode_list(self.inv)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"vec": [i.json(hx) for i in self.inv]}
+    json_key: ClassVar[str] = "vec"
 
 
 # --- blocks and headers -----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class GetBlocks:
-    msgtype: ClassVar[str] = "getblocks"
+class _LocatorMessage:
+    """What ``getblocks`` and ``getheaders`` share: a block locator and a stop hash."""
+
+    msgtype: ClassVar[str]
 
     locator: BlockLocator
     stop_hash: bytes
     """hashstop"""
 
     @classmethod
-    def read(cls, r: Reader) -> GetBlocks:
+    def read(cls, r: Reader) -> Self:
         return cls(BlockLocator.read(r), r.hash())
 
     def encode(self) -> bytes:
@@ -290,22 +282,17 @@ class GetBlocks:
         return {"locator": self.locator.json(hx), "hashstop": hx(self.stop_hash)}
 
 
-@dataclass(frozen=True, slots=True)
-class GetHeaders:
+class GetBlocks(_LocatorMessage):
+    __slots__ = ()
+    msgtype: ClassVar[str] = "getblocks"
+
+
+class GetHeaders(_LocatorMessage):
+    __slots__ = ()
     msgtype: ClassVar[str] = "getheaders"
 
-    locator: BlockLocator
-    stop_hash: bytes
-    """hashstop"""
-
-    @classmethod
-    def read(cls, r: Reader) -> GetHeaders:
-        return cls(BlockLocator.read(r), r.hash())
-
-    def encode(self) -> bytes:
-        return self.locator.encode() + self.stop_hash
-
     def json(self, hx: HashHex) -> JsonDict:
+        # Core's msg_getheaders lists its fields in this order (msg_getblocks the other).
         return {"hashstop": hx(self.stop_hash), "locator": self.locator.json(hx)}
 
 
@@ -467,37 +454,32 @@ class BlockTxn:
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
+class _NonceMessage:
+    """What ``ping`` and ``pong`` share: one 64-bit nonce."""
+
+    msgtype: ClassVar[str]
+
+    nonce: int
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        return cls(r.u64())
+
+    def encode(self) -> bytes:
+        return wire.u64(self.nonce)
+
+    def json(self, hx: HashHex) -> JsonDict:
+        return {"nonce": self.nonce}
+
+
+class Ping(_NonceMessage):
+    __slots__ = ()
     msgtype: ClassVar[str] = "ping"
 
-    nonce: int
 
-    @classmethod
-    def read(cls, r: Reader) -> Ping:
-        return cls(r.u64())
-
-    def encode(self) -> bytes:
-        return wire.u64(self.nonce)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"nonce": self.nonce}
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
+class Pong(_NonceMessage):
+    __slots__ = ()
     msgtype: ClassVar[str] = "pong"
-
-    nonce: int
-
-    @classmethod
-    def read(cls, r: Reader) -> Pong:
-        return cls(r.u64())
-
-    def encode(self) -> bytes:
-        return wire.u64(self.nonce)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"nonce": self.nonce}
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,15 +579,17 @@ class FilterAdd:
 
 
 @dataclass(frozen=True, slots=True)
-class GetCFilters:
-    msgtype: ClassVar[str] = "getcfilters"
+class _FilterRangeRequest:
+    """What ``getcfilters`` and ``getcfheaders`` share: a filter type and a block range."""
+
+    msgtype: ClassVar[str]
 
     filter_type: int
     start_height: int
     stop_hash: bytes
 
     @classmethod
-    def read(cls, r: Reader) -> GetCFilters:
+    def read(cls, r: Reader) -> Self:
         return cls(r.u8(), r.u32(), r.hash())
 
     def encode(self) -> bytes:
@@ -617,6 +601,11 @@ class GetCFilters:
             "start_height": self.start_height,
             "stop_hash": hx(self.stop_hash),
         }
+
+
+class GetCFilters(_FilterRangeRequest):
+    __slots__ = ()
+    msgtype: ClassVar[str] = "getcfilters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,27 +631,9 @@ class CFilter:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class GetCFHeaders:
+class GetCFHeaders(_FilterRangeRequest):
+    __slots__ = ()
     msgtype: ClassVar[str] = "getcfheaders"
-
-    filter_type: int
-    start_height: int
-    stop_hash: bytes
-
-    @classmethod
-    def read(cls, r: Reader) -> GetCFHeaders:
-        return cls(r.u8(), r.u32(), r.hash())
-
-    def encode(self) -> bytes:
-        return bytes((self.filter_type,)) + wire.u32(self.start_height) + self.stop_hash
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {
-            "filter_type": self.filter_type,
-            "start_height": self.start_height,
-            "stop_hash": hx(self.stop_hash),
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,7 +764,7 @@ MESSAGES: Final[dict[str, type[Message]]] = {
     "version": Version,
     "wtxidrelay": WtxidRelay,
 }
-"""Every message type Core's test framework decodes, by wire name."""
+"""A class for each of :data:`~msgcap.capture.framing.KNOWN_MSGTYPES`, by wire name."""
 
 
 def decode_message(msgtype: str, payload: bytes) -> Message | Unknown:

@@ -1,8 +1,9 @@
 """Prometheus metrics of a running proxy (``--metrics HOST:PORT``; off by default).
 
-Label sets stay bounded: ``msgtype`` is one of the types Core's test framework knows or
-``other``; ``direction`` is ``recv``/``sent``; anomalies are labelled by event name; peers
-are never labels (the event log and the captures name them).
+Label sets stay bounded: ``msgtype`` is one of the types Core's test framework knows
+(:data:`~msgcap.capture.framing.KNOWN_MSGTYPES`) or ``other``; ``direction`` is
+``recv``/``sent``; anomalies are labelled by event name; peers are never labels (the event
+log and the captures name them).
 
 Counting happens where the facts are already at hand, once per batch of messages (the
 capture thread's batch of one read), so the relay pays one dictionary update per message
@@ -31,13 +32,11 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 from prometheus_client import Counter as PromCounter
 
+from msgcap.capture.framing import KNOWN_MSGTYPES
 from msgcap.capture.records import Direction
-from msgcap.parser.messages import MESSAGES
 from msgcap.proxy.listener import Listener, RateLimit, bind
 
 log = logging.getLogger("msgcap")
-
-KNOWN_TYPES: Final = frozenset(MESSAGES)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -89,7 +88,7 @@ class Metrics:
         counts: Counter[str] = Counter()
         sizes: Counter[str] = Counter()
         for msgtype, size in batch:
-            label = msgtype if msgtype in KNOWN_TYPES else "other"
+            label = msgtype if msgtype in KNOWN_MSGTYPES else "other"
             counts[label] += 1
             sizes[label] += size
         d = direction.value

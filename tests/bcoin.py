@@ -23,7 +23,6 @@ from tests.conftest import free_port, wait_until
 
 E2E_DIR = Path(__file__).parent / "e2e"
 BCOIN = Path(os.environ.get("MSGCAP_BCOIN", E2E_DIR / "node_modules" / ".bin" / "bcoin"))
-REGTEST_MAGIC = bytes.fromhex("fabfb5da")
 
 
 def require_bcoin() -> Path:

@@ -30,7 +30,6 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, TypeVar
 
 import pytest
@@ -87,19 +86,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Deadline:
+    """``timeout`` seconds from now, for a wait on ``what``: what :func:`wait_until` and
+    ``tests.conftest.wait_until_async`` share."""
+
+    def __init__(self, timeout: float, what: str) -> None:
+        self.timeout, self.what = timeout, what
+        self.at = time.monotonic() + timeout
+
+    def check(self) -> None:
+        """Raise :class:`TimeoutError` naming ``what`` once the deadline has passed."""
+        if time.monotonic() > self.at:
+            raise TimeoutError(f"{self.what}: not reached in {self.timeout:g}s")
+
+
 def wait_until(
     predicate: Callable[[], T | None], timeout: float, what: str = "condition", poll: float = 0.1
 ) -> T:
     """Call ``predicate`` until it returns something truthy (returned), at most ``timeout``
     seconds; then raise :class:`TimeoutError` naming ``what``."""
-    deadline = time.monotonic() + timeout
+    deadline = Deadline(timeout, what)
     while True:
-        value = predicate()
-        if value:
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout:g}s")
+        deadline.check()
         time.sleep(poll)
+
+
+def read_events(where: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The events of an event log (``where``: the ``events.jsonl`` file or the capture
+    directory holding it), only those named ``event`` if given. A line still being
+    written is left out, so this can be polled while the proxy runs."""
+    path = where if where.suffix == ".jsonl" else where / "events.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # the last piece has no newline yet
+    out = [json.loads(x) for x in lines if x]
+    return out if event is None else [e for e in out if e["event"] == event]
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -319,16 +342,24 @@ class BitcoinNode:
     def __enter__(self) -> BitcoinNode:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
         return f"BitcoinNode({self.name}, p2p={self.port}, rpc={self.rpc_port})"
+
+
+def only_peer(node: BitcoinNode) -> dict[str, Any]:
+    """The node's one peer (``getpeerinfo``); asserts that it has exactly one."""
+    peers = node.peers()
+    assert len(peers) == 1, f"{node.name}: expected one peer, got {peers}"
+    return peers[0]
+
+
+def handshaken(*group: BitcoinNode) -> Callable[[], bool]:
+    """A predicate for :func:`wait_until`: each node has exactly one peer, and its version
+    handshake is done."""
+    return lambda: all(len(p := n.peers()) == 1 and bool(p[0].get("version")) for n in group)
 
 
 def wait_synced(nodes: Iterable[BitcoinNode], timeout: float = 60) -> str:
@@ -505,9 +536,7 @@ class ProxyProcess:
         return self.capture_dir / "events.jsonl"
 
     def events(self) -> list[dict[str, Any]]:
-        if not self.event_log.exists():
-            return []
-        return [json.loads(line) for line in self.event_log.read_text().splitlines() if line]
+        return read_events(self.event_log)
 
     def stderr(self) -> str:
         return _tail(self.stderr_path, 20_000)
@@ -534,12 +563,7 @@ class ProxyProcess:
     def __enter__(self) -> ProxyProcess:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

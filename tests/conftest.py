@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,29 +46,20 @@ async def wait_until_async(
     predicate: Callable[[], T | None], timeout: float, what: str = "condition", poll: float = 0.01
 ) -> T:
     """:func:`wait_until` for coroutines: the event loop runs while it waits."""
-    deadline = time.monotonic() + timeout
+    deadline = bitcoind.Deadline(timeout, what)
     while True:
-        value = predicate()
-        if value:
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout:g}s")
+        deadline.check()
         await asyncio.sleep(poll)
 
 
 # --- the event log -----------------------------------------------------------------------
 
 
-def read_events(where: Path, event: str | None = None) -> list[dict[str, Any]]:
-    """The events of an event log (``where``: the ``events.jsonl`` file or the capture
-    directory holding it), only those named ``event`` if given. A line still being
-    written is left out, so this can be polled while the proxy runs."""
-    path = where if where.suffix == ".jsonl" else where / "events.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # the last piece has no newline yet
-    out = [json.loads(x) for x in lines if x]
-    return out if event is None else [e for e in out if e["event"] == event]
+read_events = bitcoind.read_events
+"""The events of an event log, a line still being written left out (one implementation,
+in tests/bitcoind.py, which ``ProxyProcess.events`` uses too)."""
 
 
 def logged(where: Path, event: str, n: int = 1) -> Callable[[], bool]:
@@ -111,16 +100,17 @@ class Upstream:
         self.server.close()
 
 
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A connection handler that sends back whatever it receives, until EOF."""
+    with contextlib.suppress(ConnectionError):
+        while data := await r.read(1 << 16):
+            w.write(data)
+            await w.drain()
+    w.close()
+
+
 async def echo_server() -> asyncio.Server:
     """A loopback server that sends back whatever it receives, until EOF."""
-
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-        w.close()
-
     return await asyncio.start_server(echo, "127.0.0.1", 0)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from msgcap.cli import main
+from tests.conftest import free_port
 
 DATA = Path(__file__).parent / "data" / "core-v30-pair" / "a" / "127.0.0.1_39912"
 
@@ -229,16 +230,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return w
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once it is closed
-
-
 def run(c: Case, w: Path, capsys: pytest.CaptureFixture[str]) -> tuple[object, str]:
-    argv = [a.replace("{w}", str(w)).replace("{closed}", str(_closed_port())) for a in c.argv]
+    closed = str(free_port())  # nothing listens on it once it is closed
+    argv = [a.replace("{w}", str(w)).replace("{closed}", closed) for a in c.argv]
     if c.process:
         cmd = [sys.executable, "-m", "msgcap", *argv]
         if c.unprivileged and os.geteuid() == 0:  # root ignores file modes: drop that power

@@ -41,6 +41,8 @@ from tests.bitcoind import (
     capture_folder_name,
     compare_captures,
     free_port,
+    handshaken,
+    only_peer,
     read_capture,
     wait_quiet,
     wait_until,
@@ -122,18 +124,10 @@ def proxied_pair(
     return node, proxy, listen
 
 
-def live_events(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    """The proxy's events so far (a line still being written is left out)."""
-    if not proxy.event_log.exists():
-        return []
-    lines = proxy.event_log.read_text().split("\n")[:-1]
-    return [json.loads(line) for line in lines if line]
-
-
 def diagnose(proxy: ProxyProcess) -> str:
     """What the proxy logged beyond the usual (the first few), for assertion messages."""
     usual = {"listen", "v2_session", "open"}
-    unusual = [e for e in live_events(proxy) if e["event"] not in usual]
+    unusual = [e for e in proxy.events() if e["event"] not in usual]
     return (
         f"proxy events beyond the usual ({len(unusual)}): {json.dumps(unusual[:4])}\n"
         f"proxy stderr: {proxy.stderr()[-3000:]}"
@@ -147,7 +141,7 @@ def wait_proxied(
     proxy logs a ``close``: the one connection must stay open until the proxy stops."""
 
     def step() -> bool:
-        if any(e["event"] == "close" for e in live_events(proxy)):
+        if any(e["event"] == "close" for e in proxy.events()):
             raise AssertionError(f"{what}: the proxy closed the connection\n{diagnose(proxy)}")
         return predicate()
 
@@ -165,19 +159,29 @@ def at_tip(group: list[BitcoinNode], tip: str) -> Callable[[], bool]:
     return lambda: all(n.tip() == tip for n in group)
 
 
-def only_peer(node: BitcoinNode) -> dict[str, Any]:
-    peers = node.peers()
-    assert len(peers) == 1, f"{node.name}: expected one peer, got {peers}"
-    return peers[0]
-
-
 def wait_connected(proxy: ProxyProcess, *group: BitcoinNode, timeout: float = 30) -> None:
     """Until each node has exactly one peer whose version handshake is done."""
+    wait_proxied(proxy, handshaken(*group), timeout, f"one handshaken peer on each of {group}")
 
-    def ready() -> bool:
-        return all(len(p := n.peers()) == 1 and p[0].get("version") for n in group)
 
-    wait_proxied(proxy, ready, timeout, f"one handshaken peer on each of {group}")
+def relay_and_mine(
+    proxy: ProxyProcess,
+    sender: BitcoinNode,
+    miner: BitcoinNode,
+    data_size: int,
+    pay: dict[str, float] | None = None,
+) -> tuple[str, bytes, str]:
+    """``sender`` sends a transaction with ``data_size`` bytes of data (and ``pay``); both
+    mempools hold it, byte for byte the same; ``miner`` mines it and both nodes reach that
+    block. Returns the txid, the raw transaction and the block hash."""
+    group = [sender, miner]
+    txid = send_data_tx(sender, data_size, pay=pay)
+    wait_proxied(proxy, in_mempools(group, txid), 30, f"{txid} in both mempools")
+    raw = raw_tx(sender, txid)
+    assert raw_tx(miner, txid) == raw
+    (block,) = miner.mine(1, BURN)
+    wait_proxied(proxy, at_tip(group, block), 30, f"both at {block}")
+    return txid, raw, block
 
 
 def check_v2_peers(node: BitcoinNode, far: BitcoinNode, proxy: ProxyProcess, listen: str) -> None:
@@ -265,22 +269,13 @@ def test_large_transactions_relay(
     wait_proxied(proxy, at_tip([b], a.tip()), 30, "b at a's tip")
     took["setup"] = round(time.monotonic() - started, 2)
 
-    # A -> B: 90 kB of data, and 1 BTC to B so that B can send one back.
-    tx_ab = send_data_tx(a, 90_000, pay={b.new_address(): 1.0})
-    wait_proxied(proxy, in_mempools([a, b], tx_ab), 30, f"{tx_ab} in both mempools")
-    raw_ab = raw_tx(a, tx_ab)
-    assert raw_tx(b, tx_ab) == raw_ab
-    (block_ab,) = b.mine(1, BURN)  # B mines it: the block goes B -> A
-    wait_proxied(proxy, at_tip([a, b], block_ab), 30, f"both at {block_ab}")
+    # A -> B: 90 kB of data, and 1 BTC to B so that B can send one back; B mines it, so
+    # the block goes B -> A.
+    tx_ab, raw_ab, block_ab = relay_and_mine(proxy, a, b, 90_000, pay={b.new_address(): 1.0})
     took["tx_a_to_b"] = round(time.monotonic() - started - sum(took.values()), 2)
 
-    # B -> A: 70 kB of data, from the coin A sent (one confirmation).
-    tx_ba = send_data_tx(b, 70_000)
-    wait_proxied(proxy, in_mempools([a, b], tx_ba), 30, f"{tx_ba} in both mempools")
-    raw_ba = raw_tx(b, tx_ba)
-    assert raw_tx(a, tx_ba) == raw_ba
-    (block_ba,) = a.mine(1, BURN)  # A mines it: the block goes A -> B
-    wait_proxied(proxy, at_tip([a, b], block_ba), 30, f"both at {block_ba}")
+    # B -> A: 70 kB of data, from the coin A sent (one confirmation); A mines it.
+    tx_ba, raw_ba, block_ba = relay_and_mine(proxy, b, a, 70_000)
     took["tx_b_to_a"] = round(time.monotonic() - started - sum(took.values()), 2)
 
     # Each transaction is in its block on both nodes.

@@ -124,24 +124,28 @@ def run_route(
     return proxy, proxy.events()
 
 
-def test_outbound_route(tmp_path: Path, miner: BcoinNode) -> None:
+def run_one_route(
+    tmp_path: Path, miner: BcoinNode, flag: str
+) -> tuple[ProxyProcess, list[dict[str, object]], int]:
+    """:func:`run_route` with one route (``flag``: ``--route`` or ``--inbound``) from a
+    free port to the miner, which B dials (and nothing else); also that port."""
     listen = free_port()
     proxy, events = run_route(
         tmp_path, miner,
-        ["--route", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}", "--socks5", "off"],
+        [flag, f"127.0.0.1:{listen}=127.0.0.1:{miner.port}", "--socks5", "off"],
         [f"--only=127.0.0.1:{listen}"],
     )  # fmt: skip
+    return proxy, events, listen
+
+
+def test_outbound_route(tmp_path: Path, miner: BcoinNode) -> None:
+    proxy, events, _ = run_one_route(tmp_path, miner, "--route")
     folder = proxy.capture_dir / f"127.0.0.1_{miner.port}"
     check_capture(folder, miner, node_is_b=True, events=events)
 
 
 def test_inbound_route(tmp_path: Path, miner: BcoinNode) -> None:
-    listen = free_port()
-    proxy, events = run_route(
-        tmp_path, miner,
-        ["--inbound", f"127.0.0.1:{listen}=127.0.0.1:{miner.port}", "--socks5", "off"],
-        [f"--only=127.0.0.1:{listen}"],
-    )  # fmt: skip
+    proxy, events, listen = run_one_route(tmp_path, miner, "--inbound")
     # The node is A; the folder is named after the connecting peer, B.
     opens = [e for e in events if e["event"] == "open"]
     assert len(opens) == 1 and opens[0]["node"] == "upstream"

@@ -11,15 +11,15 @@ from contextlib import closing
 import pytest
 
 from msgcap.capture.errors import ConfigError
-from msgcap.capture.framing import Network, encode_frame
+from msgcap.capture.framing import encode_frame
 from msgcap.parser.messages import Verack, Version
 from msgcap.parser.structures import AddressV1
 from msgcap.proxy.server import StartupError
 from msgcap.testing import ProxyFactory, RunningProxy
+from tests.conftest import MAGIC, echo_server
 
 pytest_plugins = ["pytester"]
 
-MAGIC = Network.REGTEST.magic
 NOWHERE = AddressV1(None, 0, bytes(10) + b"\xff\xff" + bytes(4), 0)
 
 
@@ -209,13 +209,7 @@ def test_several_nodes_behind_one_proxy(msgcap_proxy: ProxyFactory) -> None:
     import asyncio
 
     async def scenario() -> tuple[str, RunningProxy]:
-        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            while data := await r.read(1 << 16):
-                w.write(data)
-                await w.drain()
-            w.close()
-
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await echo_server()
         port = server.sockets[0].getsockname()[1]
         peer = f"127.0.0.1:{port}"
         proxy = await asyncio.to_thread(msgcap_proxy, {"route": [

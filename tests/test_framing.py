@@ -22,6 +22,7 @@ from msgcap.capture.framing import (
     UncheckedFrame,
     checksum,
     encode_frame,
+    encode_raw_frame,
     msgtype_is_valid,
     parse_magic,
     v1_version_prefix,
@@ -89,6 +90,17 @@ def test_encode_frame_layout() -> None:
     assert frame[16:20] == (8).to_bytes(4, "little")
     assert frame[20:24] == checksum(b"\x00" * 8)
     assert checksum(b"") == bytes.fromhex("5df6e0e2")
+
+
+def test_encode_raw_frame_keeps_the_type_field() -> None:
+    """A capture record's 12-byte type field goes on the wire byte for byte, valid or not
+    (what the fuzz and pcap exports write)."""
+    ping = encode_frame(REGTEST, "ping", b"x")
+    assert encode_raw_frame(REGTEST, b"ping" + bytes(8), b"x") == ping
+    raw = b"p\x00ng\xff" + bytes(7)
+    frame = encode_raw_frame(REGTEST, raw, b"")
+    assert frame[4:16] == raw and frame[20:24] == checksum(b"")
+    assert isinstance(feed([frame])[0], InvalidFrame)
 
 
 def test_magics() -> None:

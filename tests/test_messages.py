@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from verystable.core import messages as vm
 
+from msgcap.capture.framing import KNOWN_MSGTYPES
+from msgcap.parser import messages as m
 from msgcap.parser.messages import MESSAGES, Unknown, Version, decode_message
-from msgcap.parser.structures import AddressV2, Net
+from msgcap.parser.structures import AddressV2, Inventory, InvType, Net
 from msgcap.parser.wire import DecodeError, Reader, display_hash, wire_hash
 from tests.oracle import reference_body, with_documented_deviations
 from tests.vectors import VECTORS
@@ -20,6 +22,24 @@ from tests.vectors import VECTORS
 def test_every_message_type_has_a_vector() -> None:
     assert len(MESSAGES) == 35
     assert set(VECTORS) == set(MESSAGES)
+
+
+def test_registry_is_the_known_types() -> None:
+    """framing's KNOWN_MSGTYPES (the names metrics label by) are the codec's table."""
+    assert MESSAGES.keys() == KNOWN_MSGTYPES
+    assert all(cls.msgtype == name for name, cls in MESSAGES.items())
+
+
+def test_inventory_messages_share_one_codec_and_stay_distinct() -> None:
+    items = (Inventory(InvType.MSG_TX, b"\x11" * 32),)
+    payload = m.Inv(items).encode()
+    decoded = [decode_message(t, payload) for t in ("inv", "getdata", "notfound")]
+    assert [type(d) for d in decoded] == [m.Inv, m.GetData, m.NotFound]
+    assert not isinstance(decoded[0], m.GetData | m.NotFound)
+    assert decoded[0] != decoded[1]  # same items, another message
+    assert all(d.encode() == payload for d in decoded)
+    keys = [list(d.json(display_hash)) for d in decoded if isinstance(d, m.InventoryMessage)]
+    assert keys == [["inv"], ["inv"], ["vec"]]
 
 
 @pytest.mark.parametrize("msgtype", sorted(VECTORS))

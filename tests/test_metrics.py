@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import encode_frame
-from tests.conftest import MAGIC, Upstream, logged, read_all, running_proxy, wait_until_async
+from tests.conftest import MAGIC, Upstream, echo, logged, read_all, running_proxy, wait_until_async
 
 
 def scrape(host: str, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -22,12 +22,6 @@ def scrape(host: str, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]]
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    while data := await r.read(1 << 16):
-        w.write(data)
-        await w.drain()
 
 
 async def test_metrics_count_what_is_captured(tmp_path: Path) -> None:
