@@ -26,32 +26,32 @@ Messages are written as constructors of the framework's message classes
 transactions and headers go to a JSON data file beside the test (``OUT.json``); raw bytes
 (``msg_generic``) only for types the framework has no class for. The file imports only
 ``test_framework`` and the standard library, so it runs unchanged in a Core source tree's
-``test/functional/``. No asyncio here.
+``test/functional/``.
+
+:mod:`msgcap.parser.functional_plan` reads the recording into a :class:`Plan`; this
+module renders the plan as the test and its data file. No asyncio here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from msgcap.capture.conversation import DamageReport, conversation, warn_damage
-from msgcap.capture.errors import MsgcapError
+from msgcap.capture.conversation import DamageReport, warn_damage
 from msgcap.capture.framing import hash256
-from msgcap.capture.records import Direction
 from msgcap.parser import messages as m
-from msgcap.parser.structures import MSG_WITNESS_FLAG, Block, BlockHeader, InvType, Transaction
-from msgcap.parser.wire import DecodeError, Reader, display_hash
+from msgcap.parser.chain import try_decode
+from msgcap.parser.functional_plan import ExportError, Plan, plan
+from msgcap.parser.structures import MSG_WITNESS_FLAG, InvType
+from msgcap.parser.wire import display_hash
 
-HANDSHAKE = frozenset({"version", "verack", "wtxidrelay", "sendaddrv2", "sendtxrcncl"})
-BLOCK_TYPES = frozenset({"block", "cmpctblock", "merkleblock"})
+__all__ = ["ExportError", "Plan", "constructor", "export_functional_test", "plan", "render"]
+
 NODE_BLOOM = 1 << 2
 NODE_COMPACT_FILTERS = 1 << 6
 NODE_P2P_V2 = 1 << 11
-REGTEST_GENESIS = "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
 
 INV_NAMES: dict[int, str] = {t: t.name for t in InvType if t and t < MSG_WITNESS_FLAG}
 """The framework's names for Core's inventory types (the witness flag is or-ed in)."""
@@ -66,337 +66,9 @@ EMPTY_CLASSES = {
 }
 
 
-class ExportError(MsgcapError, ValueError):
-    """The capture cannot become a functional test (no version of the peer, ...)."""
-
-
 def _hex_int(h: bytes) -> str:
     """A wire-order hash as the framework's integer (``CInv.hash``), in hex."""
     return "0x" + display_hash(h)
-
-
-@dataclass(slots=True)
-class Plan:
-    """What the generated test does, read from the recording."""
-
-    peer_version: m.Version
-    peer_features: list[str]
-    node_version: m.Version | None
-    node_features: list[str]
-    script: list[tuple[int, int, str, bytes]] = field(default_factory=list)
-    """Unasked messages of the peer, each with how many expected requests precede it and
-    how much of the chain the peer had shown by then (its height: headers, blocks and
-    block announcements so far)."""
-    getheaders_heights: list[int] = field(default_factory=list)
-    """How far along the chain the peer's recorded answer to each getheaders went."""
-    expected: list[str] = field(default_factory=list)
-    """The node's requests the recording answers, in recorded order (``block HASH``,
-    ``tx HASH`` as the node named them, hashes in RPC order)."""
-    getheaders: int = 0
-    """The node's getheaders the recording answers with headers."""
-    blocks: dict[str, str] = field(default_factory=dict)
-    cmpctblocks: dict[str, str] = field(default_factory=dict)
-    txs: dict[str, str] = field(default_factory=dict)
-    """By txid and by wtxid (RPC order), payload hex."""
-    headers: dict[str, str] = field(default_factory=dict)
-    blocktxn: dict[str, str] = field(default_factory=dict)
-    notfound: list[str] = field(default_factory=list)
-    chain: list[str] = field(default_factory=list)
-    """The recorded headers' best chain, hashes in RPC order, from its first block."""
-    tip: str | None = None
-    """The last block of that chain the peer delivered whole (block or compact block)."""
-
-
-def _family(inv_type: int) -> str | None:
-    base = inv_type & ~MSG_WITNESS_FLAG
-    if base in (InvType.MSG_BLOCK, InvType.MSG_CMPCT_BLOCK, InvType.MSG_FILTERED_BLOCK):
-        return "block"
-    if base in (InvType.MSG_TX, InvType.MSG_WTX):
-        return "tx"
-    return None
-
-
-def plan(paths: Iterable[str | os.PathLike[str]], on_damage: DamageReport = warn_damage) -> Plan:
-    """Read a recorded connection (a capture folder or its files) as a :class:`Plan`."""
-    steps = [
-        (item.direction, kind.label, bytes(item.record.payload))
-        for item in conversation(paths, on_damage)
-        if (kind := item.record.msgtype).valid
-    ]
-    peer_version = node_version = None
-    peer_features: list[str] = []
-    node_features: list[str] = []
-    peer_verack = node_verack = False
-    open_items: dict[tuple[str, bytes], str] = {}
-    open_getheaders = open_getblocktxn = 0
-    out: Plan | None = None
-    pending: list[tuple[Direction, str, bytes]] = []
-    block_headers: dict[bytes, BlockHeader] = {}
-    all_headers: dict[bytes, BlockHeader] = {}
-    delivered: set[bytes] = set()
-    own: dict[bytes, tuple[str, bytes]] = {}
-    own_headers: dict[bytes, BlockHeader] = {}
-    recorded_txs: list[Transaction] = []
-    stores: dict[str, dict[str, str]] = {"blocks": {}, "cmpctblocks": {}, "txs": {}, "blocktxn": {}}
-    """Recorded payloads by hash (RPC order), the first of each kept: the Plan's dicts."""
-    notfound: list[str] = []
-    mentions: list[bytes] = []
-    marks: list[int] = []
-    """Per pending entry: how many chain mentions preceded it (its own included)."""
-    for direction, msgtype, payload in steps:
-        while len(marks) < len(pending):
-            marks.append(len(mentions))
-        if msgtype == "tx" and isinstance(tx_msg := _decode(msgtype, payload), m.Tx):
-            recorded_txs.append(tx_msg.tx)
-        if direction is Direction.SENT:  # the node
-            if msgtype == "version" and node_version is None:
-                node_version = _decode_version(payload)
-            elif msgtype == "verack":
-                node_verack = True
-            elif msgtype in HANDSHAKE and not node_verack and node_version is not None:
-                node_features.append(msgtype)
-            elif msgtype == "getdata":
-                msg = _decode(msgtype, payload)
-                for item in getattr(msg, "inv", ()):
-                    family = _family(item.type)
-                    if family is not None:
-                        name = "block" if family == "block" else "tx"
-                        open_items[(family, item.hash)] = f"{name} {display_hash(item.hash)}"
-            elif msgtype == "getheaders":
-                open_getheaders += 1
-            elif msgtype == "getblocktxn":
-                open_getblocktxn += 1
-            elif msgtype in ("block", "cmpctblock"):
-                try:
-                    header = BlockHeader.read(Reader(payload[:80], "header"))
-                except DecodeError:
-                    continue
-                if header.hash not in delivered and header.hash not in own:
-                    # A block of the node's own (mined, or had before): the test gives it
-                    # to the fresh node with submitblock, where the node first sent it.
-                    own[header.hash] = (msgtype, payload)
-                    own_headers[header.hash] = header
-                    pending.append((direction, f"submit {display_hash(header.hash)}", b""))
-            continue
-        # the peer
-        if msgtype == "version" and peer_version is None:
-            peer_version = _decode_version(payload)
-            continue
-        if msgtype == "verack":
-            peer_verack = True
-            continue
-        if msgtype in HANDSHAKE and not peer_verack:
-            peer_features.append(msgtype)
-            continue
-        if msgtype == "pong":  # answers the node's ping; the framework answers pings itself
-            continue
-        answered: list[str] = []
-        if msgtype in BLOCK_TYPES:
-            try:
-                header = BlockHeader.read(Reader(payload[:80], "header"))
-            except DecodeError:
-                pending.append((direction, msgtype, payload))
-                continue
-            h = header.hash
-            mentions.append(h)
-            block_headers[h] = header
-            all_headers[h] = header
-            if msgtype != "merkleblock":
-                delivered.add(h)
-            store = {"block": "blocks", "cmpctblock": "cmpctblocks"}.get(msgtype)
-            if store is not None:
-                stores[store].setdefault(display_hash(h), payload.hex())
-            key = open_items.pop(("block", h), None)
-            if key is not None:
-                answered.append(key)
-        elif msgtype == "tx":
-            msg = _decode(msgtype, payload)
-            if isinstance(msg, m.Tx):
-                for h in (msg.tx.txid, msg.tx.wtxid):
-                    stores["txs"].setdefault(display_hash(h), payload.hex())
-                    key = open_items.pop(("tx", h), None)
-                    if key is not None:
-                        answered.append(key)
-        elif msgtype == "headers":
-            msg = _decode(msgtype, payload)
-            if isinstance(msg, m.Headers):
-                for hd in msg.headers:
-                    all_headers[hd.hash] = hd
-                    mentions.append(hd.hash)
-            if open_getheaders:
-                open_getheaders -= 1
-                answered.append("getheaders")
-        elif msgtype == "notfound":
-            msg = _decode(msgtype, payload)
-            for item in getattr(msg, "inv", ()):
-                notfound.append(display_hash(item.hash))
-                gone = open_items.pop((_family(item.type) or "", item.hash), "")
-                if gone:
-                    answered.append("notfound")
-        elif msgtype == "blocktxn":
-            msg = _decode(msgtype, payload)
-            if isinstance(msg, m.BlockTxn):
-                bh = display_hash(msg.block_transactions.block_hash)
-                stores["blocktxn"].setdefault(bh, payload.hex())
-            if open_getblocktxn:
-                open_getblocktxn -= 1
-                answered.append("blocktxn")
-        if msgtype == "inv":
-            msg = _decode(msgtype, payload)
-            mentions += [i.hash for i in getattr(msg, "inv", ()) if _family(i.type) == "block"]
-        if answered:
-            pending.append((direction, "answered " + "\n".join(answered), b""))
-        else:
-            pending.append((direction, msgtype, payload))
-    if peer_version is None:
-        raise ExportError("the recorded peer (msgs_recv.dat) has no version message")
-    while len(marks) < len(pending):
-        marks.append(len(mentions))
-    out = Plan(peer_version, peer_features, node_version, node_features)
-    out.blocks, out.cmpctblocks = stores["blocks"], stores["cmpctblocks"]
-    out.txs, out.blocktxn, out.notfound = stores["txs"], stores["blocktxn"], notfound
-    chain = _best_chain(all_headers)
-    position = {h: i + 1 for i, h in enumerate(chain)}
-    reach = [0]
-    for h in mentions:
-        reach.append(max(reach[-1], position.get(h, 0)))
-    for (_, what, payload), mark in zip(pending, marks, strict=True):
-        if what.startswith("answered "):
-            for key in what.removeprefix("answered ").split("\n"):
-                if key == "getheaders":
-                    out.getheaders += 1
-                    out.getheaders_heights.append(reach[mark])
-                elif key.startswith(("block ", "tx ")):
-                    out.expected.append(key)
-        elif what.startswith("submit "):
-            hash_text = what.removeprefix("submit ")
-            out.script.append((len(out.expected), reach[mark], "submit", hash_text.encode()))
-        else:
-            out.script.append((len(out.expected), reach[mark], what, payload))
-    for name, cmpct in list(out.cmpctblocks.items()):
-        if name not in out.blocks:
-            block = full_block(bytes.fromhex(cmpct), recorded_txs)
-            if block is not None:
-                out.blocks[name] = block.hex()
-    for h, hd in all_headers.items():
-        out.headers[display_hash(h)] = hd.encode().hex()
-    out.chain = [display_hash(h) for h in chain]
-    unusable = set()
-    for h, (msgtype, payload) in own.items():
-        name = display_hash(h)
-        block = payload if msgtype == "block" else full_block(payload, recorded_txs)
-        if block is None:
-            unusable.add(name)  # a compact block whose transactions were not recorded
-        else:
-            out.blocks.setdefault(name, block.hex())
-    out.script = [s for s in out.script if s[2] != "submit" or s[3].decode() not in unusable]
-    both = {**block_headers, **{h: hd for h, hd in own_headers.items()}}
-    on_chain = [h for h in _best_chain(both) if h in delivered or h in own]
-    out.tip = display_hash(on_chain[-1]) if on_chain else None
-    return out
-
-
-def _siphash24(k0: int, k1: int, data: bytes) -> int:
-    """SipHash-2-4 (BIP152 short ids)."""
-    mask = (1 << 64) - 1
-
-    def rotl(x: int, b: int) -> int:
-        return ((x << b) | (x >> (64 - b))) & mask
-
-    v0, v1 = k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D
-    v2, v3 = k0 ^ 0x6C7967656E657261, k1 ^ 0x7465646279746573
-
-    def rounds(n: int) -> None:
-        nonlocal v0, v1, v2, v3
-        for _ in range(n):
-            v0 = (v0 + v1) & mask
-            v1 = rotl(v1, 13) ^ v0
-            v0 = rotl(v0, 32)
-            v2 = (v2 + v3) & mask
-            v3 = rotl(v3, 16) ^ v2
-            v0 = (v0 + v3) & mask
-            v3 = rotl(v3, 21) ^ v0
-            v2 = (v2 + v1) & mask
-            v1 = rotl(v1, 17) ^ v2
-            v2 = rotl(v2, 32)
-
-    tail = len(data) % 8
-    for i in range(0, len(data) - tail, 8):
-        word = int.from_bytes(data[i : i + 8], "little")
-        v3 ^= word
-        rounds(2)
-        v0 ^= word
-    last = ((len(data) & 0xFF) << 56) | int.from_bytes(data[len(data) - tail :], "little")
-    v3 ^= last
-    rounds(2)
-    v0 ^= last
-    v2 ^= 0xFF
-    rounds(4)
-    return v0 ^ v1 ^ v2 ^ v3
-
-
-def full_block(payload: bytes, txs: Iterable[Transaction]) -> bytes | None:
-    """The block a compact block stands for, from its prefilled transactions and the
-    recorded transactions its short ids name (BIP152); None when one is not recorded."""
-    msg = _decode("cmpctblock", payload)
-    if not isinstance(msg, m.CmpctBlock):
-        return None
-    cb = msg.header_and_shortids
-    key = hashlib.sha256(cb.header.encode() + cb.nonce.to_bytes(8, "little")).digest()
-    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little")
-    by_id: dict[int, Transaction] = {}
-    for tx in txs:
-        by_id.setdefault(_siphash24(k0, k1, tx.wtxid) & 0xFFFFFFFFFFFF, tx)
-    n = len(cb.short_ids) + len(cb.prefilled)
-    slots: list[Transaction | None] = [None] * n
-    at = -1
-    for p in cb.prefilled:  # differentially encoded indexes
-        at += p.index + 1
-        if at >= n:
-            return None
-        slots[at] = p.tx
-    ids = iter(cb.short_ids)
-    for i in range(n):
-        if slots[i] is None:
-            found = by_id.get(next(ids))
-            if found is None:
-                return None
-            slots[i] = found
-    return Block(cb.header, tuple(t for t in slots if t is not None)).encode()
-
-
-def _best_chain(headers: dict[bytes, BlockHeader]) -> list[bytes]:
-    """The longest path through the headers, first header first."""
-    height: dict[bytes, int] = {}
-    for start in headers:
-        path, at = [], start
-        while at in headers and at not in height:
-            path.append(at)
-            at = headers[at].prev_block
-        n = height.get(at, 0)
-        for h in reversed(path):
-            n += 1
-            height[h] = n
-    tip = max(headers, key=lambda h: height[h], default=None)
-    chain = []
-    while tip is not None and tip in headers:
-        chain.append(tip)
-        tip = headers[tip].prev_block
-    return chain[::-1]
-
-
-def _decode(msgtype: str, payload: bytes) -> object:
-    try:
-        return m.decode_message(msgtype, payload)
-    except DecodeError:
-        return None
-
-
-def _decode_version(payload: bytes) -> m.Version:
-    msg = _decode("version", payload)
-    if not isinstance(msg, m.Version):
-        raise ExportError("a recorded version message does not decode")
-    return msg
 
 
 # --- the test's text -----------------------------------------------------------------------
@@ -405,7 +77,7 @@ def _decode_version(payload: bytes) -> m.Version:
 def constructor(msgtype: str, payload: bytes, plan: Plan) -> tuple[str, set[str]]:
     """A recorded message as Python that builds it with the framework's classes, and the
     names it needs imported."""
-    msg = _decode(msgtype, payload)
+    msg = try_decode(msgtype, payload)
     if msgtype in EMPTY_CLASSES and not payload:
         name = EMPTY_CLASSES[msgtype]
         return f"{name}()", {name}

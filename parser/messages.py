@@ -3,6 +3,11 @@
 ``decode_message(msgtype, payload)`` gives a message object or raises
 :class:`~parser.wire.DecodeError`; types not in :data:`MESSAGES` become a lossless
 :class:`Unknown`. For every well-formed payload ``m.encode() == payload``.
+
+Its length is that of one cohesive protocol: Bitcoin Core's set of P2P messages (the
+``NetMsgType`` list), one small class of the same shape per type, in the families the
+section rules mark. Split by family, each file would hold a handful of classes and all of
+them would meet again in the registry at the bottom.
 """
 
 from __future__ import annotations

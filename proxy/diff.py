@@ -44,19 +44,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from msgcap.capture.framing import hash256
 from msgcap.parser import messages as m
+from msgcap.parser.chain import BLOCK_TYPES, HANDSHAKE, try_decode
 from msgcap.parser.structures import AddressV1, AddressV2
 from msgcap.parser.wire import DecodeError, display_hash
-from msgcap.proxy.replay import (
-    ANSWERS,
-    HANDSHAKE,
-    Kind,
-    Report,
-    Side,
-    Step,
-    Transport,
-    replay_to,
-)
+from msgcap.proxy.replay import Transport, replay_to
+from msgcap.proxy.replay_conversation import Kind, Report, findings, findings_json, listed
+from msgcap.proxy.replay_plan import ANSWERS, Side, Step
 
 NORMALISED = (
     "version: nonce, timestamp, addr_recv and addr_from (compared: version, services, "
@@ -115,11 +110,7 @@ class Difference:
     def __str__(self) -> str:
         values = ", ".join(f"{k}: {v}" for k, v in self.values.items())
         text = f"{self.name} ({values})" if values else self.name
-        if self.items:
-            shown = ", ".join(self.items[:3])
-            more = len(self.items) - 3
-            text += f": {shown}" + (f" and {more} more" if more > 0 else "")
-        return text
+        return text + listed(self.items)
 
 
 # --- one node's behaviour, normalised ----------------------------------------------------
@@ -187,10 +178,8 @@ def _items(msgtype: str, payload: bytes, ends: dict[tuple[str, int], str]) -> li
         return _addr_items(msg, ends) or ["empty"]
     if isinstance(msg, m.Tx):
         return [f"tx {display_hash(msg.tx.txid)}"]
-    if msgtype in ("block", "cmpctblock", "merkleblock"):
-        return [
-            f"block {display_hash(hashlib.sha256(hashlib.sha256(payload[:80]).digest()).digest())}"
-        ]
+    if msgtype in BLOCK_TYPES:
+        return [f"block {display_hash(hash256(payload[:80]))}"]
     if isinstance(msg, m.BlockTxn):
         return [f"block {display_hash(msg.block_transactions.block_hash)}"]
     if isinstance(msg, m.GetBlockTxn):
@@ -228,7 +217,7 @@ def behaviour(report: Report) -> Behaviour:
             continue
         stage = "session" if after_verack else "handshake"
         if msgtype == "feefilter":
-            msg = _try_decode(msgtype, payload)
+            msg = try_decode(msgtype, payload)
             if isinstance(msg, m.FeeFilter):
                 out.feefilters.append(msg.feerate)
                 items = [""]
@@ -243,13 +232,6 @@ def behaviour(report: Report) -> Behaviour:
                 seen.append(key)
             out.items[key] += 1
     return out
-
-
-def _try_decode(msgtype: str, payload: bytes) -> Any:
-    try:
-        return m.decode_message(msgtype, payload)
-    except DecodeError:
-        return None
 
 
 # --- the difference ------------------------------------------------------------------------
@@ -280,8 +262,7 @@ class DiffReport:
             "targets": list(self.labels),
             "nodes": [r.to_json() for r in self.reports],
             "normalised": list(self.normalised),
-            "substantive": [d.to_json() for d in self.substantive],
-            "benign": [d.to_json() for d in self.benign],
+            **findings_json(self.substantive, self.benign),
             "diverged": self.diverged,
         }
 
@@ -297,9 +278,7 @@ class DiffReport:
             lines.append(f"  {label}: sent {r.sent}, received {r.received}, answered "
                          f"{answered} in {r.seconds:.1f}s{reached}{error}")  # fmt: skip
         lines.append("normalised: " + "; ".join(self.normalised))
-        for title, found in (("substantive", self.substantive), ("benign", self.benign)):
-            lines.append(f"{title} differences:" + ("" if found else " none"))
-            lines += [f"  {d}" for d in found]
+        lines += findings("differences", self.substantive, self.benign)
         lines.append("DIFFERENT" if self.diverged else "same behaviour")
         return "\n".join(lines)
 

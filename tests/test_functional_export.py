@@ -131,7 +131,7 @@ def test_generated_file_imports_only_the_framework(tmp_path: Path) -> None:
 def test_siphash_and_compact_blocks_match_the_framework() -> None:
     from verystable.core.crypto.siphash import siphash  # type: ignore[import-untyped]
 
-    from msgcap.parser.functional_test import _siphash24, plan
+    from msgcap.parser.functional_plan import _siphash24, plan
 
     for n in range(20):
         data = bytes(range(n))

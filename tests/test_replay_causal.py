@@ -43,17 +43,9 @@ from msgcap.parser.structures import (
     InvType,
     PrefilledTransaction,
 )
-from msgcap.proxy.replay import (
-    Conversation,
-    Kind,
-    Recording,
-    Report,
-    Step,
-    benign,
-    load_conversation,
-    replay_listen,
-    replay_to,
-)
+from msgcap.proxy.replay import replay_listen, replay_to
+from msgcap.proxy.replay_conversation import Conversation, Kind, Report, benign
+from msgcap.proxy.replay_plan import Recording, Step, load_conversation
 from tests.conftest import MAGIC
 from tests.vectors import VECTORS
 

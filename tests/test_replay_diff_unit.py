@@ -6,7 +6,7 @@ from __future__ import annotations
 from msgcap.parser import messages as m
 from msgcap.parser.structures import MSG_WITNESS_FLAG, AddressV1, Inventory, InvType
 from msgcap.proxy.diff import compare
-from msgcap.proxy.replay import Divergence, Kind, Report
+from msgcap.proxy.replay_conversation import Divergence, Kind, Report
 
 LOCAL = b"\0" * 10 + b"\xff\xff" + bytes([127, 0, 0, 1])
 

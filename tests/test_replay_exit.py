@@ -35,35 +35,22 @@ from msgcap.capture.bip324 import V2Error, V2Session
 from msgcap.capture.framing import Network, v1_version_prefix
 from msgcap.capture.records import encode_record
 from msgcap.cli import main
-from msgcap.parser.messages import GetData, GetHeaders, Headers, decode_message
+from msgcap.parser.messages import GetData, GetHeaders, Headers
 from msgcap.parser.structures import (
     MSG_WITNESS_FLAG,
-    Block,
-    BlockHeader,
     BlockLocator,
     Inventory,
     InvType,
 )
 from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+from tests.test_replay_causal import GENESIS, make_chain
 from tests.vectors import VECTORS
 
 MAGIC = Network.REGTEST.magic
 VERSION = bytes.fromhex(VECTORS["version"])
-GENESIS = bytes.fromhex("0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206")[::-1]
-TXS = decode_message("block", bytes.fromhex(VECTORS["block"])).block.transactions  # type: ignore[union-attr]
 FAULT = "injected fault"
 
-
-def _chain(n: int) -> list[Block]:
-    blocks, prev = [], GENESIS
-    for i in range(1, n + 1):
-        header = BlockHeader(0x20000000, prev, bytes([i]) * 32, 1_700_000_000 + i, 0x207FFFFF, i)
-        blocks.append(Block(header, TXS))
-        prev = header.hash
-    return blocks
-
-
-BLOCKS = _chain(3)
+BLOCKS = make_chain(3)
 HASHES = [b.hash for b in BLOCKS]
 GETHEADERS = GetHeaders(BlockLocator(70016, (GENESIS,)), bytes(32)).encode()
 GETDATA = GetData(
@@ -91,15 +78,8 @@ def write_recording(folder: Path) -> Path:
 # --- a live node, v1 or BIP324 -------------------------------------------------------------
 
 
-class _Stream:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def read(self, n: int) -> bytes:
-        return await self.reader.read(n)
+_Stream = replay_mod._StreamIO
+"""A stream pair as the BIP324 handshake reads and writes it (the replayer's own)."""
 
 
 async def live_node(
