@@ -1,13 +1,15 @@
-"""The proxy: listeners for routes and SOCKS5, connection setup, v2 policy, shutdown."""
+"""The proxy: listeners for routes and SOCKS5, connection setup, shutdown.
+
+Only the I/O: plain objects decide what to answer a SOCKS5 client (``socks5.Negotiation``),
+how to go on after the first bytes (``policy.FirstBytes``) and whether to admit a
+connection (``policy.Admission``); this module reads, feeds them, writes what they answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -16,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from msgcap.capture import bip324
+from msgcap.capture import bip324, native
 from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
 from msgcap.capture.errors import MsgcapError
 from msgcap.capture.framing import v1_version_prefix
@@ -47,14 +49,13 @@ from msgcap.proxy.events import (
     Stop,
     Timeout,
     UpstreamError,
-    V2Downgrade,
     V2Fallback,
-    V2Passthrough,
     V2SessionEvent,
     V2StreamError,
 )
 from msgcap.proxy.listener import Listener, RateLimit, bind, is_exhaustion
 from msgcap.proxy.metrics import Metrics
+from msgcap.proxy.policy import Admission, FirstBytes, Opening, Verdict
 from msgcap.proxy.relay import DirectionStats, Relay, Side
 from msgcap.proxy.store import CaptureStopped, CaptureStore
 from msgcap.proxy.v2 import (
@@ -102,17 +103,21 @@ async def connect_any(host: str | Sequence[str], port: int, timeout: float, mark
         raise first or OSError(f"no address for {', '.join(hosts)}")
 
 
-async def read_initial(conn: Conn, prefix: bytes, timeout: float) -> bytes:
-    """The initiator's first bytes: at least the v1 ``prefix``, or fewer once they stop
-    matching it."""
-    buf = b""
-    async with asyncio.timeout(timeout or None):
-        while len(buf) < len(prefix) and prefix.startswith(buf):
-            chunk = await conn.read(len(prefix) - len(buf))
-            if not chunk:
-                break
-            buf += chunk
-    return buf
+async def negotiate(
+    conn: Conn, negotiation: socks5.Negotiation, timeout: float
+) -> socks5.Request | socks5.Fail:
+    """Move bytes between ``conn`` and a SOCKS5 negotiation until it has a result."""
+    try:
+        async with asyncio.timeout(timeout or None):
+            while negotiation.result is None:
+                data = await conn.read(negotiation.wanted)
+                for out in negotiation.receive_data(data) if data else negotiation.receive_eof():
+                    if isinstance(out, socks5.Send):
+                        conn.write(out.data)
+    except TimeoutError:
+        negotiation.timed_out()
+    assert negotiation.result is not None
+    return negotiation.result
 
 
 def tune_allocator() -> None:
@@ -124,10 +129,11 @@ def tune_allocator() -> None:
     mmap and trim thresholds keeps up to 128 MiB of freed heap for reuse: measured under
     ``v2 = "decrypt"``, 0.3-0.6 ms less CPU per MB.
     """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    libc = native.libc()
+    with contextlib.suppress(AttributeError):  # not glibc: no mallopt
+        if libc is not None:
+            libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
 
 
 class StartupError(MsgcapError):
@@ -174,8 +180,7 @@ class Proxy:
         self.servers: list[Listener] = []
         self.exhaustion = RateLimit(EXHAUSTION_LOG_INTERVAL)
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.ids = itertools.count(1)
-        self.active = 0
+        self.admission = Admission(config.limits.max_connections)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class Proxy:
                            upstream=str(route.upstream), node_name=route.node_name)
                 )  # fmt: skip
             if self.metrics is not None and self.config.metrics is not None:
-                self.metrics.watch(lambda: self.active, lambda: self.store.total,
+                self.metrics.watch(lambda: self.admission.active, lambda: self.store.total,
                                    lambda: self.worker.queued)  # fmt: skip
                 at = self.config.metrics
                 try:
@@ -283,7 +288,7 @@ class Proxy:
                 where=where,
                 error=f"{code}: {os.strerror(error.errno or 0)}",
                 held_back=held,
-                open_connections=self.active,
+                open_connections=self.admission.active,
                 conn=conn,
                 peer=peer,
             )
@@ -331,20 +336,13 @@ class Proxy:
     # --- connections ----------------------------------------------------------------
 
     def _admit(self, conn: Conn, kind: str) -> int | None:
-        conn_id = next(self.ids)
-        if self.active >= self.config.limits.max_connections:
-            self.events.emit(
-                ConnectionLimit(
-                    conn=conn_id,
-                    route=kind,
-                    client=_peername(conn),
-                    limit=self.config.limits.max_connections,
-                )
-            )
+        """The connection's id, or None when it was dropped at the limit (logged)."""
+        admitted = self.admission.admit(kind, _peername(conn))
+        if isinstance(admitted, ConnectionLimit):
+            self.events.emit(admitted)
             conn.abort()
             return None
-        self.active += 1
-        return conn_id
+        return admitted
 
     async def _on_route(self, route: Route, conn: Conn) -> None:
         conn_id = self._admit(conn, route.kind)
@@ -376,7 +374,7 @@ class Proxy:
                 route.node_name,
             )
         finally:
-            self.active -= 1
+            self.admission.release()
             _close(conn)
             _close(upstream)
 
@@ -401,11 +399,7 @@ class Proxy:
                 return
             decision = transparent.classify(dest, listener_port, route.node)
             outbound = decision.kind is transparent.Kind.OUTBOUND
-            peer = (
-                peer_folder_name(dest.host, dest.port)
-                if outbound
-                else peer_folder_name(*conn.peer_address())
-            )
+            peer = decision.peer(conn.peer_address())
             if decision.kind is transparent.Kind.LOOP:
                 self.events.emit(UpstreamError(conn=conn_id, peer=peer, upstream=str(dest),
                                                error=f"refused: {decision.reason}"))  # fmt: skip
@@ -420,7 +414,7 @@ class Proxy:
             await self._relay(conn_id, "transparent", client, peer, outbound, conn, upstream,
                               first, decision.upstream, route.node_name, route.mark)  # fmt: skip
         finally:
-            self.active -= 1
+            self.admission.release()
             _close(conn)
             _close(upstream)
 
@@ -431,23 +425,13 @@ class Proxy:
         client = _peername(conn)
         upstream: Conn | None = None
         try:
-            try:
-                async with asyncio.timeout(self.config.limits.handshake_timeout or None):
-                    req = await socks5.negotiate(conn, cfg)
-            except socks5.SocksError as e:
-                self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
-                if e.reply is not None:
-                    socks5.reply(conn, e.reply)
+            negotiation = socks5.Negotiation(cfg)
+            req = await negotiate(conn, negotiation, self.config.limits.handshake_timeout)
+            if isinstance(req, socks5.Fail):
+                self.events.emit(SocksError(conn=conn_id, client=client, error=req.reason))
+                if req.reply is not None:
                     with contextlib.suppress(ConnectionError):
                         await conn.drain()
-                return
-            except TimeoutError:
-                self.events.emit(
-                    SocksError(conn=conn_id, client=client, error="timeout during negotiation")
-                )
-                return
-            except (ConnectionError, OSError) as e:
-                self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
                 return
             peer = peer_folder_name(req.host, req.port)
             dest = HostPort(req.host, req.port)
@@ -456,23 +440,15 @@ class Proxy:
             except (OSError, TimeoutError, socks5.SocksError) as e:
                 self._exhausted("upstream connect", e, conn_id, peer)
                 code = socks5.reply_for(e)
-                self.events.emit(
-                    SocksError(
-                        conn=conn_id,
-                        client=client,
-                        peer=peer,
-                        destination=str(dest),
-                        error=describe_error(e),
-                        reply=code.name,
-                    )
-                )
-                socks5.reply(conn, code)
+                self.events.emit(SocksError(conn=conn_id, client=client, peer=peer,
+                    destination=str(dest), error=describe_error(e), reply=code.name))  # fmt: skip
+                conn.write(socks5.reply_bytes(code))
                 with contextlib.suppress(ConnectionError):
                     await conn.drain()
                 return
-            socks5.reply(conn, socks5.Reply.SUCCEEDED)
+            conn.write(socks5.reply_bytes(socks5.Reply.SUCCEEDED))
             await conn.drain()
-            first = await self._initial(conn_id, conn, peer)
+            first = await self._initial(conn_id, conn, peer, negotiation.trailing)
             if first is None:
                 return
             await self._relay(
@@ -481,7 +457,7 @@ class Proxy:
         except (ConnectionError, OSError) as e:
             self.events.emit(SocksError(conn=conn_id, client=client, error=str(e)))
         finally:
-            self.active -= 1
+            self.admission.release()
             _close(conn)
             _close(upstream)
 
@@ -505,38 +481,28 @@ class Proxy:
                 self._exhausted("name lookup", e)
             verdict = allow.resolved(req.host, req.port, addresses)
         if isinstance(verdict, socks5.Refuse):
-            raise socks5.SocksError(verdict.reason, socks5.Reply.NOT_ALLOWED)
+            raise socks5.SocksError(verdict.reason, verdict.reply)
         return await connect_any(verdict.hosts, req.port, timeout)
 
-    async def _initial(self, conn_id: int, conn: Conn, peer: str) -> bytes | None:
-        """The initiator's first bytes if the connection is to be relayed (v1, or BIP324
-        under ``decrypt`` and ``passthrough``); None to close it (logged)."""
+    async def _initial(
+        self, conn_id: int, conn: Conn, peer: str, received: bytes = b""
+    ) -> Verdict | None:
+        """How to relay, from the initiator's first bytes (``received``: those already
+        read); None to close the connection (logged)."""
+        decision = FirstBytes(self.v1_prefix, self.config.v2, conn_id, peer)
+        verdict = decision.receive_data(received)
         try:
-            first = await read_initial(conn, self.v1_prefix, self.config.limits.handshake_timeout)
+            async with asyncio.timeout(self.config.limits.handshake_timeout or None):
+                while verdict is None:
+                    data = await conn.read(decision.wanted)
+                    verdict = decision.receive_data(data) if data else decision.receive_eof()
         except TimeoutError:
-            self.events.emit(Timeout(conn=conn_id, peer=peer, during="first bytes"))
-            return None
+            verdict = decision.timed_out()
         except (ConnectionError, OSError):
             return None
-        prefix = self.v1_prefix
-        if first[: len(prefix)] == prefix:
-            return first
-        if not first or (len(first) < len(prefix) and prefix.startswith(first)):
-            self.events.emit(Close(conn=conn_id, peer=peer, reason="closed before handshake"))
-            return None
-        if self.config.v2 is V2Policy.DOWNGRADE:
-            self.events.emit(
-                V2Downgrade(
-                    conn=conn_id,
-                    peer=peer,
-                    first_bytes=first[:16].hex(),
-                    note="closed before sending a byte",
-                )
-            )
-            return None
-        if self.config.v2 is V2Policy.PASSTHROUGH:
-            self.events.emit(V2Passthrough(conn=conn_id, peer=peer, first_bytes=first[:16].hex()))
-        return first
+        if verdict.event is not None:
+            self.events.emit(verdict.event)
+        return None if verdict.opening is Opening.CLOSE else verdict
 
     async def _connect(self, conn_id: int, peer: str, to: HostPort, mark: int = 0) -> Conn | None:
         try:
@@ -636,13 +602,14 @@ class Proxy:
         node_is_client: bool,
         client_side: Conn,
         upstream: Conn,
-        first: bytes,
+        verdict: Verdict,
         upstream_addr: HostPort,
         node_name: str | None,
         mark: int = 0,
     ) -> None:
-        v2 = not first.startswith(self.v1_prefix)
-        decrypt = v2 and self.config.v2 is V2Policy.DECRYPT
+        decrypt = verdict.opening is Opening.V2_DECRYPT
+        raw = verdict.opening is Opening.V2_PASSTHROUGH
+        first = verdict.first
         replaced: Conn | None = None
         if decrypt:
             legs = await self._v2_legs(
@@ -654,7 +621,6 @@ class Proxy:
             if replaced is not None:
                 upstream = replaced
             first = b""
-        raw = v2 and not decrypt
         try:
             capture = self.store.open(peer, conn_id, enabled=not raw, node_name=node_name)
         except CaptureStopped:

@@ -4,6 +4,10 @@ Bitcoin Core sends ATYP DOMAINNAME (an IP literal or a name as text), offers NOA
 for stream isolation, USER_PASS with random credentials: any credentials are accepted
 unless the config sets some.
 
+The negotiation is :class:`Negotiation`, a plain object with no sockets (like h11 or
+socksio): fed the client's bytes it answers what to send, then the parsed
+:class:`Request` or a :class:`Fail` with the reason to log; the server only moves bytes.
+
 Whether a destination may be dialed is decided by :class:`AllowList`, a plain object
 with no sockets: fed the requested host and port it answers :class:`Dial` (these hosts),
 :class:`Refuse` (reply 2, "not allowed by ruleset") or :class:`Resolve` (look the name
@@ -12,19 +16,18 @@ up, then feed it the addresses: only those it admits are dialed).
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import errno
 import hmac
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from msgcap.capture.errors import MsgcapError
 from msgcap.proxy.config import Address, AllowEntry, HostPort, Socks5, canonical_address
-from msgcap.proxy.conn import Conn
 
 VERSION = 5
 NO_AUTH = 0x00
@@ -64,70 +67,153 @@ class Request:
     username: str | None
 
 
-async def _read(conn: Conn, n: int, what: str) -> bytes:
-    try:
-        return await conn.readexactly(n)
-    except asyncio.IncompleteReadError:
-        raise SocksError(f"client closed during {what}") from None
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes to send to the client now (a method choice, an auth status, a reply)."""
+
+    data: bytes
 
 
-async def negotiate(conn: Conn, cfg: Socks5) -> Request:
-    """Greeting, authentication and the CONNECT request; the reply is sent by the caller
-    once the destination is reached (:func:`reply`)."""
-    ver, n_methods = await _read(conn, 2, "greeting")
-    if ver != VERSION:
-        raise SocksError(f"not SOCKS5: version byte {ver:#04x}")
-    methods = set(await _read(conn, n_methods, "greeting"))
-    if cfg.username is not None:
-        method = USER_PASS if USER_PASS in methods else NO_ACCEPTABLE
-    elif NO_AUTH in methods:
-        method = NO_AUTH
-    elif USER_PASS in methods:
-        method = USER_PASS
-    else:
-        method = NO_ACCEPTABLE
-    conn.write(bytes((VERSION, method)))
-    if method == NO_ACCEPTABLE:
-        raise SocksError(f"no acceptable auth method among {sorted(methods)}")
-    username = None
-    if method == USER_PASS:
-        sub_ver, ulen = await _read(conn, 2, "authentication")
-        if sub_ver != 1:
-            raise SocksError(f"bad auth sub-negotiation version {sub_ver}")
-        user = await _read(conn, ulen, "authentication")
-        (plen,) = await _read(conn, 1, "authentication")
-        password = await _read(conn, plen, "authentication")
-        ok = cfg.username is None or (
-            hmac.compare_digest(user, cfg.username.encode())
-            and hmac.compare_digest(password, (cfg.password or "").encode())
-        )
-        conn.write(bytes((1, 0 if ok else 1)))
-        if not ok:
-            raise SocksError("wrong username or password")
-        username = user.decode("utf-8", "replace")
-    ver, cmd, _rsv, atyp = await _read(conn, 4, "request")
-    if ver != VERSION:
-        raise SocksError(f"bad request version {ver}", Reply.GENERAL_FAILURE)
-    if atyp == ATYP_IPV4:
-        host = socket.inet_ntoa(await _read(conn, 4, "request"))
-    elif atyp == ATYP_IPV6:
-        host = str(ipaddress.IPv6Address(await _read(conn, 16, "request")))
-    elif atyp == ATYP_DOMAIN:
-        (n,) = await _read(conn, 1, "request")
-        raw = await _read(conn, n, "request")
-        try:
-            host = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise SocksError(f"non-ASCII host name {raw!r}", Reply.GENERAL_FAILURE) from None
-        problem = host_name_problem(host)
-        if problem is not None:
-            raise SocksError(f"refused host name {raw!r}: {problem}", Reply.HOST_UNREACHABLE)
-    else:
-        raise SocksError(f"address type {atyp} not supported", Reply.ADDRESS_TYPE_NOT_SUPPORTED)
-    port = int.from_bytes(await _read(conn, 2, "request"), "big")
-    if cmd != CMD_CONNECT:
-        raise SocksError(f"command {cmd} not supported", Reply.COMMAND_NOT_SUPPORTED)
-    return Request(host, port, atyp, username)
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Negotiation failed: log ``reason`` and close. ``reply``: the code already sent to
+    the client (in the :class:`Send` before this), or None if no reply was sent."""
+
+    reason: str
+    reply: Reply | None = None
+
+
+Command = Send | Request | Fail
+"""What :class:`Negotiation` answers: sends, then a :class:`Request` or a :class:`Fail`."""
+
+_Steps = Generator[tuple[int, str], bytes, Request]
+
+
+class Negotiation:
+    """The server side of greeting, authentication and the CONNECT request, fed bytes.
+
+    No sockets: :meth:`receive_data` takes whatever arrived and answers the commands it
+    leads to (:class:`Send`, then finally the :class:`Request` or a :class:`Fail`);
+    :meth:`receive_eof` and :meth:`timed_out` answer a :class:`Fail`. :attr:`wanted` is
+    how many bytes the current step still lacks, so a reader asking for no more never
+    reads past the request; bytes fed after it are kept in :attr:`trailing`. The reply
+    to the request is the caller's, once the destination is reached (:func:`reply`).
+    """
+
+    def __init__(self, cfg: Socks5) -> None:
+        self.cfg = cfg
+        self.result: Request | Fail | None = None
+        """The outcome once there is one."""
+        self.trailing = b""
+        """Bytes received after the request (the initiator's first bytes, if it did not
+        wait for the reply)."""
+        self._buffer = bytearray()
+        self._out: list[Command] = []
+        self._steps = self._negotiate()
+        self._need, self._during = next(self._steps)
+
+    @property
+    def wanted(self) -> int:
+        """Bytes still missing for the current step (0 once there is an outcome)."""
+        return 0 if self.result is not None else max(self._need - len(self._buffer), 1)
+
+    def receive_data(self, data: bytes) -> list[Command]:
+        if self.result is not None:
+            self.trailing += data
+            return []
+        self._buffer += data
+        while self.result is None and len(self._buffer) >= self._need:
+            chunk = bytes(self._buffer[: self._need])
+            del self._buffer[: self._need]
+            try:
+                self._need, self._during = self._steps.send(chunk)
+            except StopIteration as done:
+                self._finish(done.value)
+                self.trailing = bytes(self._buffer)
+            except SocksError as e:
+                if e.reply is not None:
+                    self._out.append(Send(reply_bytes(e.reply)))
+                self._finish(Fail(str(e), e.reply))
+        out, self._out = self._out, []
+        return out
+
+    def receive_eof(self) -> list[Command]:
+        """The client closed (or half-closed) before the negotiation ended."""
+        return self._stop(f"client closed during {self._during}")
+
+    def timed_out(self) -> list[Command]:
+        """``handshake_timeout`` passed before the negotiation ended."""
+        return self._stop("timeout during negotiation")
+
+    def _stop(self, reason: str) -> list[Command]:
+        if self.result is not None:
+            return []
+        self._steps.close()
+        self._finish(Fail(reason))
+        return [Fail(reason)]
+
+    def _finish(self, result: Request | Fail) -> None:
+        self.result = result
+        self._out.append(result)
+
+    def _negotiate(self) -> _Steps:
+        """The protocol as straight-line code: each ``yield`` asks for that many bytes
+        (and says what they are for); a :class:`SocksError` ends it."""
+        cfg = self.cfg
+        ver, n_methods = yield 2, "greeting"
+        if ver != VERSION:
+            raise SocksError(f"not SOCKS5: version byte {ver:#04x}")
+        methods = set((yield n_methods, "greeting"))
+        if cfg.username is not None:
+            method = USER_PASS if USER_PASS in methods else NO_ACCEPTABLE
+        elif NO_AUTH in methods:
+            method = NO_AUTH
+        elif USER_PASS in methods:
+            method = USER_PASS
+        else:
+            method = NO_ACCEPTABLE
+        self._out.append(Send(bytes((VERSION, method))))
+        if method == NO_ACCEPTABLE:
+            raise SocksError(f"no acceptable auth method among {sorted(methods)}")
+        username = None
+        if method == USER_PASS:
+            sub_ver, ulen = yield 2, "authentication"
+            if sub_ver != 1:
+                raise SocksError(f"bad auth sub-negotiation version {sub_ver}")
+            user = yield ulen, "authentication"
+            (plen,) = yield 1, "authentication"
+            password = yield plen, "authentication"
+            ok = cfg.username is None or (
+                hmac.compare_digest(user, cfg.username.encode())
+                and hmac.compare_digest(password, (cfg.password or "").encode())
+            )
+            self._out.append(Send(bytes((1, 0 if ok else 1))))
+            if not ok:
+                raise SocksError("wrong username or password")
+            username = user.decode("utf-8", "replace")
+        ver, cmd, _rsv, atyp = yield 4, "request"
+        if ver != VERSION:
+            raise SocksError(f"bad request version {ver}", Reply.GENERAL_FAILURE)
+        if atyp == ATYP_IPV4:
+            host = socket.inet_ntoa((yield 4, "request"))
+        elif atyp == ATYP_IPV6:
+            host = str(ipaddress.IPv6Address((yield 16, "request")))
+        elif atyp == ATYP_DOMAIN:
+            (n,) = yield 1, "request"
+            raw = yield n, "request"
+            try:
+                host = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise SocksError(f"non-ASCII host name {raw!r}", Reply.GENERAL_FAILURE) from None
+            problem = host_name_problem(host)
+            if problem is not None:
+                raise SocksError(f"refused host name {raw!r}: {problem}", Reply.HOST_UNREACHABLE)
+        else:
+            raise SocksError(f"address type {atyp} not supported", Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        port = int.from_bytes((yield 2, "request"), "big")
+        if cmd != CMD_CONNECT:
+            raise SocksError(f"command {cmd} not supported", Reply.COMMAND_NOT_SUPPORTED)
+        return Request(host, port, atyp, username)
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -178,6 +264,7 @@ class Refuse:
     """Not allowed: reply 2 with this reason."""
 
     reason: str
+    reply: ClassVar[Reply] = Reply.NOT_ALLOWED
 
 
 _NUMERIC = re.compile(r"[0-9A-Fa-fXx.]+")
@@ -260,9 +347,9 @@ class AllowList:
         return Refuse(f"destination {HostPort(host, port)} ({found}) not in allow list")
 
 
-def reply(conn: Conn, code: Reply) -> None:
+def reply_bytes(code: Reply) -> bytes:
     """A reply with an all-zero IPv4 bound address (clients ignore it)."""
-    conn.write(bytes((VERSION, code, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0)))
+    return bytes((VERSION, code, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0))
 
 
 def reply_for(error: BaseException) -> Reply:

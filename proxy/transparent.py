@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from msgcap.capture.layout import peer_folder_name
 from msgcap.proxy.config import DEFAULT_MARK, HostPort, canonical_address
 
 SO_ORIGINAL_DST: Final = 80
@@ -105,6 +106,13 @@ class Decision:
     """Whom the proxy dials: always the original destination."""
     reason: str = ""
     """Why a :attr:`Kind.LOOP` connection is refused."""
+
+    def peer(self, client: tuple[str, int]) -> str:
+        """The capture folder's peer name: the destination the node dialed (outbound),
+        else the connection's ``client`` (host, port)."""
+        if self.kind is Kind.OUTBOUND:
+            return peer_folder_name(self.upstream.host, self.upstream.port)
+        return peer_folder_name(*client)
 
 
 def same_host(a: str, b: str) -> bool:
