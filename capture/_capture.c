@@ -1,19 +1,41 @@
-/* The capture thread's inner loop in C: check the checksums of a batch of frames and
- * append the valid ones to a capture file, with the GIL released once for all of it.
- *
- * Python threads take turns on the GIL; the event loop (uvloop) holds it while it sends,
- * so a capture thread that needs the GIL back after every hash and every write waits
- * for it again and again. Here one batch costs one release. SHA-256 is OpenSSL's (the
- * same code hashlib runs).
+/* The capture layer's native module: the capture thread's inner loop, and the walk over
+ * whole capture records that bulk readers (capture/records.py, capture/conversation.py)
+ * take from here. Loaded with msgcap.capture.native.load("msgcap.capture._capture");
+ * every function has a Python twin, used when it was not built.
  *
  * write_checked(fd, frames) -> list[bool]
+ *   Check the checksums of a batch of frames and append the valid ones to a capture file,
+ *   with the GIL released once for all of it. Python threads take turns on the GIL; the
+ *   event loop (uvloop) holds it while it sends, so a capture thread that needs the GIL
+ *   back after every hash and every write waits for it again and again. Here one batch
+ *   costs one release. SHA-256 is OpenSSL's (the same code hashlib runs).
  *   frames: list of (header: bytes, parts: tuple[bytes | memoryview, ...], expected: bytes)
  *   header is the 24-byte capture record header, parts the payload's pieces, expected the
  *   frame's 4 checksum bytes. Frames whose payload hashes to `expected` are appended,
  *   header then payload, with writev() (a short write is completed); the result says
  *   which. Raises OSError when the write fails; the file is first cut back to where it
  *   ended before the batch (a full disk must not leave a torn record).
- *   A negative fd checks only. Loaded through capture/batch.py, which has the Python twin.
+ *   A negative fd checks only. Twin: capture/batch.py.
+ *
+ * scan(data, pos, limit, last) -> (end, next_time, last)
+ *   Walks the whole records of a capture file chunk from pos while their time is within
+ *   [last, limit] and never decreases; end is where it stopped, next_time the time of the
+ *   whole record there (None if there is none: end of data, a partial record or an
+ *   implausible length), last the time of the last record walked. Twin: records.py.
+ *
+ * plan(chunks, positions, times) -> (plan, positions, times, stopped)
+ *   Merges chunks of several files by time, as capture/conversation.py's merge does: each
+ *   chunk has a whole record at its position, with the time given. The plan is the runs
+ *   that come next, as packed int64 triples (chunk, start, end), up to where the chunk
+ *   `stopped` has no whole record left; positions and times are where each chunk is then
+ *   (the stopped one's time None). Twin: conversation.py.
+ *
+ * tally(counts, chunks, plan, since, until, types)
+ *   Adds the selected records of a plan's runs to counts[chunk]: {name: (messages,
+ *   bytes)}. Selected: see Filter in _records.h. Twin: conversation.py.
+ *
+ * The plan's runs are rendered by the parser's module (parser/_fastjson.c, render_batch),
+ * which walks them with the same code: capture/_records.h.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +45,8 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
+
+#include "_records.h"
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -216,16 +240,250 @@ done:
     return result;
 }
 
+/* --- whole records ------------------------------------------------------------------ */
+
+/* Walk the whole records of p[0:n] from pos while their time is within [*last, limit]
+   (updating *last). Returns where the walk stopped; *later is the time of the whole
+   record there, if there is one (then 1 is returned in *found). */
+static size_t walk(const uint8_t *p, size_t n, size_t pos, uint64_t limit, uint64_t *last,
+                   int *found, uint64_t *later) {
+    Rec r;
+    *found = 0;
+    while (record_at(p, n, pos, &r)) {
+        if (r.time > limit || r.time < *last) {
+            *found = 1;
+            *later = r.time;
+            break;
+        }
+        *last = r.time;
+        pos += RECORD_HEADER_SIZE + r.size;
+    }
+    return pos;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data;
+    Py_ssize_t pos;
+    unsigned long long limit, last;
+    if (!PyArg_ParseTuple(args, "y*nKK", &data, &pos, &limit, &last)) return NULL;
+    if (pos < 0 || pos > data.len) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "position %zd outside the data", pos);
+    }
+    int found;
+    uint64_t later, at_last = last;
+    size_t end = walk(data.buf, (size_t)data.len, (size_t)pos, limit, &at_last, &found, &later);
+    PyBuffer_Release(&data);
+    if (!found) return Py_BuildValue("(nOK)", (Py_ssize_t)end, Py_None, at_last);
+    return Py_BuildValue("(nKK)", (Py_ssize_t)end, (unsigned long long)later, at_last);
+}
+
+static PyObject *plan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *chunk_list, *positions, *times;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &chunk_list, &PyList_Type, &positions,
+                          &PyList_Type, &times))
+        return NULL;
+    Py_ssize_t k = PyList_GET_SIZE(chunk_list);
+    if (k < 1 || PyList_GET_SIZE(positions) != k || PyList_GET_SIZE(times) != k) {
+        PyErr_SetString(PyExc_ValueError, "plan needs one position and one time per chunk");
+        return NULL;
+    }
+    Chunks c;
+    if (get_chunks(chunk_list, &c) < 0) return NULL;
+    size_t *pos = PyMem_Calloc((size_t)k, sizeof *pos);
+    uint64_t *time = PyMem_Calloc((size_t)k, sizeof *time);
+    PlanRun *runs = NULL;
+    size_t n_runs = 0, cap = 0;
+    PyObject *result = NULL;
+    if (!pos || !time) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(positions, i));
+        time[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(times, i));
+        if (PyErr_Occurred()) goto done;
+        if (at < 0 || at > c.bufs[i].len) {
+            PyErr_SetString(PyExc_ValueError, "position outside its chunk");
+            goto done;
+        }
+        pos[i] = (size_t)at;
+    }
+    /* Take the next run from the chunk whose next record comes first (ties: the earlier
+       chunk), up to the next time of the chunk that comes second; until a chunk has no
+       whole record left: its file must be read on first. */
+    Py_ssize_t stopped = -1;
+    while (stopped < 0) {
+        Py_ssize_t a = 0, b = -1;
+        for (Py_ssize_t i = 1; i < k; i++) {
+            if (time[i] < time[a]) {
+                b = a;
+                a = i;
+            } else if (b < 0 || time[i] < time[b]) {
+                b = i;
+            }
+        }
+        /* b comes after a: at its time if a is the earlier chunk, else just before */
+        uint64_t limit = b < 0 ? UINT64_MAX : a < b ? time[b] : time[b] - 1;
+        uint64_t last = 0, later;
+        int found;
+        size_t end = walk(c.bufs[a].buf, (size_t)c.bufs[a].len, pos[a], limit, &last, &found,
+                          &later);
+        if (end > pos[a]) {
+            if (n_runs == cap) {
+                cap = cap ? 2 * cap : 64;
+                PlanRun *grown = PyMem_Realloc(runs, cap * sizeof *runs);
+                if (!grown) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                runs = grown;
+            }
+            runs[n_runs++] = (PlanRun){a, (int64_t)pos[a], (int64_t)end};
+        }
+        pos[a] = end;
+        if (found)
+            time[a] = later;
+        else
+            stopped = a;
+    }
+    PyObject *new_positions = PyList_New(k), *new_times = PyList_New(k);
+    if (new_positions && new_times) {
+        for (Py_ssize_t i = 0; i < k; i++) {
+            PyList_SET_ITEM(new_positions, i, PyLong_FromSize_t(pos[i]));
+            PyList_SET_ITEM(new_times, i,
+                            i == stopped ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(time[i]));
+        }
+        result = Py_BuildValue("(y#OOn)", (const char *)runs,
+                               (Py_ssize_t)(n_runs * sizeof *runs), new_positions, new_times,
+                               stopped);
+    }
+    Py_XDECREF(new_positions);
+    Py_XDECREF(new_times);
+done:
+    release_chunks(&c);
+    PyMem_Free(pos);
+    PyMem_Free(time);
+    PyMem_Free(runs);
+    return result;
+}
+
+/* counts[name] += (1, size) for each record, names gathered in a small table first. */
+typedef struct {
+    const uint8_t *name;
+    size_t len;
+    unsigned long long count, bytes;
+} Tally;
+
+static int add_tally(PyObject *counts, const Tally *t) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)t->name, (Py_ssize_t)t->len);
+    if (!key) return -1;
+    unsigned long long count = t->count, bytes = t->bytes, c0 = 0, b0 = 0;
+    PyObject *old = PyDict_GetItemWithError(counts, key); /* borrowed */
+    PyObject *value = NULL;
+    if (old || !PyErr_Occurred()) {
+        if (!old || PyArg_ParseTuple(old, "KK", &c0, &b0))
+            value = Py_BuildValue("(KK)", count + c0, bytes + b0);
+    }
+    int rc = value ? PyDict_SetItem(counts, key, value) : -1;
+    Py_XDECREF(value);
+    Py_DECREF(key);
+    return rc;
+}
+
+static int flush_tally(PyObject *counts, const Tally *t, int n) {
+    for (int i = 0; i < n; i++) {
+        if (add_tally(counts, &t[i]) < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *tally(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *counts, *chunk_list, *types;
+    Py_buffer plan;
+    Filter f;
+    if (!PyArg_ParseTuple(args, "O!O!y*KKO", &PyList_Type, &counts, &PyList_Type, &chunk_list,
+                          &plan, &f.since, &f.until, &types))
+        return NULL;
+    Chunks c = {0, NULL};
+    Py_ssize_t n_runs;
+    const PlanRun *runs;
+    int rc = -1;
+    if (parse_filter(types, &f) < 0 || get_chunks(chunk_list, &c) < 0) goto done;
+    if (!(runs = plan_runs(&plan, &c, &n_runs))) goto done;
+    if (PyList_GET_SIZE(counts) != c.k) {
+        PyErr_SetString(PyExc_ValueError, "tally needs one dict per chunk");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < c.k; i++) {
+        if (!PyDict_Check(PyList_GET_ITEM(counts, i))) {
+            PyErr_SetString(PyExc_TypeError, "tally needs one dict per chunk");
+            goto done;
+        }
+    }
+    enum { SLOTS = 32 };
+    Tally t[SLOTS];
+    rc = 0;
+    for (Py_ssize_t run = 0; run < n_runs && rc == 0; run++) {
+        const PlanRun *r = &runs[run];
+        PyObject *into = PyList_GET_ITEM(counts, r->k);
+        const uint8_t *p = c.bufs[r->k].buf;
+        int used = 0;
+        Rec rec;
+        for (size_t pos = (size_t)r->start; pos < (size_t)r->end; pos += RECORD_HEADER_SIZE + rec.size) {
+            if (!record_at(p, (size_t)r->end, pos, &rec)) {
+                not_whole((Py_ssize_t)pos);
+                rc = -1;
+                break;
+            }
+            if (!selected(&f, &rec)) continue;
+            int i = 0;
+            while (i < used && !(t[i].len == rec.name_len && !memcmp(t[i].name, rec.name, rec.name_len)))
+                i++;
+            if (i == used) {
+                if (used == SLOTS) {
+                    if ((rc = flush_tally(into, t, used)) < 0) break;
+                    used = i = 0;
+                }
+                t[used++] = (Tally){rec.name, rec.name_len, 0, 0};
+            }
+            t[i].count++;
+            t[i].bytes += rec.size;
+        }
+        if (rc == 0) rc = flush_tally(into, t, used);
+    }
+done:
+    release_chunks(&c);
+    PyBuffer_Release(&plan);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"write_checked", write_checked, METH_VARARGS,
      "write_checked(fd, [(header, parts, expected), ...]) -> list[bool]: append the frames "
      "whose payload hashes to `expected`, with the GIL released once (fd < 0: check only)."},
+    {"scan", scan, METH_VARARGS, "scan(data, pos, limit, last) -> (end, next_time, last)"},
+    {"plan", plan, METH_VARARGS, "plan(chunks, positions, times) -> (plan, positions, times, stopped)"},
+    {"tally", tally, METH_VARARGS, "tally(counts, chunks, plan, since, until, types)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "msgcap.capture._capture",
-    "Checksum checks and capture writes without the GIL.", -1, methods, NULL, NULL, NULL, NULL,
+    "Checksum checks and capture writes without the GIL, and walks over capture records.", -1,
+    methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__capture(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__capture(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "MAX_RECORD_PAYLOAD", MAX_RECORD_PAYLOAD) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -18,7 +18,11 @@
  *   (short_id, raw) for packets Core drops (short id 33..255, or 0 and the invalid long
  *   type); error: None or (reason, packet_number, contents_length, offset), reason 1 for
  *   an oversize length, 2 for a bad tag: the stream is over, later calls return nothing.
- * Loaded through capture/bip324.py (NativePipe), which has the Python twin.
+ * Loaded with msgcap.capture.native.load by capture/bip324_pipe.py (NativePipe); the
+ * Python twin is V2Session's packet code (capture/bip324.py).
+ *
+ * One file although long: it is one cohesive protocol, BIP324's packet layer (cipher
+ * states, the read loop, the records and packets it makes), all of it static to the Pipe.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -3,7 +3,7 @@ packets, make their capture records, re-encrypt them for the other leg, with the
 released for the cryptography. OpenSSL's ChaCha20 and ChaCha20-Poly1305 only.
 """
 
-from msgcap.capture.bip324 import CipherState
+from msgcap.capture.bip324_cipher import CipherState
 
 class Pipe:
     def __init__(self, recv: CipherState, send: CipherState, offset: int = 0) -> None: ...

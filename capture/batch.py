@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from msgcap.capture import native
 from msgcap.capture.framing import checksum
 
 BatchItem = tuple[bytes, tuple[bytes | memoryview, ...], bytes]
@@ -100,17 +101,13 @@ def python_write_checked(fd: int, batch: list[BatchItem]) -> list[bool]:
     return ok
 
 
-native_write_checked: WriteChecked | None
-try:  # built by pip where a compiler and OpenSSL's headers exist
-    from msgcap.capture._capture import write_checked as native_write_checked
-except ImportError:  # pragma: no cover - depends on the build
-    native_write_checked = None
+_native = native.load("msgcap.capture._capture")  # built where OpenSSL's headers exist
+native_write_checked: WriteChecked | None = None if _native is None else _native.write_checked
+"""The native helper, or None (not built, or ``MSGCAP_PURE_PYTHON`` set)."""
 
-NATIVE: Final = native_write_checked is not None and not os.environ.get("MSGCAP_PURE_PYTHON")
+NATIVE: Final = native_write_checked is not None
 """Whether :func:`write_checked` runs the native helper."""
 
-write_checked: WriteChecked = (
-    native_write_checked if NATIVE and native_write_checked else python_write_checked
-)
+write_checked: WriteChecked = native_write_checked or python_write_checked
 """``write_checked(fd, batch) -> list[bool]``: which frames are valid; the valid ones'
 records are appended to ``fd`` in one write (``fd < 0``: check only, write nothing)."""

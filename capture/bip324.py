@@ -26,85 +26,95 @@ sending ciphers over to the native per-read step (:func:`native_pipe`, ``capture
 OpenSSL's ChaCha20 and ChaCha20-Poly1305), which then does what this module's packet code
 does for a whole read at once.
 
-The behaviour follows Bitcoin Core's ``V2Transport`` (src/net.cpp) and ``BIP324Cipher``
-(src/bip324.cpp). ElligatorSwift and the ECDH come from the libsecp256k1 bundled with
-coincurve; ChaCha20 and ChaCha20Poly1305 from ``cryptography``.
+The behaviour follows Bitcoin Core's ``V2Transport`` (src/net.cpp). BIP324 is four
+modules; this one, the session's state machine, re-exports the others' public names, so
+that ``msgcap.capture.bip324`` stays the one place to import BIP324 from:
+
+* :mod:`msgcap.capture.bip324_events`: short message type ids, events and errors;
+* :mod:`msgcap.capture.bip324_cipher`: ElligatorSwift, ECDH, key derivation and the
+  packet cipher (Core's ``BIP324Cipher``, src/bip324.cpp);
+* :mod:`msgcap.capture.bip324_pipe`: the hand-over to the native per-read step.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import os
 import secrets
-import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Sequence
+from typing import Final, Literal
 
-from coincurve._libsecp256k1 import ffi, lib  # type: ignore[import-not-found]
-from coincurve.context import GLOBAL_CONTEXT
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from msgcap.capture.errors import MsgcapError
+from msgcap.capture.bip324_cipher import (
+    ELLSWIFT_LEN,
+    EXPANSION,
+    HEADER_LEN,
+    IGNORE_BIT,
+    LENGTH_LEN,
+    MAX_PACKET_CONTENTS,
+    REKEY_INTERVAL,
+    TAG_LEN,
+    CipherState,
+    PacketCipher,
+    SessionKeys,
+    derive_keys,
+    ecdh_secret,
+    ellswift_create,
+    ellswift_decode,
+    random_privkey,
+)
+from msgcap.capture.bip324_events import (
+    CORE_EMPTY_TYPE_IDS,
+    MAX_CONTENTS_LEN,
+    V2_MESSAGE_IDS,
+    V2_SHORT_IDS,
+    Event,
+    HandshakeComplete,
+    InvalidMessageType,
+    UnknownShortId,
+    V2Error,
+    V2ErrorReason,
+    V2Message,
+    VersionPacket,
+    bad_tag_message,
+    oversize_message,
+)
+from msgcap.capture.bip324_pipe import (
+    NATIVE_PIPE,
+    NativePipe,
+    native_pipe,
+    pipe_dropped,
+    pipe_error,
+)
+from msgcap.capture.framing import (
+    MSGTYPE_SIZE,
+    NEED_DATA,
+    _NeedData,
+    encode_msgtype,
+    v1_version_prefix,
+)
 
-if TYPE_CHECKING:
-    from msgcap.capture._v2 import Pipe
+__all__ = [  # what other modules import from here (the others' names re-exported)
+    "CORE_EMPTY_TYPE_IDS", "ELLSWIFT_LEN", "EXPANSION", "GARBAGE_TERMINATOR_LEN", "HEADER_LEN",
+    "IGNORE_BIT", "LENGTH_LEN", "MAX_CONTENTS_LEN", "MAX_GARBAGE_LEN", "MAX_PACKET_CONTENTS",
+    "MSGTYPE_SIZE", "NATIVE_PIPE", "NEED_DATA", "REKEY_INTERVAL", "TAG_LEN",
+    "TRANSPORT_VERSION", "V1_PREFIX_LEN", "V2_MESSAGE_IDS", "V2_SHORT_IDS", "CipherState",
+    "Event", "HandshakeComplete", "InvalidMessageType", "NativePipe", "PacketCipher",
+    "SessionKeys", "UnknownShortId", "V2Error", "V2ErrorReason", "V2Message", "V2Session",
+    "VersionPacket", "classify_prefix", "derive_keys", "ecdh_secret", "ellswift_create",
+    "ellswift_decode", "looks_like_v1", "native_pipe", "pipe_dropped", "pipe_error",
+    "random_privkey", "session_id_hex", "v1_prefix"
+]  # fmt: skip
 
-# --- constants ------------------------------------------------------------------------
-
-ELLSWIFT_LEN: Final = 64
 GARBAGE_TERMINATOR_LEN: Final = 16
 MAX_GARBAGE_LEN: Final = 4095
-LENGTH_LEN: Final = 3
-HEADER_LEN: Final = 1
-TAG_LEN: Final = 16
-EXPANSION: Final = LENGTH_LEN + HEADER_LEN + TAG_LEN
-"""Bytes a packet adds to its contents (Core's BIP324Cipher::EXPANSION)."""
-IGNORE_BIT: Final = 0x80
-REKEY_INTERVAL: Final = 224
-MAX_PACKET_CONTENTS: Final = 2**24 - 1
-"""Largest contents the 3-byte length field can describe."""
-MSGTYPE_SIZE: Final = 12
-MAX_PROTOCOL_MESSAGE_LENGTH: Final = 4_000_000
-MAX_CONTENTS_LEN: Final = 1 + MSGTYPE_SIZE + MAX_PROTOCOL_MESSAGE_LENGTH
-"""Core's limit on a received packet's contents length (checked as soon as the 3 length
-bytes are in): 0x00 + 12-byte type + 4,000,000 bytes of payload, i.e. 4,000,013. Longer
-makes Core disconnect. (A short-id message may thus carry up to 4,000,012 payload bytes.)"""
 V1_PREFIX_LEN: Final = 16
 TRANSPORT_VERSION: Final = b""
 """Contents of the version packet we send (BIP324's only version so far)."""
 
-_V1_VERSION_TYPE: Final = b"version\0\0\0\0\0"
-
-V2_MESSAGE_IDS: Final[Mapping[int, str]] = {
-    i: name
-    for i, name in enumerate(
-        (
-            "addr", "block", "blocktxn", "cmpctblock", "feefilter", "filteradd",
-            "filterclear", "filterload", "getblocks", "getblocktxn", "getdata",
-            "getheaders", "headers", "inv", "mempool", "merkleblock", "notfound", "ping",
-            "pong", "sendcmpct", "tx", "getcfilters", "cfilter", "getcfheaders",
-            "cfheaders", "getcfcheckpt", "cfcheckpt", "addrv2",
-        ),
-        start=1,
-    )
-}  # fmt: skip
-"""BIP324 short message type ids (1..28), as in Bitcoin Core's V2_MESSAGE_IDS."""
-
-V2_SHORT_IDS: Final[Mapping[str, int]] = {name: i for i, name in V2_MESSAGE_IDS.items()}
-"""Message type to its short id (the encoding Core uses whenever a type has one)."""
-
-CORE_EMPTY_TYPE_IDS: Final = range(29, 33)
-"""Short ids Core's table lists as "" (assigned, unimplemented): Core does not reject
-these at the transport, it hands them on as a message of type "" (which
-``-capturemessages`` records and net_processing then ignores). Ids from 33 on are dropped
-by the transport ("invalid message type"). Neither disconnects."""
-
+_V1_VERSION_TYPE: Final = encode_msgtype("version")
 _ID_TO_TYPE: Final[tuple[str | None, ...]] = tuple(V2_MESSAGE_IDS.get(i) for i in range(256))
 _SMALL_PAYLOAD: Final = 16 * 1024
 """Payloads up to this size are returned as bytes, longer ones as memoryviews."""
@@ -117,7 +127,7 @@ def v1_prefix(magic: bytes) -> bytes:
     """The 16 bytes a v1 initiator starts with: magic and the ``version`` message type."""
     if len(magic) != 4:
         raise ValueError("magic must be 4 bytes")
-    return magic + _V1_VERSION_TYPE
+    return v1_version_prefix(magic)
 
 
 def looks_like_v1(first16: bytes | bytearray | memoryview, magic: bytes) -> bool:
@@ -147,366 +157,6 @@ def session_id_hex(session_id: bytes) -> str:
     """The session id as Core's ``getpeerinfo`` prints it: the 32 bytes in order, in hex
     (``HexStr`` of the bytes, not the byte-reversed uint256 ``GetHex``)."""
     return session_id.hex()
-
-
-# --- elliptic curve -------------------------------------------------------------------
-
-_CTX: Final = GLOBAL_CONTEXT.ctx
-
-
-def random_privkey() -> bytes:
-    """A random valid secp256k1 private key."""
-    while True:
-        key = os.urandom(32)
-        if lib.secp256k1_ec_seckey_verify(_CTX, key):
-            return key
-
-
-def ellswift_create(privkey: bytes, auxrand: bytes | None = None) -> bytes:
-    """The 64-byte ElligatorSwift encoding of ``privkey``'s public key.
-
-    ``auxrand`` (32 bytes) picks one of the many encodings; the same inputs give the same
-    encoding. Raises ValueError for an invalid private key.
-    """
-    if len(privkey) != 32 or (auxrand is not None and len(auxrand) != 32):
-        raise ValueError("privkey and auxrand must be 32 bytes")
-    out = ffi.new("unsigned char[64]")
-    rnd = ffi.NULL if auxrand is None else auxrand
-    if not lib.secp256k1_ellswift_create(_CTX, out, privkey, rnd):
-        raise ValueError("invalid private key")
-    return bytes(ffi.buffer(out, 64))
-
-
-def ellswift_decode(ellswift: bytes) -> bytes:
-    """The X coordinate (32 bytes) of the point a 64-byte ElligatorSwift encoding maps to
-    (every 64-byte string is a valid encoding)."""
-    if len(ellswift) != ELLSWIFT_LEN:
-        raise ValueError("ellswift encodings are 64 bytes")
-    pubkey = ffi.new("secp256k1_pubkey *")
-    if not lib.secp256k1_ellswift_decode(_CTX, pubkey, ellswift):
-        raise ValueError("ellswift decoding failed")  # cannot happen (libsecp256k1 docs)
-    out = ffi.new("unsigned char[33]")
-    outlen = ffi.new("size_t *", 33)
-    lib.secp256k1_ec_pubkey_serialize(_CTX, out, outlen, pubkey, lib.SECP256K1_EC_COMPRESSED)
-    return bytes(ffi.buffer(out, 33))[1:]
-
-
-def ecdh_secret(privkey: bytes, ours: bytes, theirs: bytes, initiator: bool) -> bytes:
-    """BIP324's shared secret: tagged hash ``bip324_ellswift_xonly_ecdh`` of the initiator's
-    encoding, the responder's encoding and the x-only ECDH point."""
-    if len(ours) != ELLSWIFT_LEN or len(theirs) != ELLSWIFT_LEN or len(privkey) != 32:
-        raise ValueError("ellswift encodings are 64 bytes, private keys 32")
-    out = ffi.new("unsigned char[32]")
-    ell_a, ell_b = (ours, theirs) if initiator else (theirs, ours)
-    ok = lib.secp256k1_ellswift_xdh(
-        _CTX,
-        out,
-        ell_a,
-        ell_b,
-        privkey,
-        0 if initiator else 1,
-        lib.secp256k1_ellswift_xdh_hash_function_bip324,
-        ffi.NULL,
-    )
-    if not ok:
-        raise ValueError("invalid private key")
-    return bytes(ffi.buffer(out, 32))
-
-
-# --- key derivation -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SessionKeys:
-    """Everything BIP324 derives from the shared secret (HKDF-SHA256, salt
-    ``bitcoin_v2_shared_secret`` + network magic)."""
-
-    session_id: bytes
-    initiator_l: bytes
-    initiator_p: bytes
-    responder_l: bytes
-    responder_p: bytes
-    initiator_garbage_terminator: bytes
-    responder_garbage_terminator: bytes
-
-
-def derive_keys(shared_secret: bytes, magic: bytes) -> SessionKeys:
-    prk = hmac.digest(b"bitcoin_v2_shared_secret" + magic, shared_secret, hashlib.sha256)
-
-    def expand32(info: bytes) -> bytes:
-        return hmac.digest(prk, info + b"\x01", hashlib.sha256)
-
-    terminators = expand32(b"garbage_terminators")
-    return SessionKeys(
-        session_id=expand32(b"session_id"),
-        initiator_l=expand32(b"initiator_L"),
-        initiator_p=expand32(b"initiator_P"),
-        responder_l=expand32(b"responder_L"),
-        responder_p=expand32(b"responder_P"),
-        initiator_garbage_terminator=terminators[:16],
-        responder_garbage_terminator=terminators[16:],
-    )
-
-
-# --- packet cipher --------------------------------------------------------------------
-
-_ZERO_KEYSTREAM: Final = bytes(LENGTH_LEN * REKEY_INTERVAL + 32)
-_ZERO32: Final = bytes(32)
-_NONCE_LOW: Final = tuple(j.to_bytes(4, "little") for j in range(REKEY_INTERVAL))
-_LENGTH_WORDS: Final = struct.Struct("<" + "HB" * REKEY_INTERVAL)
-"""An epoch's 224 3-byte length keystream words, each as its low 2 bytes and its high byte
-(struct has no 3-byte integers): one call instead of 224."""
-
-
-CipherState = tuple[bytes, bytes, int, int]
-"""One direction's packet cipher: ``(l_key, p_key, epoch, index)``: the length and contents
-keys of the current epoch (rekey count), and the next packet's index in it (0..223)."""
-
-
-class PacketCipher:
-    """One direction of the packet cipher: FSChaCha20 for the 3-byte lengths and
-    FSChaCha20Poly1305 for the contents, both rekeyed every 224 packets.
-
-    Per 224-packet epoch, the length keystream (224 * 3 bytes and the next 32-byte key) is
-    made by one ChaCha20 call and unpacked by one struct call; the AEAD object and the 224
-    nonces are made once. Use one instance either for encrypting or for decrypting, as
-    BIP324 does.
-    """
-
-    __slots__ = (
-        "_aead",
-        "_epoch",
-        "_index",
-        "_l_key",
-        "_length_ks",
-        "_next_l_key",
-        "_nonces",
-        "_p_key",
-    )
-
-    def __init__(self, l_key: bytes, p_key: bytes) -> None:
-        if len(l_key) != 32 or len(p_key) != 32:
-            raise ValueError("keys are 32 bytes")
-        self._epoch = 0
-        self._index = 0  # packet index inside the epoch
-        self._start_epoch(l_key, p_key)
-
-    @property
-    def packet_counter(self) -> int:
-        """Packets this cipher has processed."""
-        return self._epoch * REKEY_INTERVAL + self._index
-
-    def _start_epoch(self, l_key: bytes, p_key: bytes) -> None:
-        self._l_key, self._p_key = l_key, p_key
-        epoch8 = self._epoch.to_bytes(8, "little")
-        # cryptography's ChaCha20 "nonce" is the 32-bit block counter and the 96-bit nonce:
-        # counter 0, nonce = 4 zero bytes + the 64-bit rekey count.
-        ks = (
-            Cipher(algorithms.ChaCha20(l_key, bytes(8) + epoch8), mode=None)
-            .encryptor()
-            .update(_ZERO_KEYSTREAM)
-        )
-        words = _LENGTH_WORDS.unpack_from(ks)  # low 2 bytes, high byte, low 2 bytes, ...
-        pairs = zip(words[::2], words[1::2], strict=True)
-        self._length_ks: list[int] = [lo | hi << 16 for lo, hi in pairs]
-        self._next_l_key = ks[LENGTH_LEN * REKEY_INTERVAL :]
-        self._nonces = tuple(low + epoch8 for low in _NONCE_LOW)
-        self._aead = ChaCha20Poly1305(p_key)
-
-    def _next_epoch(self) -> None:
-        """Rekey both ciphers (after the 224th packet of the epoch): the length cipher with
-        the next 32 keystream bytes, the AEAD with the first 32 bytes of encrypting 32
-        zero bytes under nonce 0xffffffff + rekey count."""
-        rekey_nonce = b"\xff\xff\xff\xff" + self._epoch.to_bytes(8, "little")
-        p_key = self._aead.encrypt(rekey_nonce, _ZERO32, None)[:32]
-        self._epoch += 1
-        self._index = 0
-        self._start_epoch(self._next_l_key, p_key)
-
-    def state(self) -> CipherState:
-        """This epoch's keys and the next packet's place in it (what a native pipe takes
-        over)."""
-        return (self._l_key, self._p_key, self._epoch, self._index)
-
-    def skip(self, packets: int) -> None:
-        """Advance as if ``packets`` packets had been processed (test vectors start at a
-        given packet index)."""
-        while packets:
-            step = min(packets, REKEY_INTERVAL - self._index)
-            self._index += step
-            packets -= step
-            if self._index == REKEY_INTERVAL:
-                self._next_epoch()
-
-    def encrypt(
-        self,
-        prefix: bytes,
-        payload: bytes | bytearray | memoryview = b"",
-        aad: bytes | None = None,
-    ) -> bytes:
-        """One packet whose plaintext is ``prefix`` (header byte, then the start of the
-        contents) followed by ``payload``.
-
-        Uses only ``ChaCha20Poly1305.encrypt`` (bytes-like in, new bytes out), as the
-        ``cryptography`` documentation grants in every version we declare: no buffer is
-        shared between input and output.
-        """
-        plen = len(prefix) + len(payload)
-        n = plen - HEADER_LEN
-        if not 0 <= n <= MAX_PACKET_CONTENTS:
-            raise ValueError(f"packet contents must be 0..{MAX_PACKET_CONTENTS} bytes")
-        j = self._index
-        length = (n ^ self._length_ks[j]).to_bytes(LENGTH_LEN, "little")
-        plain = prefix + payload if payload else prefix
-        out = length + self._aead.encrypt(self._nonces[j], plain, aad or None)
-        if j == REKEY_INTERVAL - 1:
-            self._next_epoch()
-        else:
-            self._index = j + 1
-        return out
-
-    def encrypt_contents(
-        self, contents: bytes | bytearray | memoryview, aad: bytes = b"", ignore: bool = False
-    ) -> bytes:
-        """A packet for ``contents`` (Core's BIP324Cipher::Encrypt)."""
-        return self.encrypt(b"\x80" if ignore else b"\x00", contents, aad)
-
-    def decrypt_length(self, encrypted: bytes | bytearray | memoryview) -> int:
-        """The contents length from the packet's 3 first bytes (the packet's AEAD part must
-        then be passed to :meth:`decrypt`)."""
-        if len(encrypted) != LENGTH_LEN:
-            raise ValueError("the length field is 3 bytes")
-        return int.from_bytes(encrypted, "little") ^ self._length_ks[self._index]
-
-    def decrypt(
-        self, ciphertext: bytes | bytearray | memoryview, aad: bytes = b""
-    ) -> tuple[bool, bytes]:
-        """``(ignore, contents)`` from the packet's AEAD part (header, contents, tag).
-        Raises V2Error(BAD_TAG) if it does not authenticate."""
-        try:
-            plain = self._aead.decrypt(self._nonces[self._index], ciphertext, aad or None)
-        except InvalidTag:
-            raise V2Error(V2ErrorReason.BAD_TAG, "packet authentication failed", -1) from None
-        self._advance()
-        return bool(plain[0] & IGNORE_BIT), plain[HEADER_LEN:]
-
-    def _advance(self) -> None:
-        if self._index == REKEY_INTERVAL - 1:
-            self._next_epoch()
-        else:
-            self._index += 1
-
-
-# --- events ---------------------------------------------------------------------------
-
-
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-"""Returned by :meth:`V2Session.next_event` when more bytes are needed."""
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeComplete:
-    """Keys are derived from the peer's public key: we can send application packets.
-
-    (The peer's version packet may not be in yet: see :class:`VersionPacket`.)"""
-
-    session_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class VersionPacket:
-    """The peer's version packet authenticated (with the garbage it sent as AAD).
-
-    Core ignores its contents (reserved for future versions; BIP324's version is empty)
-    and from here on reports the connection as v2 with its session id."""
-
-    contents: bytes
-
-
-@dataclass(slots=True)  # not frozen: that would triple the cost of making one
-class V2Message:
-    """An application message. ``payload`` is bytes up to 16 KiB and a memoryview (over
-    the decrypted packet, no copy) beyond. ``msgtype`` may be any type Core accepts on a
-    v2 connection, including "" (12 NUL bytes) and 0x7f characters."""
-
-    msgtype: str
-    payload: bytes | memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownShortId:
-    """A packet whose 1-byte message type has no meaning (29..255). Core does not
-    disconnect: ids 33..255 are dropped by its transport, ids 29..32 are passed on as a
-    message of type "" (see :data:`CORE_EMPTY_TYPE_IDS`)."""
-
-    id: int
-    payload: bytes | memoryview = b""
-
-    @property
-    def core_delivers(self) -> bool:
-        """Whether Core hands it to net_processing (and -capturemessages) as type ""."""
-        return self.id in CORE_EMPTY_TYPE_IDS
-
-    def describe(self) -> str:
-        return f"unknown short id {self.id}"
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidMessageType:
-    """A packet Core drops (without disconnecting) as "invalid message type".
-
-    ``raw`` is the 12-byte long message type when it has bytes outside 0x20..0x7f before
-    its first NUL or non-NUL bytes after it; it is shorter than 12 bytes when the contents
-    end before the type does (``b""`` for empty contents)."""
-
-    raw: bytes
-
-    def describe(self) -> str:
-        return f"invalid message type {self.raw!r}"
-
-
-Event = HandshakeComplete | VersionPacket | V2Message | UnknownShortId | InvalidMessageType
-
-
-# --- errors ---------------------------------------------------------------------------
-
-
-class V2ErrorReason(enum.Enum):
-    """Why a BIP324 connection ends (each is a disconnect in Core, except V1_PEER)."""
-
-    V1_PEER = "v1 peer"
-    """Responder: the first 16 bytes are the v1 version header of our network (Core falls
-    back to v1 on this; a V2Session cannot)."""
-    WRONG_NETWORK = "v1 peer of another network"
-    """Responder: bytes 4..16 are a v1 ``version`` type after another network's magic."""
-    NO_GARBAGE_TERMINATOR = "no garbage terminator"
-    """No garbage terminator within 4095 bytes of garbage."""
-    BAD_TAG = "bad tag"
-    """A packet failed authentication (wrong keys, tampering, or garbage AAD mismatch)."""
-    OVERSIZE = "oversize packet"
-    """A packet's contents length is above :data:`MAX_CONTENTS_LEN`."""
-
-
-class V2Error(MsgcapError):
-    """A condition on which Core gives up the connection; the stream cannot continue."""
-
-    def __init__(self, reason: V2ErrorReason, message: str, offset: int) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.offset = offset
-        """Received-stream offset at which the problem was found (-1 if unknown)."""
-
-
-def _oversize(length: int) -> str:
-    return f"packet contents length {length} above {MAX_CONTENTS_LEN}"
-
-
-def _bad_tag(number: int, length: int) -> str:
-    return f"packet {number} ({length} bytes contents) failed authentication"
 
 
 # --- session --------------------------------------------------------------------------
@@ -549,10 +199,7 @@ def _plain_prefix(msgtype: str) -> bytes:
         if sid is not None:
             prefix = bytes((0, sid))
         else:
-            raw = msgtype.encode("ascii")
-            if len(raw) > MSGTYPE_SIZE:
-                raise ValueError(f"message type {msgtype!r} is longer than {MSGTYPE_SIZE} bytes")
-            prefix = b"\0\0" + raw.ljust(MSGTYPE_SIZE, b"\0")
+            prefix = b"\0\0" + encode_msgtype(msgtype)
         if len(_plain_prefix_cache) < 4096:
             _plain_prefix_cache[msgtype] = prefix
     return prefix
@@ -736,11 +383,16 @@ class V2Session:
         self._size = self._head = 0
         return state, rest, offset
 
+    @property
+    def sender_ready(self) -> bool:
+        """Whether :meth:`take_sender` can hand the sending direction over now."""
+        return self._send is not None and not self._outgoing
+
     def take_sender(self) -> CipherState:
         """Give up the sending direction (to a :class:`NativePipe`): its cipher state.
         Only once every handshake byte has been drained; this session sends no more."""
         send = self._send
-        if send is None or self._outgoing:
+        if not self.sender_ready or send is None:
             raise RuntimeError("the sending direction cannot be handed over now")
         self._send = None
         return send.state()
@@ -967,7 +619,7 @@ class V2Session:
                         break
                     rlen = int.from_bytes(mv[head : head + LENGTH_LEN], "little") ^ ks[j]
                     if rlen > MAX_CONTENTS_LEN:
-                        error = (V2ErrorReason.OVERSIZE, _oversize(rlen), head)
+                        error = (V2ErrorReason.OVERSIZE, oversize_message(rlen), head)
                         break
                     head += LENGTH_LEN
                 end = head + rlen + HEADER_LEN + TAG_LEN
@@ -978,7 +630,8 @@ class V2Session:
                     plain = aead.decrypt(nonces[j], mv[head:end], aad)
                 except InvalidTag:
                     number = recv._epoch * REKEY_INTERVAL + j
-                    error = (V2ErrorReason.BAD_TAG, _bad_tag(number, rlen), head - LENGTH_LEN)
+                    why = bad_tag_message(number, rlen)
+                    error = (V2ErrorReason.BAD_TAG, why, head - LENGTH_LEN)
                     break
                 aad = None
                 head = end
@@ -1036,59 +689,3 @@ class V2Session:
             if self._size < need or len(chunks) == 1:
                 return
             self._merge_front(need)
-
-
-# --- the native per-read step ---------------------------------------------------------
-
-NativePipe: type[Pipe] | None
-try:  # built by pip where a compiler and OpenSSL's headers exist (capture/_v2.c)
-    from msgcap.capture._v2 import Pipe as NativePipe
-except ImportError:  # pragma: no cover - depends on the build
-    NativePipe = None
-
-NATIVE_PIPE: Final = NativePipe is not None and not os.environ.get("MSGCAP_PURE_PYTHON")
-"""Whether :func:`native_pipe` hands connections to the native step (else the sessions'
-Python path runs; ``MSGCAP_PURE_PYTHON=1`` forces that)."""
-
-_PIPE_ERRORS: Final = {1: V2ErrorReason.OVERSIZE, 2: V2ErrorReason.BAD_TAG}
-
-
-def native_pipe(
-    receiver: V2Session, sender: V2Session, pipe_type: type[Pipe] | None = None
-) -> Pipe | None:
-    """One direction of a ``decrypt`` relay in native code: what ``receiver`` receives,
-    captured and re-encrypted by ``sender``'s sending cipher. Both sessions give those
-    directions up (see :meth:`V2Session.take_receiver`). None where the native part was
-    not built or is switched off (unless ``pipe_type`` is given): then nothing is taken."""
-    if pipe_type is None:
-        if NativePipe is None or not NATIVE_PIPE:
-            return None
-        pipe_type = NativePipe
-    if sender._send is None or sender._outgoing:  # take nothing: the Python path goes on
-        return None
-    try:
-        recv, rest, offset = receiver.take_receiver()
-    except RuntimeError:
-        return None
-    pipe = pipe_type(recv, sender.take_sender(), offset)
-    if rest:
-        count, _, _, dropped, error = pipe.feed(rest, 0)
-        assert count == 0 and dropped is None and error is None  # an incomplete packet
-    return pipe
-
-
-def pipe_error(error: tuple[int, int, int, int]) -> V2Error:
-    """The :class:`V2Error` for a native pipe's ``error`` (as the Python path words it)."""
-    code, number, length, offset = error
-    if _PIPE_ERRORS[code] is V2ErrorReason.OVERSIZE:
-        return V2Error(V2ErrorReason.OVERSIZE, _oversize(length), offset)
-    return V2Error(V2ErrorReason.BAD_TAG, _bad_tag(number, length), offset)
-
-
-def pipe_dropped(dropped: list[tuple[int, bytes]]) -> list[tuple[int, str]]:
-    """A native pipe's dropped packets as the Python path describes them, with the
-    short id (0 for an invalid long type)."""
-    return [
-        (sid, UnknownShortId(sid).describe() if sid else InvalidMessageType(raw).describe())
-        for sid, raw in dropped
-    ]

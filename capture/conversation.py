@@ -18,7 +18,7 @@ still given. The default callback logs a warning.
 :func:`merged` gives the stream record by record. :func:`merged_batches` gives it in bulk,
 for readers that walk records in native code (``msgcap parse`` and ``stats``): batches of
 runs, a run being whole records of one file (its records up to the next time another file
-comes first), with the merge itself done in ``parser/_fastjson.c`` when it was built; and
+comes first), with the merge itself done in ``capture/_capture.c`` when it was built; and
 :func:`merged_runs` run by run.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, NamedTuple
 
+from msgcap.capture import native
 from msgcap.capture.errors import UsageError
 from msgcap.capture.layout import CapturePath
 from msgcap.capture.records import (
@@ -44,7 +45,6 @@ from msgcap.capture.records import (
     Record,
     RecordChunks,
     RecordFilter,
-    native,
     scan,
     walk_records,
 )
@@ -171,7 +171,7 @@ def python_plan(
     each has a whole record at its position, of the time given. Returns the plan of a
     :class:`Batch`, the runs that come next up to where one chunk (the last value) has no
     whole record left, and the positions and times of the chunks after it (None for that
-    one). ``parser/_fastjson.c`` has the native twin."""
+    one). ``capture/_capture.c`` has the native twin."""
     next_times: list[int | None] = list(times)
     positions = list(positions)
     plan = array("q")
@@ -203,7 +203,7 @@ def python_tally(
 ) -> None:
     """Count the records of a plan that are within ``[since, until]`` and, unless
     ``types`` is None, of a type named in it: ``counts[k][name]`` becomes (messages,
-    payload bytes) plus theirs. ``parser/_fastjson.c`` has the native twin."""
+    payload bytes) plus theirs. ``capture/_capture.c`` has the native twin."""
     runs = memoryview(plan).cast("q")
     for i in range(0, len(runs), 3):
         k = runs[i]
@@ -219,7 +219,7 @@ TallyPlan = Callable[
     [list[dict[bytes, tuple[int, int]]], list[bytes], bytes, int, int, tuple[bytes, ...] | None],
     None,
 ]
-_native = native()
+_native = native.load("msgcap.capture._capture")
 _plan: Final[Plan] = python_plan if _native is None else _native.plan
 _tally: Final[TallyPlan] = python_tally if _native is None else _native.tally
 

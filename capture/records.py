@@ -9,8 +9,8 @@ file stops making sense, a :class:`Damage` item that names the byte offset.
 
 Bulk readers take whole records many at a time instead: :class:`RecordChunks` reads a
 file a chunk at a time (with the same damage reports) and :data:`scan` walks the records
-of a chunk, in ``parser/_fastjson.c`` when it was built (and ``MSGCAP_PURE_PYTHON`` is
-not set), else in its Python twin.
+of a chunk, in the capture layer's native module (``capture/_capture.c``) when it was
+built (and ``MSGCAP_PURE_PYTHON`` is not set), else in its Python twin.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import ModuleType
 from typing import BinaryIO, Final
 
+from msgcap.capture import native
 from msgcap.capture.framing import MAX_PROTOCOL_MESSAGE_LENGTH, MsgType, encode_msgtype
 from msgcap.capture.layout import RECV_FILE, SENT_FILE
 
@@ -249,19 +249,10 @@ def python_scan(
     return pos, None, last
 
 
-def native() -> ModuleType | None:
-    """``parser/_fastjson.c``, the native walker and renderer of records, when it was
-    built and ``MSGCAP_PURE_PYTHON`` is not set; None otherwise."""
-    if os.environ.get("MSGCAP_PURE_PYTHON"):
-        return None
-    try:
-        from msgcap.parser import _fastjson
-    except ImportError:  # not compiled: the Python twins are used
-        return None
-    return _fastjson
+_native = native.load("msgcap.capture._capture")
+NATIVE: Final = _native is not None
+"""Whether :data:`scan` (and conversation.py's merge) run in ``capture/_capture.c``."""
 
-
-_native = native()
 scan: Final[Scan] = python_scan if _native is None else _native.scan
 """See :func:`python_scan` (called with all four arguments)."""
 

@@ -16,19 +16,6 @@
  *     writes nothing, an order of magnitude faster): True, or ValueError(reason, offset)
  *     as render() raises it; False where render() would leave it to Python.
  *
- * scan(data, pos, limit, last) -> (end, next_time, last)
- *     Walks the whole records of a capture file chunk from pos while their time is
- *     within [last, limit] and never decreases; end is where it stopped, next_time the
- *     time of the whole record there (None if there is none: end of data, a partial
- *     record or an implausible length), last the time of the last record walked.
- *
- * plan(chunks, positions, times) -> (plan, positions, times, stopped)
- *     Merges chunks of several files by time, as capture/conversation.py's merge does:
- *     each chunk has a whole record at its position, with the time given. The plan is the
- *     runs that come next, as packed int64 triples (chunk, start, end), up to where the
- *     chunk `stopped` has no whole record left; positions and times are where each chunk
- *     is then (the stopped one's time None).
- *
  * render_batch(out, used, limit, chunks, plan, run, pos, looks, opts, first)
  *         -> (run, pos, first, used)
  *     Writes the JSON of the selected records of a plan's runs, from run `run` (at pos or
@@ -42,13 +29,18 @@
  *     written around each record's fields; opts = (before, after, reverse, since, until,
  *     types): before goes between records, after after each.
  *
- * tally(counts, chunks, plan, since, until, types)
- *     Adds the selected records of a plan's runs to counts[chunk]: {name: (messages,
- *     bytes)}.
+ * A plan comes from the capture layer's merge (capture/_capture.c's plan, or its Python
+ * twin): runs of whole records of several files in time order. The records are walked,
+ * and selected (since <= time <= until and, unless types is None, the type's name in the
+ * tuple types), by capture/_records.h, which the capture module shares. Every length is
+ * checked against what is left; data that is not whole records raises ValueError.
  *
- * Selected: since <= time <= until and, unless types is None, the type's name (its bytes
- * up to the first NUL) in the tuple types. Every length is checked against what is left;
- * data that is not whole records raises ValueError.
+ * This module only renders (and checks, for the dataset export): walking and merging
+ * capture files is the capture layer's (msgcap.capture._capture).
+ *
+ * One file although long: it is one cohesive protocol, the P2P message serializations,
+ * one walker per type over one reader and writer (Ctx), so that a transaction, say, is
+ * walked in one place for render, check and render_batch alike.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -62,15 +54,7 @@
 #define HAVE_INET_NTOP 1
 #endif
 
-#if defined(__GNUC__) || defined(__clang__)
-#define COLD __attribute__((cold, noinline))
-#else
-#define COLD
-#endif
-
-#define RECORD_HEADER_SIZE 24
-#define MAX_RECORD_PAYLOAD 4000000 /* capture/records.py MAX_RECORD_PAYLOAD */
-#define MSGTYPE_SIZE 12
+#include "../capture/_records.h" /* the record format, and batches' chunks, plans, filters */
 
 /* Why a payload was rejected; render() words it as Reader does. */
 enum {
@@ -230,12 +214,6 @@ static int key_i64(Ctx *c, const char *key, int64_t v) { return put(c, key) || p
 static inline int need(Ctx *c, size_t k) {
     if (k > c->n - c->pos) return fail(c, E_NEED, c->pos, k);
     return 0;
-}
-
-static inline uint64_t le(const uint8_t *p, int k) {
-    uint64_t v = 0;
-    for (int i = k - 1; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
 }
 
 static int rd_u8(Ctx *c, uint64_t *v) {
@@ -860,238 +838,7 @@ static PyObject *check(PyObject *self, PyObject *args) {
     return rc < 0 ? NULL : Py_NewRef(rc > 0 ? Py_False : Py_True);
 }
 
-/* --- whole records -------------------------------------------------------------------- */
-
-typedef struct {
-    uint64_t time;
-    const uint8_t *name; /* the 12-byte type field */
-    size_t name_len;     /* up to the first NUL */
-    size_t size;         /* payload bytes */
-    const uint8_t *payload;
-} Rec;
-
-/* The whole record at pos in p[0:n], or 0 if there is none there. */
-static int record_at(const uint8_t *p, size_t n, size_t pos, Rec *r) {
-    if (pos > n || n - pos < RECORD_HEADER_SIZE) return 0;
-    const uint8_t *h = p + pos;
-    r->time = le(h, 8);
-    r->name = h + 8;
-    r->size = (size_t)le(h + 20, 4);
-    if (r->size > MAX_RECORD_PAYLOAD || r->size > n - pos - RECORD_HEADER_SIZE) return 0;
-    const uint8_t *nul = memchr(r->name, 0, MSGTYPE_SIZE);
-    r->name_len = nul ? (size_t)(nul - r->name) : MSGTYPE_SIZE;
-    r->payload = h + RECORD_HEADER_SIZE;
-    return 1;
-}
-
-/* Walk the whole records of p[0:n] from pos while their time is within [*last, limit]
-   (updating *last). Returns where the walk stopped; *later is the time of the whole
-   record there, if there is one (then 1 is returned in *found). */
-static size_t walk(const uint8_t *p, size_t n, size_t pos, uint64_t limit, uint64_t *last,
-                   int *found, uint64_t *later) {
-    Rec r;
-    *found = 0;
-    while (record_at(p, n, pos, &r)) {
-        if (r.time > limit || r.time < *last) {
-            *found = 1;
-            *later = r.time;
-            break;
-        }
-        *last = r.time;
-        pos += RECORD_HEADER_SIZE + r.size;
-    }
-    return pos;
-}
-
-static PyObject *scan(PyObject *self, PyObject *args) {
-    Py_buffer data;
-    Py_ssize_t pos;
-    unsigned long long limit, last;
-    if (!PyArg_ParseTuple(args, "y*nKK", &data, &pos, &limit, &last)) return NULL;
-    if (pos < 0 || pos > data.len) {
-        PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_ValueError, "position %zd outside the data", pos);
-    }
-    int found;
-    uint64_t later, at_last = last;
-    size_t end = walk(data.buf, (size_t)data.len, (size_t)pos, limit, &at_last, &found, &later);
-    PyBuffer_Release(&data);
-    if (!found) return Py_BuildValue("(nOK)", (Py_ssize_t)end, Py_None, at_last);
-    return Py_BuildValue("(nKK)", (Py_ssize_t)end, (unsigned long long)later, at_last);
-}
-
-/* The chunks of a batch: a list of bytes-like objects, as buffers. */
-typedef struct {
-    Py_ssize_t k;
-    Py_buffer *bufs;
-} Chunks;
-
-static void release_chunks(Chunks *c) {
-    for (Py_ssize_t i = 0; i < c->k; i++) PyBuffer_Release(&c->bufs[i]);
-    PyMem_Free(c->bufs);
-    c->bufs = NULL;
-    c->k = 0;
-}
-
-static int get_chunks(PyObject *list, Chunks *c) {
-    Py_ssize_t k = PyList_GET_SIZE(list);
-    c->k = 0;
-    c->bufs = PyMem_Calloc(k ? (size_t)k : 1, sizeof(Py_buffer));
-    if (!c->bufs) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < k; i++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(list, i), &c->bufs[i], PyBUF_SIMPLE) < 0) {
-            release_chunks(c);
-            return -1;
-        }
-        c->k = i + 1;
-    }
-    return 0;
-}
-
-/* One run of a plan: chunk k, bytes [start, end). */
-typedef struct {
-    int64_t k, start, end;
-} PlanRun;
-
-static PyObject *plan(PyObject *self, PyObject *args) {
-    PyObject *chunk_list, *positions, *times;
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &chunk_list, &PyList_Type, &positions,
-                          &PyList_Type, &times))
-        return NULL;
-    Py_ssize_t k = PyList_GET_SIZE(chunk_list);
-    if (k < 1 || PyList_GET_SIZE(positions) != k || PyList_GET_SIZE(times) != k) {
-        PyErr_SetString(PyExc_ValueError, "plan needs one position and one time per chunk");
-        return NULL;
-    }
-    Chunks c;
-    if (get_chunks(chunk_list, &c) < 0) return NULL;
-    size_t *pos = PyMem_Calloc((size_t)k, sizeof *pos);
-    uint64_t *time = PyMem_Calloc((size_t)k, sizeof *time);
-    PlanRun *runs = NULL;
-    size_t n_runs = 0, cap = 0;
-    PyObject *result = NULL;
-    if (!pos || !time) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < k; i++) {
-        Py_ssize_t at = PyLong_AsSsize_t(PyList_GET_ITEM(positions, i));
-        time[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(times, i));
-        if (PyErr_Occurred()) goto done;
-        if (at < 0 || at > c.bufs[i].len) {
-            PyErr_SetString(PyExc_ValueError, "position outside its chunk");
-            goto done;
-        }
-        pos[i] = (size_t)at;
-    }
-    /* Take the next run from the chunk whose next record comes first (ties: the earlier
-       chunk), up to the next time of the chunk that comes second; until a chunk has no
-       whole record left: its file must be read on first. */
-    Py_ssize_t stopped = -1;
-    while (stopped < 0) {
-        Py_ssize_t a = 0, b = -1;
-        for (Py_ssize_t i = 1; i < k; i++) {
-            if (time[i] < time[a]) {
-                b = a;
-                a = i;
-            } else if (b < 0 || time[i] < time[b]) {
-                b = i;
-            }
-        }
-        /* b comes after a: at its time if a is the earlier chunk, else just before */
-        uint64_t limit = b < 0 ? UINT64_MAX : a < b ? time[b] : time[b] - 1;
-        uint64_t last = 0, later;
-        int found;
-        size_t end = walk(c.bufs[a].buf, (size_t)c.bufs[a].len, pos[a], limit, &last, &found,
-                          &later);
-        if (end > pos[a]) {
-            if (n_runs == cap) {
-                cap = cap ? 2 * cap : 64;
-                PlanRun *grown = PyMem_Realloc(runs, cap * sizeof *runs);
-                if (!grown) {
-                    PyErr_NoMemory();
-                    goto done;
-                }
-                runs = grown;
-            }
-            runs[n_runs++] = (PlanRun){a, (int64_t)pos[a], (int64_t)end};
-        }
-        pos[a] = end;
-        if (found)
-            time[a] = later;
-        else
-            stopped = a;
-    }
-    PyObject *new_positions = PyList_New(k), *new_times = PyList_New(k);
-    if (new_positions && new_times) {
-        for (Py_ssize_t i = 0; i < k; i++) {
-            PyList_SET_ITEM(new_positions, i, PyLong_FromSize_t(pos[i]));
-            PyList_SET_ITEM(new_times, i,
-                            i == stopped ? Py_NewRef(Py_None) : PyLong_FromUnsignedLongLong(time[i]));
-        }
-        result = Py_BuildValue("(y#OOn)", (const char *)runs,
-                               (Py_ssize_t)(n_runs * sizeof *runs), new_positions, new_times,
-                               stopped);
-    }
-    Py_XDECREF(new_positions);
-    Py_XDECREF(new_times);
-done:
-    release_chunks(&c);
-    PyMem_Free(pos);
-    PyMem_Free(time);
-    PyMem_Free(runs);
-    return result;
-}
-
-/* A plan (bytes) as runs, each checked against its chunk. */
-static const PlanRun *plan_runs(const Py_buffer *plan, const Chunks *c, Py_ssize_t *n) {
-    if (plan->len % (Py_ssize_t)sizeof(PlanRun)) goto bad;
-    *n = plan->len / (Py_ssize_t)sizeof(PlanRun);
-    const PlanRun *runs = plan->buf;
-    for (Py_ssize_t i = 0; i < *n; i++) {
-        const PlanRun *r = &runs[i];
-        if (r->k < 0 || r->k >= c->k || r->start < 0 || r->start > r->end ||
-            r->end > c->bufs[r->k].len)
-            goto bad;
-    }
-    return runs;
-bad:
-    PyErr_SetString(PyExc_ValueError, "a plan run outside its chunk");
-    return NULL;
-}
-
-typedef struct {
-    unsigned long long since, until;
-    PyObject *types; /* a tuple of bytes, or None for all */
-} Filter;
-
-static int parse_filter(PyObject *types, Filter *f) {
-    if (types != Py_None && !PyTuple_Check(types)) {
-        PyErr_SetString(PyExc_TypeError, "types must be a tuple of bytes or None");
-        return -1;
-    }
-    f->types = types;
-    return 0;
-}
-
-static int selected(const Filter *f, const Rec *r) {
-    if (r->time < f->since || r->time > f->until) return 0;
-    if (f->types == Py_None) return 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->types); i++) {
-        PyObject *t = PyTuple_GET_ITEM(f->types, i);
-        if (PyBytes_Check(t) && (size_t)PyBytes_GET_SIZE(t) == r->name_len &&
-            !memcmp(PyBytes_AS_STRING(t), r->name, r->name_len))
-            return 1;
-    }
-    return 0;
-}
-
-static COLD PyObject *not_whole(Py_ssize_t pos) {
-    return PyErr_Format(PyExc_ValueError, "no whole record at %zd", pos);
-}
+/* --- whole records: a batch's plan of runs (capture/_records.h walks them) ------------- */
 
 /* What goes around each record's JSON. */
 typedef struct {
@@ -1193,106 +940,12 @@ done:
     return result;
 }
 
-/* counts[name] += (1, size) for each record, names gathered in a small table first. */
-typedef struct {
-    const uint8_t *name;
-    size_t len;
-    unsigned long long count, bytes;
-} Tally;
-
-static int add_tally(PyObject *counts, const Tally *t) {
-    PyObject *key = PyBytes_FromStringAndSize((const char *)t->name, (Py_ssize_t)t->len);
-    if (!key) return -1;
-    unsigned long long count = t->count, bytes = t->bytes, c0 = 0, b0 = 0;
-    PyObject *old = PyDict_GetItemWithError(counts, key); /* borrowed */
-    PyObject *value = NULL;
-    if (old || !PyErr_Occurred()) {
-        if (!old || PyArg_ParseTuple(old, "KK", &c0, &b0))
-            value = Py_BuildValue("(KK)", count + c0, bytes + b0);
-    }
-    int rc = value ? PyDict_SetItem(counts, key, value) : -1;
-    Py_XDECREF(value);
-    Py_DECREF(key);
-    return rc;
-}
-
-static int flush_tally(PyObject *counts, const Tally *t, int n) {
-    for (int i = 0; i < n; i++) {
-        if (add_tally(counts, &t[i]) < 0) return -1;
-    }
-    return 0;
-}
-
-static PyObject *tally(PyObject *self, PyObject *args) {
-    PyObject *counts, *chunk_list, *types;
-    Py_buffer plan;
-    Filter f;
-    if (!PyArg_ParseTuple(args, "O!O!y*KKO", &PyList_Type, &counts, &PyList_Type, &chunk_list,
-                          &plan, &f.since, &f.until, &types))
-        return NULL;
-    Chunks c = {0, NULL};
-    Py_ssize_t n_runs;
-    const PlanRun *runs;
-    int rc = -1;
-    if (parse_filter(types, &f) < 0 || get_chunks(chunk_list, &c) < 0) goto done;
-    if (!(runs = plan_runs(&plan, &c, &n_runs))) goto done;
-    if (PyList_GET_SIZE(counts) != c.k) {
-        PyErr_SetString(PyExc_ValueError, "tally needs one dict per chunk");
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < c.k; i++) {
-        if (!PyDict_Check(PyList_GET_ITEM(counts, i))) {
-            PyErr_SetString(PyExc_TypeError, "tally needs one dict per chunk");
-            goto done;
-        }
-    }
-    enum { SLOTS = 32 };
-    Tally t[SLOTS];
-    rc = 0;
-    for (Py_ssize_t run = 0; run < n_runs && rc == 0; run++) {
-        const PlanRun *r = &runs[run];
-        PyObject *into = PyList_GET_ITEM(counts, r->k);
-        const uint8_t *p = c.bufs[r->k].buf;
-        int used = 0;
-        Rec rec;
-        for (size_t pos = (size_t)r->start; pos < (size_t)r->end; pos += RECORD_HEADER_SIZE + rec.size) {
-            if (!record_at(p, (size_t)r->end, pos, &rec)) {
-                not_whole((Py_ssize_t)pos);
-                rc = -1;
-                break;
-            }
-            if (!selected(&f, &rec)) continue;
-            int i = 0;
-            while (i < used && !(t[i].len == rec.name_len && !memcmp(t[i].name, rec.name, rec.name_len)))
-                i++;
-            if (i == used) {
-                if (used == SLOTS) {
-                    if ((rc = flush_tally(into, t, used)) < 0) break;
-                    used = i = 0;
-                }
-                t[used++] = (Tally){rec.name, rec.name_len, 0, 0};
-            }
-            t[i].count++;
-            t[i].bytes += rec.size;
-        }
-        if (rc == 0) rc = flush_tally(into, t, used);
-    }
-done:
-    release_chunks(&c);
-    PyBuffer_Release(&plan);
-    if (rc < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"render", render, METH_VARARGS, "render(msgtype, payload, reverse) -> JSON bytes or None"},
     {"check", check, METH_VARARGS, "check(msgtype, payload) -> whether render() accepts it"},
-    {"scan", scan, METH_VARARGS, "scan(data, pos, limit, last) -> (end, next_time, last)"},
-    {"plan", plan, METH_VARARGS, "plan(chunks, positions, times) -> (plan, positions, times, stopped)"},
     {"render_batch", render_batch, METH_VARARGS,
      "render_batch(out, used, limit, chunks, plan, run, pos, looks, opts, first)"
      " -> (run, pos, first, used)"},
-    {"tally", tally, METH_VARARGS, "tally(counts, chunks, plan, since, until, types)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1304,10 +957,5 @@ PyMODINIT_FUNC PyInit__fastjson(void) {
         HEX_PAIRS[b][0] = HEX[b >> 4];
         HEX_PAIRS[b][1] = HEX[b & 15];
     }
-    PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "MAX_RECORD_PAYLOAD", MAX_RECORD_PAYLOAD) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_Create(&module);
 }

@@ -1,11 +1,9 @@
-MAX_RECORD_PAYLOAD: int
+"""The parser's native module (parser/_fastjson.c): message bodies to JSON text, whole
+plans of capture records at a time (plans come from ``msgcap.capture._capture.plan`` or
+its Python twin), and the dataset's payload check."""
 
 def render(msgtype: str, payload: bytes, reverse: bool, /) -> bytes | None: ...
 def check(msgtype: str, payload: bytes | memoryview, /) -> bool: ...
-def scan(data: bytes, pos: int, limit: int, last: int, /) -> tuple[int, int | None, int]: ...
-def plan(
-    chunks: list[bytes], positions: list[int], times: list[int], /
-) -> tuple[bytes, list[int], list[int | None], int]: ...
 def render_batch(
     out: bytearray,
     used: int,
@@ -19,12 +17,3 @@ def render_batch(
     first: bool,
     /,
 ) -> tuple[int, int, bool, int]: ...
-def tally(
-    counts: list[dict[bytes, tuple[int, int]]],
-    chunks: list[bytes],
-    plan: bytes,
-    since: int,
-    until: int,
-    types: tuple[bytes, ...] | None,
-    /,
-) -> None: ...

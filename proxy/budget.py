@@ -18,10 +18,11 @@ wave of large messages returns to what it was.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 from collections.abc import Callable
 from typing import Final
+
+from msgcap.capture import native
 
 FREE: Final = 64 * 1024
 """Bytes of an incomplete message each direction may buffer without a reservation."""
@@ -42,11 +43,11 @@ class Waiter:
 
 
 def _malloc_trim() -> Callable[[], None] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        fn = ctypes.CDLL(None).malloc_trim
-        fn.argtypes = [ctypes.c_size_t]
-        return lambda: fn(0)
-    return None
+    fn = getattr(native.libc(), "malloc_trim", None)  # None: no libc, or not glibc
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    return lambda: fn(0)
 
 
 trim = _malloc_trim()

@@ -26,9 +26,14 @@ from msgcap.proxy.events import EventLog
 from msgcap.proxy.store import CaptureStopped, CaptureStore, ConnectionCapture
 from tests.conftest import MAGIC
 
-NATIVE = batch.native_write_checked is not None
+BUILT: batch.WriteChecked | None
+try:  # the helper itself, also where MSGCAP_PURE_PYTHON keeps msgcap from loading it
+    from msgcap.capture._capture import write_checked as BUILT
+except ImportError:
+    BUILT = None
+NATIVE = BUILT is not None
 IMPLEMENTATIONS: dict[str, batch.WriteChecked | None] = {
-    "native": batch.native_write_checked,
+    "native": BUILT,
     "python": batch.python_write_checked,
 }
 
@@ -38,7 +43,9 @@ def test_native_helper_is_built_when_required() -> None:
     if not required and not NATIVE:
         pytest.skip("capture/_capture.c not compiled (a compiler and OpenSSL's headers)")
     assert NATIVE, "capture/_capture.c was not compiled (OpenSSL headers are there)"
-    assert batch.NATIVE == (not os.environ.get("MSGCAP_PURE_PYTHON"))
+    pure = bool(os.environ.get("MSGCAP_PURE_PYTHON"))
+    assert batch.NATIVE == (not pure)
+    assert batch.write_checked is (batch.python_write_checked if pure else BUILT)
 
 
 def use(monkeypatch: pytest.MonkeyPatch, way: str) -> batch.WriteChecked:
@@ -190,7 +197,7 @@ def test_any_failure_is_a_capture_error(
 
 @pytest.mark.skipif(not NATIVE, reason="capture/_capture.c not compiled")
 def test_native_rejects_malformed_batches(tmp_path: Path) -> None:
-    native = batch.native_write_checked
+    native = BUILT
     assert native is not None
     _, capture = open_capture(tmp_path)
     assert capture.writer is not None

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from msgcap.capture import native
 from msgcap.capture.conversation import python_plan, python_tally
 from msgcap.capture.framing import MsgType
 from msgcap.capture.layout import (
@@ -31,7 +32,6 @@ from msgcap.capture.records import (
     RecordChunks,
     RecordFilter,
     encode_record,
-    native,
     python_scan,
     read_record_headers,
     read_records,
@@ -295,8 +295,8 @@ def test_chunks_of_any_size_read_the_same(data: bytes, chunk_size: int) -> None:
     assert not chunks.fill()  # done stays done
 
 
-native_module = native()
-needs_native = pytest.mark.skipif(native_module is None, reason="parser/_fastjson.c not built")
+native_module = native.load("msgcap.capture._capture")
+needs_native = pytest.mark.skipif(native_module is None, reason="capture/_capture.c not built")
 
 
 @needs_native
@@ -405,3 +405,29 @@ def whole_end(data: bytes) -> int:
     """Where the whole records at the start of data end."""
     chunks = RecordChunks(io.BytesIO(data))
     return chunks.whole_end() if chunks.fill() else 0
+
+
+@needs_native
+@settings(max_examples=1000, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=120), min_size=1, max_size=3),
+    plan=st.lists(st.integers(-3, 130), max_size=9),
+    pos=st.integers(-1, 130),
+    time=st.integers(-1, 20),
+)
+def test_batch_functions_take_any_arguments_safely(
+    chunks: list[bytes], plan: list[int], pos: int, time: int
+) -> None:
+    """Arguments that do not describe whole records raise ValueError; nothing else
+    happens (run under AddressSanitizer too: see the report of issue 11). The parser's
+    render_batch: tests/test_fastjson.py."""
+    assert native_module is not None
+    packed = struct.pack(f"<{len(plan)}q", *plan)
+    try:
+        native_module.tally([{} for _ in chunks], chunks, packed, 0, MAX_TIME, None)
+    except ValueError:
+        pass
+    try:
+        native_module.plan(chunks, [max(pos, 0)] * len(chunks), [max(time, 0)] * len(chunks))
+    except (ValueError, OverflowError):
+        pass
