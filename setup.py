@@ -1,10 +1,10 @@
 """Build the optional native parts; everything else is in pyproject.toml.
 
-One native module per layer (capture/_capture.c, parser/_fastjson.c) plus BIP324's
-per-read step (capture/_v2.c), each loaded by ``msgcap.capture.native.load``. The record
-walk that the capture and parser modules share is capture/_records.h. All are optional:
-without a compiler (or, for the capture modules, OpenSSL's headers) msgcap uses its
-pure-Python code instead.
+One native module per layer, each loaded by ``msgcap.capture.native.load``:
+``msgcap.capture._capture`` (capture/_capture.c, with BIP324's per-read step compiled in
+from capture/_v2.c) and ``msgcap.parser._fastjson`` (parser/_fastjson.c). The record walk
+that the two share is capture/_records.h. Both are optional: without a compiler (or, for
+the capture module, OpenSSL's headers) msgcap uses its pure-Python code instead.
 """
 
 from setuptools import Extension, setup
@@ -22,16 +22,10 @@ setup(
         ),
         Extension(
             "msgcap.capture._capture",
-            ["capture/_capture.c"],
+            ["capture/_capture.c", "capture/_v2.c"],  # _v2.c: the type Pipe
             depends=[RECORDS_H],
-            optional=True,  # without it the capture thread and bulk readers run Python
-            libraries=["crypto"],
-            extra_compile_args=["-O2"],
-        ),
-        Extension(
-            "msgcap.capture._v2",
-            ["capture/_v2.c"],
-            optional=True,  # without it BIP324 under decrypt runs capture/bip324.py's Python
+            # without it the capture thread, bulk readers and BIP324 under decrypt run Python
+            optional=True,
             libraries=["crypto"],
             extra_compile_args=["-O2"],
         ),

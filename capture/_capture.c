@@ -1,4 +1,4 @@
-/* The capture layer's native module: the capture thread's inner loop, and the walk over
+/* The capture layer's one native module: the capture thread's inner loop, and the walk over
  * whole capture records that bulk readers (capture/records.py, capture/conversation.py)
  * take from here. Loaded with msgcap.capture.native.load("msgcap.capture._capture");
  * every function has a Python twin, used when it was not built.
@@ -36,6 +36,10 @@
  *
  * The plan's runs are rendered by the parser's module (parser/_fastjson.c, render_batch),
  * which walks them with the same code: capture/_records.h.
+ *
+ * Pipe: BIP324's per-read step under `decrypt`, compiled from its own source file
+ * (capture/_v2.c, one cohesive protocol) into this module, the layer's only one; the
+ * init below adds it. Twin: capture/bip324.py's V2Session.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -47,6 +51,8 @@
 #include <unistd.h>
 
 #include "_records.h"
+
+int msgcap_add_pipe(PyObject *module); /* capture/_v2.c: adds the type Pipe */
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -474,14 +480,16 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "msgcap.capture._capture",
-    "Checksum checks and capture writes without the GIL, and walks over capture records.", -1,
+    "Checksum checks and capture writes without the GIL, walks over capture records, and "
+    "BIP324's per-read step (Pipe).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__capture(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "MAX_RECORD_PAYLOAD", MAX_RECORD_PAYLOAD) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "MAX_RECORD_PAYLOAD", MAX_RECORD_PAYLOAD) < 0
+              || msgcap_add_pipe(m) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -18,8 +18,10 @@
  *   (short_id, raw) for packets Core drops (short id 33..255, or 0 and the invalid long
  *   type); error: None or (reason, packet_number, contents_length, offset), reason 1 for
  *   an oversize length, 2 for a bad tag: the stream is over, later calls return nothing.
- * Loaded with msgcap.capture.native.load by capture/bip324_pipe.py (NativePipe); the
- * Python twin is V2Session's packet code (capture/bip324.py).
+ * Compiled into the capture layer's native module, msgcap.capture._capture (one per
+ * layer), whose init adds the type (msgcap_add_pipe); capture/bip324_pipe.py takes it
+ * from there with msgcap.capture.native.load (NativePipe). The Python twin is
+ * V2Session's packet code (capture/bip324.py).
  *
  * One file although long: it is one cohesive protocol, BIP324's packet layer (cipher
  * states, the read loop, the records and packets it makes), all of it static to the Pipe.
@@ -758,7 +760,7 @@ static PyGetSetDef Pipe_getset[] = {
 };
 
 static PyTypeObject PipeType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "msgcap.capture._v2.Pipe",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "msgcap.capture._capture.Pipe",
     .tp_basicsize = sizeof(Pipe),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "One direction of BIP324 under decrypt: decrypt, record, re-encrypt.",
@@ -769,24 +771,9 @@ static PyTypeObject PipeType = {
     .tp_getset = Pipe_getset,
 };
 
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "msgcap.capture._v2",
-    "BIP324 packets of a whole read decrypted, recorded and re-encrypted in one call.", -1,
-    NULL, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__v2(void)
+/* The Pipe type joins the capture layer's one native module, msgcap.capture._capture:
+ * its init (capture/_capture.c) calls this. 0 on success, -1 with an exception set. */
+int msgcap_add_pipe(PyObject *module)
 {
-    if (PyType_Ready(&PipeType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    Py_INCREF(&PipeType);
-    if (PyModule_AddObject(m, "Pipe", (PyObject *)&PipeType) < 0) {
-        Py_DECREF(&PipeType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_AddType(module, &PipeType);
 }

@@ -22,9 +22,9 @@ again). Events complete before the error are still returned first (see
 :meth:`V2Session.take_events`).
 
 Under the proxy's ``decrypt`` policy, an established session can hand its receiving and
-sending ciphers over to the native per-read step (:func:`native_pipe`, ``capture/_v2.c``:
-OpenSSL's ChaCha20 and ChaCha20-Poly1305), which then does what this module's packet code
-does for a whole read at once.
+sending ciphers over to the native per-read step (:func:`native_pipe`; ``capture/_v2.c``,
+built into ``msgcap.capture._capture``: OpenSSL's ChaCha20 and ChaCha20-Poly1305), which
+then does what this module's packet code does for a whole read at once.
 
 The behaviour follows Bitcoin Core's ``V2Transport`` (src/net.cpp). BIP324 is four
 modules; this one, the session's state machine, re-exports the others' public names, so

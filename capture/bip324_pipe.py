@@ -2,7 +2,8 @@
 
 Under the proxy's ``decrypt`` policy, once both legs' handshakes are over, what one
 session receives is decrypted, captured and re-encrypted by the other's sending cipher
-for a whole read at once in ``capture/_v2.c`` (OpenSSL's ChaCha20 and
+for a whole read at once by the type ``Pipe`` of the capture layer's native module
+(``msgcap.capture._capture``; its source is ``capture/_v2.c``: OpenSSL's ChaCha20 and
 ChaCha20-Poly1305), loaded with :func:`msgcap.capture.native.load`. This module gives it
 the two sessions' ciphers (:func:`native_pipe`) and words what it reports as the Python
 path does (:func:`pipe_error`, :func:`pipe_dropped`). Re-exported by ``bip324``.
@@ -23,11 +24,11 @@ from msgcap.capture.bip324_events import (
 )
 
 if TYPE_CHECKING:
-    from msgcap.capture._v2 import Pipe
+    from msgcap.capture._capture import Pipe
     from msgcap.capture.bip324 import V2Session
 
-_v2 = native.load("msgcap.capture._v2")  # built where a compiler and OpenSSL's headers exist
-NativePipe: type[Pipe] | None = None if _v2 is None else _v2.Pipe
+_native = native.load("msgcap.capture._capture")  # built where OpenSSL's headers exist
+NativePipe: type[Pipe] | None = None if _native is None else _native.Pipe
 """The native step, or None (not built, or ``MSGCAP_PURE_PYTHON`` set)."""
 
 NATIVE_PIPE: Final = NativePipe is not None

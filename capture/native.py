@@ -1,12 +1,13 @@
 """The one way msgcap loads its optional native parts.
 
-Each layer has one C extension next to its Python: ``capture/_capture.c`` (capture
-writes, and the walk and merge of capture records) and ``parser/_fastjson.c`` (rendering
-to JSON), plus ``capture/_v2.c`` for BIP324's per-read step; the record walk the capture
-and parser modules share is ``capture/_records.h``. They are built by pip where a
-compiler is found and always optional: without one, or with ``MSGCAP_PURE_PYTHON=1`` in
-the environment, :func:`load` answers None and the caller runs its Python twin. The C
-library (for ``mallopt`` and ``malloc_trim``) comes from :func:`libc`.
+Each layer has one C extension next to its Python: ``msgcap.capture._capture``
+(``capture/_capture.c``: capture writes, the walk and merge of capture records; with
+``capture/_v2.c`` compiled in: BIP324's per-read step, the type ``Pipe``) and
+``msgcap.parser._fastjson`` (``parser/_fastjson.c``: rendering to JSON); the record walk
+the two share is ``capture/_records.h``. They are built by pip where a compiler is found
+and always optional: without one, or with ``MSGCAP_PURE_PYTHON=1`` in the environment,
+:func:`load` answers None and the caller runs its Python twin. The C library (for
+``mallopt`` and ``malloc_trim``) comes from :func:`libc`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The native per-read BIP324 step (capture/_v2.c) against BIP324's official vectors and
-against the Python path (V2Session receiving, V2Session sending) on random streams."""
+"""The native per-read BIP324 step (``Pipe`` of msgcap.capture._capture, from
+capture/_v2.c) against BIP324's official vectors and against the Python path (V2Session
+receiving, V2Session sending) on random streams."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ from msgcap.capture.bip324 import (
 from msgcap.capture.records import record_header
 
 try:  # the step itself, also where MSGCAP_PURE_PYTHON keeps msgcap from loading it
-    from msgcap.capture._v2 import Pipe
+    from msgcap.capture._capture import Pipe
 except ImportError:
     Pipe = None  # type: ignore[assignment,misc]
 if Pipe is None and os.environ.get("MSGCAP_REQUIRE_NATIVE_CAPTURE"):
-    raise RuntimeError("capture/_v2.c is not built, and MSGCAP_REQUIRE_NATIVE_CAPTURE is set")
-pytestmark = pytest.mark.skipif(Pipe is None, reason="capture/_v2.c not built")
+    raise RuntimeError(
+        "msgcap.capture._capture (with capture/_v2.c) is not built, "
+        "and MSGCAP_REQUIRE_NATIVE_CAPTURE is set"
+    )
+pytestmark = pytest.mark.skipif(Pipe is None, reason="msgcap.capture._capture not built")
 
 DATA = Path(__file__).parent / "data" / "bip324"
 MAINNET = bytes.fromhex("f9beb4d9")
