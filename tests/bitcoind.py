@@ -39,6 +39,11 @@ ENV_REQUIRE = "MSGCAP_REQUIRE_BITCOIND"
 
 RPC_USER = "msgcap"
 RPC_PASSWORD = "msgcap"
+RPC_HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": "Basic " + base64.b64encode(f"{RPC_USER}:{RPC_PASSWORD}".encode()).decode(),
+}
+"""The headers of every JSON-RPC request."""
 
 MSGCAP = Path(sys.executable).parent / "msgcap"
 
@@ -229,29 +234,29 @@ class BitcoinNode:
         return self.datadir / "regtest" / "debug.log"
 
     def rpc(self, method: str, *params: Any, wallet: str | None = None, timeout: float = 30) -> Any:
-        url = f"http://127.0.0.1:{self.rpc_port}/"
-        if wallet is not None:
-            url += f"wallet/{wallet}"
+        path = "/" if wallet is None else f"/wallet/{wallet}"
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
-        token = base64.b64encode(f"{RPC_USER}:{RPC_PASSWORD}".encode()).decode()
-        req = urllib.request.Request(
-            url,
-            data=body.encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
-        )
+        status, raw = self.post(path, body.encode(), timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                reply = json.loads(resp.read())
-        except urllib.error.HTTPError as e:  # JSON-RPC 1.x errors come as HTTP 500
-            raw = e.read()
-            try:
-                reply = json.loads(raw)
-            except ValueError:
-                raise RPCError(method, e.code, raw.decode(errors="replace")) from None
+            reply = json.loads(raw)
+        except ValueError:
+            raise RPCError(method, status, raw.decode(errors="replace")) from None
         error = reply.get("error")
         if error:
             raise RPCError(method, int(error.get("code", 0)), str(error.get("message")))
         return reply["result"]
+
+    def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        """One HTTP POST of ``body`` to the RPC port, with the credentials: the status and
+        the response body. (The one thing a node reached another way overrides.)"""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.rpc_port}{path}", data=body, headers=RPC_HEADERS
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as e:  # JSON-RPC 1.x errors come as HTTP 500
+            return e.code, e.read()
 
     def wallet_rpc(self, method: str, *params: Any) -> Any:
         assert self.wallet is not None, f"{self.name}: no wallet (call create_wallet)"
@@ -407,7 +412,8 @@ def wait_mempools(nodes: Iterable[BitcoinNode], txids: Iterable[str], timeout: f
 
 class NodeFactory:
     """Starts nodes in one work directory and stops them all in :meth:`close` (give that
-    to a fixture's finalizer: it runs even when the test fails)."""
+    to a fixture's finalizer, or use the factory as a context manager: it runs even when
+    the test fails)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -429,6 +435,56 @@ class NodeFactory:
         if errors:
             raise errors[0]
 
+    def __enter__(self) -> NodeFactory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- recorded sessions ----------------------------------------------------------------
+
+BURN = "bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqdku202"
+"""An address whose coins nobody can spend: mine to it when no wallet is needed."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recorded sync: the capture folder of the peer that served the chain, the tip the
+    recording node reached and its height."""
+
+    folder: Path
+    tip: str
+    height: int
+    transport: str = ""
+    """The connection's ``transport_protocol_type`` as the recording node saw it (empty
+    when not known)."""
+
+
+def only_capture_folder(node: BitcoinNode) -> Path:
+    """The node's one ``-capturemessages`` folder (asserts there is exactly one)."""
+    folders = [f for f in node.capture_dir.iterdir() if f.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def copy_capture(node: BitcoinNode, out: Path) -> Path:
+    """A copy of the node's one capture folder in ``out`` (same name)."""
+    folder = only_capture_folder(node)
+    return Path(shutil.copytree(folder, out / folder.name))
+
+
+def record_sync(nodes: NodeFactory, miner: BitcoinNode, out: Path) -> tuple[Recording, BitcoinNode]:
+    """A new node ``syncer`` dials ``miner`` with ``-capturemessages`` and syncs its chain;
+    once stopped, its capture of the miner is copied into ``out``. Returns the recording
+    and the stopped syncer (its datadir holds the chain)."""
+    tip, height = miner.tip(), miner.height()
+    syncer = nodes("syncer", "-capturemessages", f"-connect={miner.address}")
+    wait_until(lambda: syncer.tip() == tip, 60, "the recording node did not sync")
+    transport = str(only_peer(syncer)["transport_protocol_type"])
+    syncer.stop()
+    return Recording(copy_capture(syncer, out), tip, height, transport), syncer
+
 
 # --- capture files, read directly (no project imports) ---------------------------------
 
@@ -442,6 +498,11 @@ class CaptureRecord:
     time_us: int
     msgtype: str
     payload: bytes
+
+    def encode(self) -> bytes:
+        """The record as the file holds it: the header, then the payload."""
+        header = _RECORD_HEADER.pack(self.time_us, self.msgtype.encode(), len(self.payload))
+        return header + self.payload
 
 
 def read_capture(path: Path) -> list[CaptureRecord]:
@@ -486,6 +547,7 @@ class ProxyProcess:
     Started when the banner (printed once every listener is bound and listening) is
     complete, so the listeners accept from then on; no probe connection is made (it would
     show in the event log). :meth:`stop` sends SIGTERM and returns the exit status.
+    ``prefix`` is a command the proxy runs under (``ip netns exec NS``).
     """
 
     BANNER_END = "SIGTERM stops it cleanly"
@@ -497,11 +559,12 @@ class ProxyProcess:
         config: str | None = None,
         network: str = "regtest",
         start_timeout: float = 20,
+        prefix: Sequence[str] = (),
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.capture_dir = workdir / "capture"
         self.config_path: Path | None = None
-        cmd = [str(MSGCAP), "proxy"]
+        cmd = [*prefix, str(MSGCAP), "proxy"]
         if config is not None:
             self.config_path = workdir / "msgcap.toml"
             self.config_path.write_text(config)

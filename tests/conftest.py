@@ -1,5 +1,6 @@
-"""Shared test constants and helpers: frames, scripted peers, the proxy in-process and as a
-process, event-log readers, and waiting on a condition instead of sleeping.
+"""Shared test constants and helpers: frames, scripted peers (v1 and BIP324), the proxy
+in-process and as a process, event-log readers, and waiting on a condition instead of
+sleeping.
 
 Test modules import these as ``from tests.conftest import ...`` (``tests`` is a package);
 no test module imports from another test module.
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from msgcap.capture.bip324 import V2Message, V2Session
 from msgcap.capture.framing import Network, encode_frame
 from msgcap.proxy.config import config_from_dict
 from msgcap.proxy.server import Proxy
@@ -152,6 +154,18 @@ async def read_until_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     return bytes(out), "eof"
 
 
+def recv_at_least(sock: socket.socket, n: int) -> bytes:
+    """What a blocking socket receives until it has ``n`` bytes or more (fewer only when
+    the other end closes first); more than ``n`` is kept, for the caller to see."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with a TCP reset (RST). ``transport.abort()`` alone closes with a FIN when
     nothing received is left unread; ``SO_LINGER`` 0 makes the close a reset."""
@@ -161,6 +175,72 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 
 free_port = bitcoind.free_port
+
+
+class V2End:
+    """One scripted BIP324 end (initiator or responder) on a stream pair, with its own
+    :class:`V2Session`: the handshake, then messages both ways. Every message received is
+    kept in ``got``; each read waits at most ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        r: asyncio.StreamReader,
+        w: asyncio.StreamWriter,
+        initiator: bool,
+        timeout: float = 30.0,
+    ) -> None:
+        self.r, self.w = r, w
+        self.session = V2Session(initiator=initiator, magic=MAGIC)
+        self.timeout = timeout
+        self.got: list[tuple[str, bytes]] = []
+        self.eof = False
+
+    def pump(self) -> None:
+        """Take the session's events (keeping the messages) and write what it has to send."""
+        for ev in self.session.next_events():
+            if isinstance(ev, V2Message):
+                self.got.append((ev.msgtype, bytes(ev.payload)))
+        if out := self.session.data_to_send():
+            self.w.write(out)
+
+    async def _read(self) -> bytes:
+        data = await asyncio.wait_for(self.r.read(1 << 20), self.timeout)
+        if data:
+            self.session.receive_data(data)
+            self.pump()
+        else:
+            self.eof = True
+        return data
+
+    async def handshake(self) -> None:
+        """Until the session is established and the peer's version packet is in."""
+        self.pump()
+        while not (self.session.established and self.session.peer_version_received):
+            if not await self._read():
+                raise ConnectionError("closed during the BIP324 handshake")
+
+    def send(self, msgtype: str, payload: bytes) -> None:
+        self.w.write(self.session.encrypt_message(msgtype, payload))
+
+    async def send_all(self, msgs: list[tuple[str, bytes]]) -> None:
+        for msgtype, payload in msgs:
+            self.send(msgtype, payload)
+            await self.w.drain()
+
+    async def receive(self, n: int) -> list[tuple[str, bytes]]:
+        """Until ``n`` messages in all, or the end of the stream."""
+        while len(self.got) < n and not self.eof:
+            await self._read()
+        return self.got
+
+    async def read_all(self) -> None:
+        """Until the end of the stream (a reset ends it too)."""
+        with contextlib.suppress(ConnectionError):
+            while not self.eof:
+                await self._read()
+
+    def close(self) -> None:
+        self.w.close()
 
 
 # --- the proxy as a process ------------------------------------------------------------
@@ -176,11 +256,8 @@ ProxyProcess = bitcoind.ProxyProcess
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[bitcoind.NodeFactory]:
     """Start nodes with ``nodes(name, *args)``; all are stopped when the test ends."""
-    factory = bitcoind.NodeFactory(tmp_path / "nodes")  # skips (or fails) without bitcoind
-    try:
+    with bitcoind.NodeFactory(tmp_path / "nodes") as factory:  # skips (or fails) without bitcoind
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -50,7 +49,10 @@ from tests.bitcoind import (
     capture_folder_name,
     compare_captures,
     free_port,
+    handshaken,
     msgcap,
+    only_peer,
+    read_capture,
     wait_mempools,
     wait_quiet,
     wait_synced,
@@ -85,37 +87,9 @@ POLICIES = [
 ]
 
 
-# --- Core's capture files, read directly (no project imports) ---------------------------
-
-_HEADER = struct.Struct("<Q12sI")  # time (µs), message type (NUL-padded), payload length
-
-
-@dataclass(frozen=True)
-class CoreRecord:
-    time_us: int
-    msgtype: str
-    raw: bytes  # the whole record, header included
-
-
-def core_records(path: Path) -> list[CoreRecord]:
-    data = path.read_bytes() if path.exists() else b""
-    out, pos = [], 0
-    while pos < len(data):
-        assert pos + _HEADER.size <= len(data), f"{path}: truncated header at {pos}"
-        time_us, msgtype, length = _HEADER.unpack_from(data, pos)
-        end = pos + _HEADER.size + length
-        assert end <= len(data), f"{path}: truncated payload at {pos}"
-        out.append(CoreRecord(time_us, msgtype.rstrip(b"\0").decode(), data[pos:end]))
-        pos = end
-    return out
-
-
 def event_time_us(event: dict[str, Any]) -> int:
     t = dt.datetime.fromisoformat(str(event["ts"]))
     return int(t.timestamp() * 1_000_000)
-
-
-# --- fixtures ---------------------------------------------------------------------------
 
 
 # --- one session through the proxy ------------------------------------------------------
@@ -141,23 +115,9 @@ class Session:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def only_peer(node: BitcoinNode) -> dict[str, Any]:
-    peers = node.peers()
-    assert len(peers) == 1, f"{node.name}: expected one peer, got {peers}"
-    return peers[0]
-
-
 def wait_connected(*group: BitcoinNode, timeout: float = 30) -> None:
     """Until each node has exactly one peer whose version handshake is done."""
-
-    def ready() -> bool:
-        for node in group:
-            peers = node.peers()
-            if len(peers) != 1 or not peers[0].get("version"):
-                return False
-        return True
-
-    wait_until(ready, timeout, f"one handshaken peer on each of {group}", poll=0.1)
+    wait_until(handshaken(*group), timeout, f"one handshaken peer on each of {group}", poll=0.1)
 
 
 def run_scenario(a: BitcoinNode, b: BitcoinNode) -> dict[str, float]:
@@ -304,8 +264,8 @@ def stale_versions(folder: Path, downgrade_times: list[int], dialer: bool) -> in
     """How many stale ``version`` records (queued for closed v2 attempts) lead the sent
     file; checks they are versions, predate the v1 session, and are no more than the
     attempts the proxy closed."""
-    sent = core_records(folder / "msgs_sent.dat")
-    recv = core_records(folder / "msgs_recv.dat")
+    sent = read_capture(folder / "msgs_sent.dat")
+    recv = read_capture(folder / "msgs_recv.dat")
     leading = next((i for i, r in enumerate(sent) if r.msgtype != "version"), len(sent))
     assert leading >= 1, f"{folder}: sent does not start with version"
     stale = leading - 1
@@ -326,8 +286,8 @@ def without_stale(folder: Path, stale: int, dest: Path) -> Path:
     """A copy of ``folder`` with the first ``stale`` records of msgs_sent.dat left out."""
     dest.mkdir(parents=True)
     shutil.copyfile(folder / "msgs_recv.dat", dest / "msgs_recv.dat")
-    sent = core_records(folder / "msgs_sent.dat")
-    (dest / "msgs_sent.dat").write_bytes(b"".join(r.raw for r in sent[stale:]))
+    sent = read_capture(folder / "msgs_sent.dat")
+    (dest / "msgs_sent.dat").write_bytes(b"".join(r.encode() for r in sent[stale:]))
     return dest
 
 

@@ -5,20 +5,28 @@ seconds, and fails, naming the request, when one block is cut out of the recordi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from msgcap.capture.framing import hash256
 from msgcap.capture.records import Record, encode_record, read_records
-from tests.bitcoind import MSGCAP, BitcoinNode, NodeFactory, free_port, wait_until
+from tests.bitcoind import (
+    BURN,
+    MSGCAP,
+    BitcoinNode,
+    NodeFactory,
+    Recording,
+    free_port,
+    record_sync,
+    wait_until,
+)
 
 BLOCKS = 200
 FAST = 5.0
@@ -26,42 +34,16 @@ FAST = 5.0
 pytestmark = pytest.mark.e2e
 
 
-@dataclass(frozen=True)
-class Recording:
-    folder: Path
-    """The miner's capture folder in the syncing node's capture."""
-    tip: str
-    height: int
-
-
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
     """A Core node syncs BLOCKS blocks from a Core miner over v2 and captures it."""
     work = tmp_path_factory.mktemp("core-recording")
-    nodes = NodeFactory(work / "nodes")  # skips (or fails) without bitcoind
-    try:
+    with NodeFactory(work / "nodes") as nodes:  # skips (or fails) without bitcoind
         miner = nodes("miner")
-        tip = miner.mine(BLOCKS, "bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqdku202")[-1]
-        syncer = nodes("syncer", "-capturemessages", f"-connect={miner.address}")
-        wait_until(lambda: syncer.tip() == tip, 60, "the recording node did not sync")
-        (peer,) = syncer.peers()
-        assert peer["transport_protocol_type"] == "v2"
-        syncer.stop()
-        folders = [f for f in syncer.capture_dir.iterdir() if f.is_dir()]
-        assert len(folders) == 1, folders
-        folder = shutil.copytree(folders[0], work / folders[0].name)
-    finally:
-        nodes.close()
-    yield Recording(folder, tip, BLOCKS)
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
-    factory = NodeFactory(tmp_path / "nodes")
-    try:
-        yield factory
-    finally:
-        factory.close()
+        miner.mine(BLOCKS, BURN)
+        recorded, _ = record_sync(nodes, miner, work)
+    assert recorded.transport == "v2" and recorded.height == BLOCKS
+    yield recorded
 
 
 def replay(*args: str, timeout: float = 120) -> tuple[int, dict[str, Any], str]:
@@ -96,7 +78,7 @@ def without_block(folder: Path, out: Path, index: int) -> str:
     cut = records[blocks[index]]
     kept = (encode_record(r.time, r.msgtype, r.payload) for r in records if r is not cut)
     (out / "msgs_recv.dat").write_bytes(b"".join(kept))
-    return hashlib.sha256(hashlib.sha256(cut.payload[:80]).digest()).digest()[::-1].hex()
+    return hash256(cut.payload[:80])[::-1].hex()
 
 
 def test_one_block_removed_fails_strict(

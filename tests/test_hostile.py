@@ -38,6 +38,7 @@ from tests.conftest import (
     echo_server,
     logged,
     read_events,
+    route_to,
     running_proxy,
     wait_until_async,
 )
@@ -321,7 +322,7 @@ async def test_hostile_case(tmp_path: Path, name: str) -> None:
     try:
         async with running_proxy(
             tmp_path / "work",
-            route=[{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{echo_port}"}],
+            route=route_to(echo_port),
             socks5={"listen": "127.0.0.1:0", "allow": ["127.0.0.1:*"]},
             limits={"handshake_timeout": timeout, "max_connections": 6},
         ) as proxy:

@@ -33,7 +33,7 @@ def walker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         monkeypatch.setattr(conversation, "scan", records.python_scan)
         monkeypatch.setattr(conversation, "_plan", conversation.python_plan)
         monkeypatch.setattr(conversation, "_tally", conversation.python_tally)
-    elif records.native() is None:
+    elif not records.NATIVE:
         pytest.skip("the native walker is not built")
     yield request.param
 
@@ -274,17 +274,22 @@ TAMPERINGS: list[tuple[str, Any]] = [
 ]
 
 
+def _refused_untouched(capsys: pytest.CaptureFixture[str], out: Path, src: Path) -> None:
+    """Exporting ``src`` into ``out`` fails with one error line and touches nothing."""
+    before = _tree(out)
+    status, err = _run_export(capsys, out, src)
+    assert status != 0
+    assert err.startswith("msgcap: error: ") and err.count("\n") == 1, err
+    assert _tree(out) == before
+
+
 @pytest.mark.parametrize("name,tamper", TAMPERINGS, ids=[t[0] for t in TAMPERINGS])
 def test_a_damaged_manifest_is_one_error_and_nothing_is_touched(
     exported: tuple[Path, Path], capsys: pytest.CaptureFixture[str], name: str, tamper: Any
 ) -> None:
     src, out = exported
     _save(out, tamper(_manifest(out)))
-    before = _tree(out)
-    status, err = _run_export(capsys, out, src)
-    assert status != 0
-    assert err.startswith("msgcap: error: ") and err.count("\n") == 1, err
-    assert _tree(out) == before
+    _refused_untouched(capsys, out, src)
 
 
 def test_unparseable_manifest(
@@ -294,10 +299,7 @@ def test_unparseable_manifest(
 
     src, out = exported
     (out / dataset.MANIFEST_NAME).write_bytes(b'{"format": "msgcap parquet dataset", "fi')
-    before = _tree(out)
-    status, err = _run_export(capsys, out, src)
-    assert status != 0 and err.startswith("msgcap: error: ") and err.count("\n") == 1
-    assert _tree(out) == before
+    _refused_untouched(capsys, out, src)
 
 
 def test_pending_run_rolls_back_only_its_own_parts(

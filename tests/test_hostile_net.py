@@ -31,10 +31,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from msgcap.capture.errors import ConfigError
 from msgcap.proxy import server as server_module
 from msgcap.proxy.config import (
     AllowEntry,
-    ConfigError,
     NamePattern,
     OctetPattern,
     config_from_dict,
@@ -51,6 +51,7 @@ from tests.conftest import (
     free_port,
     logged,
     read_events,
+    recv_at_least,
     route_to,
     running_proxy,
     wait_until,
@@ -509,12 +510,7 @@ def relay_connection(port: int, timeout: float) -> socket.socket | None:
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         s.sendall(VERSION)
-        got = b""
-        while len(got) < len(VERSION):
-            chunk = s.recv(len(VERSION) - len(got))
-            if not chunk:
-                break
-            got += chunk
+        got = recv_at_least(s, len(VERSION))
     except OSError:
         got = b""
     if got != VERSION:
@@ -527,13 +523,7 @@ def relays(s: socket.socket, timeout: float = 5) -> bool:
     s.settimeout(timeout)
     try:
         s.sendall(PING)
-        got = b""
-        while len(got) < len(PING):
-            chunk = s.recv(len(PING) - len(got))
-            if not chunk:
-                return False
-            got += chunk
-        return got == PING
+        return recv_at_least(s, len(PING)) == PING
     except OSError:
         return False
 

@@ -8,14 +8,16 @@ from pathlib import Path
 
 from msgcap.capture.conversation import expand_paths, folder_conversation
 from msgcap.capture.framing import encode_frame
-from tests.conftest import MAGIC, Upstream, logged, read_events, running_proxy, wait_until_async
-
-
-async def answer_version(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    """A peer that answers each version with its own and then echoes until the end."""
-    while data := await r.read(1 << 16):
-        w.write(data)
-        await w.drain()
+from tests.conftest import (
+    MAGIC,
+    Upstream,
+    echo,
+    logged,
+    read_events,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
 
 
 def version(tag: int) -> bytes:
@@ -47,10 +49,9 @@ def conversations(cap: Path) -> dict[Path, list[bytes]]:
 
 async def test_two_live_connections_to_one_peer_never_share_a_file(tmp_path: Path) -> None:
     async with (
-        Upstream(answer_version) as up,
-        running_proxy(tmp_path, route=[{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{up.port}"}])
-        as px,
-    ):  # fmt: skip
+        Upstream(echo) as up,
+        running_proxy(tmp_path, route=route_to(up.port)) as px,
+    ):
         port = px.addresses[0][1]
         _, w1 = await talk(port, 1)
         _, w2 = await talk(port, 2)  # while the first is live: captured apart
@@ -76,7 +77,7 @@ async def test_two_live_connections_to_one_peer_never_share_a_file(tmp_path: Pat
 
 async def test_named_nodes_capture_under_their_own_folders(tmp_path: Path) -> None:
     async with (
-        Upstream(answer_version) as up,
+        Upstream(echo) as up,
         running_proxy(tmp_path, route=[
             {"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{up.port}", "node_name": "n1"},
             {"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{up.port}", "node_name": "n2"},

@@ -25,6 +25,14 @@ def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     for module in ("msgcap/cli.py", "msgcap/capture/framing.py", "msgcap/parser/messages.py",
                    "msgcap/proxy/server.py", "msgcap/py.typed"):  # fmt: skip
         assert module in names
+    # Every module of the three folders, subpackages included, once, under msgcap/.
+    source = {
+        f"msgcap/{p.relative_to(ROOT).as_posix()}"
+        for folder in ("capture", "parser", "proxy")
+        for p in (ROOT / folder).rglob("*.py")
+    }
+    assert source <= set(names), sorted(source - set(names))
+    assert len(names) == len(set(names))
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "msgcap = msgcap.cli:main" in text and "msgcap = msgcap.pytest_plugin" in text

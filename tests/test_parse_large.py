@@ -40,6 +40,9 @@ from verystable.core.blocktools import (  # type: ignore[import-untyped]
 
 from msgcap.capture.compare import compare_folders
 from msgcap.parser import dataset
+from msgcap.parser.dataset import decode as dataset_decode
+from msgcap.parser.dataset import export as dataset_export
+from msgcap.parser.dataset import writing as dataset_writing
 from msgcap.parser.messages import MESSAGES, decode_message
 from msgcap.parser.wire import DecodeError
 from tests.core_reference import parse_files
@@ -530,9 +533,9 @@ def test_export_walks_records_longer_than_its_window(
 ) -> None:
     """The mapped walk takes 16 MB windows: with a window smaller than one record (and a
     row group smaller than one payload) every record is still exported once, whole."""
-    monkeypatch.setattr(dataset, "_WINDOW", 1 << 20)
-    monkeypatch.setattr(dataset, "ROW_GROUP_BYTES", 1 << 20)
-    monkeypatch.setattr(dataset, "MEMORY_BUDGET", 2 << 20)
+    monkeypatch.setattr(dataset_export, "WINDOW", 1 << 20)
+    monkeypatch.setattr(dataset_writing, "ROW_GROUP_BYTES", 1 << 20)
+    monkeypatch.setattr(dataset_writing, "MEMORY_BUDGET", 2 << 20)
     out = tmp_path / "ds"
     result = dataset.export_parquet([capture.root], out, report=dataset.Report(io.StringIO()))
     assert result.records == len(capture.records)
@@ -574,15 +577,21 @@ def damaged(tmp_path_factory: pytest.TempPathFactory, capture: Capture) -> Damag
     return Damaged(folder, records, records[1], cut_at)
 
 
+def run_on_damaged(impl: str, damaged: Damaged, *args: str) -> tuple[str, Path, Path]:
+    """``msgcap ARGS FOLDER`` on the damaged capture, which must exit 1: its stderr, and
+    the folder's recv and sent files (the ones the warnings name)."""
+    res = msgcap_process(impl, *args, str(damaged.folder))
+    assert res.returncode == 1
+    return res.stderr.decode(), damaged.folder / "msgs_recv.dat", damaged.folder / "msgs_sent.dat"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_parse_prints_an_undecodable_big_block_whole(
     tmp_path: Path, damaged: Damaged, impl: str
 ) -> None:
     out = tmp_path / "out.json"
-    res = msgcap_process(impl, "parse", "-o", str(out), str(damaged.folder))
-    assert res.returncode == 1
-    warnings = res.stderr.decode().splitlines()
-    sent, recv = damaged.folder / "msgs_sent.dat", damaged.folder / "msgs_recv.dat"
+    err, recv, sent = run_on_damaged(impl, damaged, "parse", "-o", str(out))
+    warnings = err.splitlines()
     assert warnings == [
         f"msgcap: warning: {recv}: offset {damaged.short_block.offset}: block: need 4 bytes, "
         f"0 left at payload offset {MAX_PAYLOAD}",
@@ -612,10 +621,7 @@ def test_export_leaves_an_undecodable_big_block_out_of_blocks(
     tmp_path: Path, damaged: Damaged, impl: str
 ) -> None:
     out = tmp_path / "ds"
-    res = msgcap_process(impl, "export", "--parquet", str(out), str(damaged.folder))
-    assert res.returncode == 1
-    err = res.stderr.decode()
-    recv, sent = damaged.folder / "msgs_recv.dat", damaged.folder / "msgs_sent.dat"
+    err, recv, sent = run_on_damaged(impl, damaged, "export", "--parquet", str(out))
     assert f"{recv}: offset {damaged.short_block.offset}: " in err and "not in blocks" in err
     assert f"{sent}: offset {damaged.cut_at}: truncated record" in err
     con = dataset.connect(out)
@@ -696,7 +702,7 @@ def test_block_check_agrees_with_the_typed_codec(
     assert check_verdict("block", data) == want
     assert check_verdict("block", memoryview(data)) == want
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset, "_check", None)  # the Python twin
+        mp.setattr(dataset_decode, "_check", None)  # the Python twin
         assert check_verdict("block", data) == want
         assert check_verdict("block", memoryview(data)) == want
 
@@ -706,8 +712,8 @@ def test_block_check_on_real_size_blocks(
     capture: Capture, damaged: Damaged, impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if impl == "python":
-        monkeypatch.setattr(dataset, "_check", None)
-    elif dataset._check is None:
+        monkeypatch.setattr(dataset_decode, "_check", None)
+    elif dataset_decode._check is None:
         pytest.skip("the native check is not in use")
     blocks = [MAINNET.read_bytes(), capture.of_type("block", MAX_PAYLOAD)[0].payload]
     for payload in blocks:
@@ -716,9 +722,9 @@ def test_block_check_on_real_size_blocks(
     short = damaged.short_block.payload
     assert check_verdict("block", short) == (MAX_PAYLOAD, "need 4 bytes, 0 left")
     # The Python twin walks real blocks itself (not through the typed codec's objects).
-    assert dataset._txs_end(blocks[0], 83, 1557) == len(blocks[0])
-    assert dataset._txs_end(blocks[1], 83, 1572) == len(blocks[1])
-    assert dataset._txs_end(short, 83, 1573) is None
+    assert dataset.txs_end(blocks[0], 83, 1557) == len(blocks[0])
+    assert dataset.txs_end(blocks[1], 83, 1572) == len(blocks[1])
+    assert dataset.txs_end(short, 83, 1573) is None
 
 
 @needs_native

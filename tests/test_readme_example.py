@@ -1,6 +1,5 @@
 """The README's example tests, as written there (keeps the README true)."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,11 @@ def test_recorded_handshake(msgcap_capture):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def regtest_nodes(tmp_path: Path) -> Iterator[NodeFactory]:
+def regtest_nodes(nodes: NodeFactory) -> NodeFactory:
     """``regtest_nodes(name, *bitcoind_args)`` starts a regtest bitcoind (skips without
-    one: see tests/bitcoind.py); all are stopped when the test ends."""
-    factory = NodeFactory(tmp_path / "nodes")
-    try:
-        yield factory
-    finally:
-        factory.close()
+    one: see tests/bitcoind.py); all are stopped when the test ends. The README's name
+    for tests/conftest.py's ``nodes``."""
+    return nodes
 
 
 def test_node_behind_the_proxy(msgcap_proxy, regtest_nodes):  # type: ignore[no-untyped-def]

@@ -20,10 +20,18 @@ from typing import Any, Protocol
 
 import pytest
 
-from msgcap.capture.bip324 import V2Message, V2Session
 from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import Frame, FrameDecoder, encode_frame
-from tests.conftest import MAGIC, Upstream, logged, read_events, running_proxy, wait_until_async
+from tests.conftest import (
+    MAGIC,
+    Upstream,
+    V2End,
+    logged,
+    read_events,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
 
 TIMEOUT = 60.0
 BLOCK_FILE = Path(__file__).parent / "data" / "mainnet" / "block413567.raw"
@@ -52,7 +60,7 @@ assert len(MAINNET_BLOCK) == 999_887
 class End(Protocol):
     """One scripted end of a connection: the node or the peer."""
 
-    async def start(self) -> None: ...
+    async def handshake(self) -> None: ...
     async def send_all(self, msgs: list[Message]) -> None: ...
     async def receive(self, n: int) -> list[Message]: ...
     def close(self) -> None: ...
@@ -65,7 +73,7 @@ class V1End:
         self.r, self.w = r, w
         self.raw = bytearray()
 
-    async def start(self) -> None:
+    async def handshake(self) -> None:
         return None
 
     async def send_all(self, msgs: list[Message]) -> None:
@@ -90,53 +98,10 @@ class V1End:
         self.w.close()
 
 
-class V2End:
-    """Speaks BIP324 (initiator or responder) with its own V2Session."""
-
-    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, initiator: bool):
-        self.r, self.w = r, w
-        self.session = V2Session(initiator, MAGIC)
-        self.got: list[Message] = []
-
-    def _pump(self) -> None:
-        for ev in self.session.next_events():
-            if isinstance(ev, V2Message):
-                self.got.append((ev.msgtype, bytes(ev.payload)))
-        if out := self.session.data_to_send():
-            self.w.write(out)
-
-    async def start(self) -> None:
-        s = self.session
-        self._pump()
-        while not (s.established and s.peer_version_received):
-            data = await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT)
-            if not data:
-                raise ConnectionError("closed during the BIP324 handshake")
-            s.receive_data(data)
-            self._pump()
-
-    async def send_all(self, msgs: list[Message]) -> None:
-        for msgtype, payload in msgs:
-            self.w.write(self.session.encrypt_message(msgtype, payload))
-            await self.w.drain()
-
-    async def receive(self, n: int) -> list[Message]:
-        while len(self.got) < n:
-            data = await asyncio.wait_for(self.r.read(1 << 20), TIMEOUT)
-            if not data:
-                break
-            self.session.receive_data(data)
-            self._pump()
-        return self.got
-
-    def close(self) -> None:
-        self.w.close()
-
-
 def make_end(
     transport: str, r: asyncio.StreamReader, w: asyncio.StreamWriter, initiator: bool
 ) -> End:
-    return V1End(r, w) if transport == "v1" else V2End(r, w, initiator)
+    return V1End(r, w) if transport == "v1" else V2End(r, w, initiator, TIMEOUT)
 
 
 async def socks5_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter, port: int) -> None:
@@ -167,7 +132,7 @@ async def connected(
         target = f"127.0.0.1:{up.port}"
         extra: dict[str, Any]
         if route == "forward":
-            extra = {"route": [{"listen": "127.0.0.1:0", "peer": target}]}
+            extra = {"route": route_to(up.port)}
         elif route == "inbound":
             extra = {"route": [{"listen": "127.0.0.1:0", "node": target}]}
         else:
@@ -210,7 +175,7 @@ async def test_real_size_messages_both_ways(
 
     async def play(who: str, end: End, sends: list[Message], expect: int) -> None:
         ends[who] = end
-        await end.start()
+        await end.handshake()
         received[who], _ = await asyncio.gather(end.receive(expect), end.send_all(sends))
 
     async with connected(tmp_path, route, transport, policy) as (client, server_future):

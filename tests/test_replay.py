@@ -9,30 +9,23 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from msgcap.capture.export import export_fuzz, export_pcap
-from msgcap.capture.framing import Frame, FrameDecoder, encode_frame
+from msgcap.capture.framing import Frame, FrameDecoder, encode_frame, hash256
 from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.parser.messages import GetData, Inv
 from msgcap.parser.structures import MSG_WITNESS_FLAG, Inventory, InvType
 from msgcap.proxy.replay import Report
 from tests.bcoin import BcoinNode, require_bcoin, wait_listening
+from tests.bitcoind import Recording
 from tests.conftest import MAGIC, ProxyProcess, free_port, wait_until
 from tests.vectors import VECTORS
 
 DATA = Path(__file__).parent / "data" / "core-v30-pair"
-
-
-@dataclass(frozen=True)
-class Recording:
-    folder: Path
-    tip: str
-    height: int
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +119,7 @@ def _wait_bound(port: int, timeout: float = 20) -> None:
 
 VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
 BLOCK = bytes.fromhex(VECTORS["block"])
-BLOCK_HASH = hashlib.sha256(hashlib.sha256(BLOCK[:80]).digest()).digest()
+BLOCK_HASH = hash256(BLOCK[:80])
 INV = Inv((Inventory(InvType.MSG_BLOCK, BLOCK_HASH),)).encode()
 GETDATA = GetData((Inventory(InvType.MSG_BLOCK | MSG_WITNESS_FLAG, BLOCK_HASH),)).encode()
 

@@ -24,7 +24,9 @@ from tests.bitcoind import (
     MSGCAP,
     BitcoinNode,
     NodeFactory,
+    copy_capture,
     free_port,
+    record_sync,
     wait_mempools,
     wait_quiet,
     wait_until,
@@ -46,12 +48,6 @@ class Recordings:
     txids: list[str]
 
 
-def _capture(node: Any, out: Path) -> Path:
-    folders = [f for f in node.capture_dir.iterdir() if f.is_dir()]
-    assert len(folders) == 1, folders
-    return Path(shutil.copytree(folders[0], out / folders[0].name))
-
-
 def synced(nodes: NodeFactory, name: str, chain: Path, *extra: str) -> BitcoinNode:
     """A node that starts with the 200-block chain."""
     for part in ("blocks", "chainstate"):
@@ -62,15 +58,11 @@ def synced(nodes: NodeFactory, name: str, chain: Path, *extra: str) -> BitcoinNo
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recordings]:
     work = tmp_path_factory.mktemp("diff-recordings")
-    nodes = NodeFactory(work / "nodes")  # skips (or fails) without bitcoind
-    try:
+    with NodeFactory(work / "nodes") as nodes:  # skips (or fails) without bitcoind
         miner = nodes("miner")
         miner.create_wallet()
-        tip = miner.mine(BLOCKS)[-1]
-        syncer = nodes("syncer", "-capturemessages", f"-connect={miner.address}")
-        wait_until(lambda: syncer.tip() == tip, 60, "the recording node did not sync")
-        syncer.stop()
-        sync = _capture(syncer, work / "sync")
+        miner.mine(BLOCKS)
+        sync, syncer = record_sync(nodes, miner, work / "sync")
         chain = work / "chain"
         for part in ("blocks", "chainstate"):
             shutil.copytree(syncer.datadir / "regtest" / part, chain / part)
@@ -82,19 +74,8 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recordings]
         wait_mempools([second], txids, 30)
         wait_quiet(miner, second, settle=0.5)
         second.stop()
-        txs = _capture(second, work / "txs")
-    finally:
-        nodes.close()
-    yield Recordings(sync, txs, chain, txids)
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
-    factory = NodeFactory(tmp_path / "nodes")
-    try:
-        yield factory
-    finally:
-        factory.close()
+        txs = copy_capture(second, work / "txs")
+    yield Recordings(sync.folder, txs, chain, txids)
 
 
 def diff(recording: Path, *targets: str) -> tuple[int, dict[str, Any], str]:

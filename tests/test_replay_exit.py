@@ -32,7 +32,7 @@ import pytest
 
 import msgcap.proxy.replay as replay_mod
 from msgcap.capture.bip324 import V2Error, V2Session
-from msgcap.capture.framing import Network, v1_version_prefix
+from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.records import encode_record
 from msgcap.cli import main
 from msgcap.parser.messages import GetData, GetHeaders, Headers
@@ -43,10 +43,10 @@ from msgcap.parser.structures import (
     InvType,
 )
 from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+from tests.conftest import MAGIC, free_port
 from tests.test_replay_causal import GENESIS, make_chain
 from tests.vectors import VECTORS
 
-MAGIC = Network.REGTEST.magic
 VERSION = bytes.fromhex(VECTORS["version"])
 FAULT = "injected fault"
 
@@ -135,24 +135,25 @@ async def live_node(
     return got
 
 
-async def dial_node(port: int, transport: str) -> list[str]:
-    """A node that dials the listening replayer (retrying until it listens)."""
-    deadline = time.monotonic() + 30
+async def connect_when_listening(
+    port: int, timeout: float = 30
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the replayer's ``--listen`` port, retried until it listens (the
+    last refusal is raised after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            break
+            return await asyncio.open_connection("127.0.0.1", port)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.02)
+
+
+async def dial_node(port: int, transport: str) -> list[str]:
+    """A node that dials the listening replayer (retrying until it listens)."""
+    reader, writer = await connect_when_listening(port)
     return await live_node(reader, writer, transport=transport, dial=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -362,14 +363,7 @@ async def _node_closes_mid_handshake(r: asyncio.StreamReader, w: asyncio.StreamW
 
 async def _client_closes_after_version(port: int, transport: str) -> None:
     """Dials, sends its version (so it counts), and hangs up before verack."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            break
-        except OSError:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+    r, w = await connect_when_listening(port)
     leg: Leg = V1Leg(MAGIC)
     if transport == "v2":
         session = V2Session(initiator=True, magic=MAGIC)
@@ -422,19 +416,25 @@ def test_a_replay_that_could_not_be_carried_out_fails(
 # --- as a process ------------------------------------------------------------------------
 
 
-INJECT = textwrap.dedent(
-    """
-    import sys
-    import msgcap.proxy.replay as replay
-    from msgcap.cli import main
+def crash_script(module: str, target: str, coroutine: bool = False) -> str:
+    """Source for ``python -c``: msgcap's command line, with ``module.target`` (a method)
+    replaced by one that raises :data:`FAULT`."""
+    return textwrap.dedent(
+        f"""
+        import sys
+        import {module} as patched
+        from msgcap.cli import main
 
-    def crash(self, *args):
-        raise RuntimeError("injected fault")
+        {"async " if coroutine else ""}def crash(self, *args):
+            raise RuntimeError({FAULT!r})
 
-    replay.Replayer._settle = crash
-    sys.exit(main(sys.argv[1:]))
-    """
-)
+        patched.{target} = crash
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+
+
+INJECT = crash_script("msgcap.proxy.replay", "Replayer._settle")
 
 
 def test_a_crash_fails_the_process_without_a_traceback(tmp_path: Path) -> None:
@@ -544,19 +544,7 @@ def test_hostile_clients_do_not_count_and_the_next_is_served(
 
 # --- the proxy: a crashed connection handler is not a clean run --------------------------
 
-PROXY_INJECT = textwrap.dedent(
-    """
-    import sys
-    from msgcap.proxy import server
-    from msgcap.cli import main
-
-    async def crash(self, *args):
-        raise RuntimeError("injected fault")
-
-    server.Proxy._on_route = crash
-    sys.exit(main(sys.argv[1:]))
-    """
-)
+PROXY_INJECT = crash_script("msgcap.proxy.server", "Proxy._on_route", coroutine=True)
 
 
 def test_the_proxy_exits_1_after_a_connection_handler_crashed(tmp_path: Path) -> None:

@@ -24,13 +24,11 @@ visibly otherwise, required when ``MSGCAP_REQUIRE_NETNS`` is set, as CI does):
 from __future__ import annotations
 
 import asyncio
-import base64
 import ctypes
 import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -55,18 +53,16 @@ from msgcap.proxy.transparent import (
     original_destination,
 )
 from tests.bitcoind import (
-    MSGCAP,
-    RPC_PASSWORD,
-    RPC_USER,
+    RPC_HEADERS,
     BitcoinNode,
-    RPCError,
+    ProxyProcess,
     compare_captures,
     msgcap,
     require_bitcoind,
     wait_synced,
     wait_until,
 )
-from tests.conftest import logged, read_events, running_proxy, wait_until_async
+from tests.conftest import logged, read_events, recv_at_least, running_proxy, wait_until_async
 
 ENV_REQUIRE = "MSGCAP_REQUIRE_NETNS"
 
@@ -307,69 +303,23 @@ class NsNode(BitcoinNode):
         wrapper.chmod(0o755)
         super().__init__(workdir, name, extra, binary=wrapper)
 
-    def rpc(self, method: str, *params: Any, wallet: str | None = None, timeout: float = 30) -> Any:
-        path = "/" if wallet is None else f"/wallet/{wallet}"
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
-        auth = base64.b64encode(f"{RPC_USER}:{RPC_PASSWORD}".encode()).decode()
+    def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         sock = ns_socket(self.ns)
         try:
             sock.settimeout(timeout)
             sock.connect(("127.0.0.1", self.rpc_port))
             conn = http.client.HTTPConnection("127.0.0.1", self.rpc_port, timeout=timeout)
             conn.sock = sock
-            conn.request("POST", path, body, {"Content-Type": "application/json",
-                                              "Authorization": f"Basic {auth}"})  # fmt: skip
-            raw = conn.getresponse().read()
+            conn.request("POST", path, body, RPC_HEADERS)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
         finally:
             sock.close()
-        try:
-            reply = json.loads(raw)
-        except ValueError:
-            raise RPCError(method, 0, raw.decode(errors="replace")) from None
-        error = reply.get("error")
-        if error:
-            raise RPCError(method, int(error.get("code", 0)), str(error.get("message")))
-        return reply["result"]
 
 
-class NsProxy:
-    """``msgcap proxy`` inside a namespace; started once its banner is out."""
-
-    def __init__(self, ns: str, workdir: Path, *flags: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.capture_dir = workdir / "capture"
-        self.stdout = workdir / "proxy.stdout"
-        self.stderr = workdir / "proxy.stderr"
-        cmd = ["ip", "netns", "exec", ns, str(MSGCAP), "proxy", "--capture-dir",
-               str(self.capture_dir), "--network", "regtest", *flags]  # fmt: skip
-        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-
-        def banner() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"msgcap proxy exited {self.proc.returncode}: "
-                                   f"{self.stderr.read_text()}")  # fmt: skip
-            return "SIGTERM stops it cleanly" in self.stdout.read_text()
-
-        try:
-            wait_until(banner, 20, "msgcap proxy banner", 0.05)
-        except BaseException:
-            self.stop()
-            raise
-
-    def events(self) -> list[dict[str, Any]]:
-        log = self.capture_dir / "events.jsonl"
-        return [json.loads(line) for line in log.read_text().splitlines() if line]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def ns_proxy(ns: str, workdir: Path, *flags: str) -> ProxyProcess:
+    """``msgcap proxy`` inside namespace ``ns``; started once its banner is out."""
+    return ProxyProcess(workdir, *flags, prefix=("ip", "netns", "exec", ns))
 
 
 LISTEN_PORT = 8338
@@ -391,8 +341,8 @@ def test_transparent_ipv6_outbound(netns: Netns, tmp_path: Path) -> None:
     """IPv6: the original destination comes from IP6T_SO_ORIGINAL_DST; Core's folder name
     for an IPv6 peer (``[fd00_213_1__2]_18555``)."""
     ns_a, ns_b = netns.names["a"], netns.names["b"]
-    proxy = NsProxy(ns_a, tmp_path / "proxy", "--transparent", f"0.0.0.0:{LISTEN_PORT}",
-                    "--transparent", f"[::]:{LISTEN_PORT}")  # fmt: skip
+    proxy = ns_proxy(ns_a, tmp_path / "proxy", "--transparent", f"0.0.0.0:{LISTEN_PORT}",
+                     "--transparent", f"[::]:{LISTEN_PORT}")  # fmt: skip
     try:
         rules = msgcap("transparent-rules", "--listen-port", str(LISTEN_PORT), "--node-port",
                        "18444", "--peer-port", "18555", "--netns", ns_a)  # fmt: skip
@@ -412,21 +362,15 @@ def test_transparent_ipv6_outbound(netns: Netns, tmp_path: Path) -> None:
                 with peer:
                     peer.settimeout(10)
                     assert source == netns.A_B6  # the proxy, from A's address
-                    got = b""
-                    while len(got) < len(version):
-                        got += peer.recv(4096)
-                    assert got == version
+                    assert recv_at_least(peer, len(version)) == version
                     peer.sendall(verack)
-                    got = b""
-                    while len(got) < len(verack):
-                        got += node.recv(4096)
-                    assert got == verack
-        wait_until(lambda: any(e["event"] == "close" for e in proxy.events()), 10, "close")
+                    assert recv_at_least(node, len(verack)) == verack
+        wait_until(logged(proxy.capture_dir, "close"), 10, "close")
     finally:
-        assert proxy.stop() == 0, proxy.stderr.read_text()
+        assert proxy.stop() == 0, proxy.stderr()
     folder = "[fd00_213_1__2]_18555"
     assert sorted(p.name for p in proxy.capture_dir.iterdir()) == [folder, "events.jsonl"]
-    (opened,) = [e for e in proxy.events() if e["event"] == "open"]
+    (opened,) = read_events(proxy.capture_dir, "open")
     assert opened["peer"] == folder and opened["node"] == "client"
     assert opened["route"] == "transparent"
     res = msgcap("parse", "--jsonl", str(proxy.capture_dir / folder))
@@ -438,7 +382,7 @@ def test_transparent_core_in_namespaces(netns: Netns, tmp_path: Path) -> None:
     require_bitcoind()
     started = time.monotonic()
     nodes: list[BitcoinNode] = []
-    proxy: NsProxy | None = None
+    proxy: ProxyProcess | None = None
     took: dict[str, float] = {}
     try:
         ns_a, ns_b, ns_c = (netns.names[k] for k in "abc")
@@ -447,9 +391,9 @@ def test_transparent_core_in_namespaces(netns: Netns, tmp_path: Path) -> None:
         # A: no proxy flag, no peer on its command line; it listens on its C-side address.
         a = NsNode(ns_a, tmp_path / "nodes", "a", [CAPTURE, NOBAN, f"-bind={netns.A_C}"])
         nodes.append(a)
-        proxy = NsProxy(ns_a, tmp_path / "proxy", "--transparent", f"0.0.0.0:{LISTEN_PORT}",
-                        "--v2", "decrypt")  # fmt: skip
-        assert "transparent 0.0.0.0:8338" in proxy.stdout.read_text()
+        proxy = ns_proxy(ns_a, tmp_path / "proxy", "--transparent", f"0.0.0.0:{LISTEN_PORT}",
+                         "--v2", "decrypt")  # fmt: skip
+        assert "transparent 0.0.0.0:8338" in proxy.stdout_path.read_text()
         rules = msgcap("transparent-rules", "--listen-port", str(LISTEN_PORT),
                        "--node-port", str(a.port), "--peer-port", str(b.port),
                        "--netns", ns_a)  # fmt: skip
@@ -497,7 +441,7 @@ def test_transparent_core_in_namespaces(netns: Netns, tmp_path: Path) -> None:
         assert a_from_c["session_id"] != c_peer["session_id"]
 
         time.sleep(1.0)  # let the last pings settle before stopping the proxy first
-        assert proxy.stop() == 0, proxy.stderr.read_text()
+        assert proxy.stop() == 0, proxy.stderr()
         for node in nodes:
             assert node.stop() == 0
         took["total"] = round(time.monotonic() - started, 2)
