@@ -34,18 +34,8 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 argv = json.loads(sys.argv[1])
 t = time.perf_counter()
-from msgcap.cli import build_parser, main
-sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices
-           and "parse" in a.choices)
-if argv[0] == "parse" or "sql" in sub.choices:
-    status = main(argv)
-else:  # the dataset commands are not wired into msgcap's CLI yet: the same functions
-    import argparse
-    from msgcap.parser import dataset
-    ns = argparse.Namespace(paths=argv[3:], parquet=argv[2], node=None, no_payload=False,
-                            out=argv[1], query=argv[2] if argv[0] == "sql" else None,
-                            format="csv")
-    status = (dataset.run_sql if argv[0] == "sql" else dataset.run_export_parquet)(ns)
+from msgcap.cli import main
+status = main(argv)
 assert status == 0, status
 seconds = time.perf_counter() - t
 usage = resource.getrusage(resource.RUSAGE_SELF)

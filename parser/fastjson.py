@@ -12,12 +12,14 @@ faster (and every other message type too, whole batches of records at a time: se
 compiles it where a C compiler is available). Set ``MSGCAP_PURE_PYTHON=1`` to use the
 Python code regardless.
 
-Hex strings are cut out of one ``payload.hex()`` per message. Any read past the end
-shows up as an IndexError or struct.error, or as a final position past the end, and
-becomes a :class:`~parser.wire.DecodeError`. That error is the typed codec's, with its
-reason and payload offset: the Python renderer does not track where it stopped, so a
-rejected payload is decoded again with :func:`~parser.messages.decode_message` (only
-rejected payloads pay for it). The native renderer tracks the offset itself.
+Hex strings are cut out of one ``payload.hex()`` per message; a transaction's, where
+the one transaction walk (:func:`~msgcap.parser.txwalk.walk_tx`, which the typed codec
+builds on too) marks its parts. Any read past the end shows up as an IndexError,
+struct.error or DecodeError, or as a final position past the end, and becomes a
+:class:`~parser.wire.DecodeError`. That error is the typed codec's, with its reason and
+payload offset: the Python renderer does not track where it stopped, so a rejected
+payload is decoded again with :func:`~parser.messages.decode_message` (only rejected
+payloads pay for it). The native renderer tracks the offset itself.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from typing import Any, Final
 
 import orjson
 
-from msgcap.capture.errors import MsgcapError
-from msgcap.capture.records import native
+from msgcap.capture.native import load
+from msgcap.parser.txwalk import big_compact, count, walk_tx
 from msgcap.parser.wire import DecodeError
 
-_module = native()  # None: not compiled, or turned off; the Python renderer below is used
+_module = load(
+    "msgcap.parser._fastjson"
+)  # None: not compiled, or turned off; the Python renderer below is used
 _native: Callable[[str, bytes, bool], bytes | None] | None = (
     None if _module is None else _module.render
 )
@@ -57,43 +61,12 @@ RenderBatch = Callable[
 render_batch: Final[RenderBatch | None] = None if _module is None else _module.render_batch
 """The native renderer of whole batches of records (see ``parser/_fastjson.c``), or None."""
 
-_U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
 _I64 = struct.Struct("<q").unpack_from
 _HEADER = struct.Struct("<i32s32sIII").unpack_from
 
 JsonRender = Callable[[bytes, bool], Any]
-
-
-class _NonCanonical(MsgcapError):
-    pass
-
-
-def _big_compact(buf: bytes, pos: int) -> tuple[int, int]:
-    """A CompactSize whose first byte (at ``pos``) is 0xfd or more."""
-    first = buf[pos]
-    if first == 0xFD:
-        n, end, floor = _U16(buf, pos + 1)[0], pos + 3, 0xFD
-    elif first == 0xFE:
-        n, end, floor = _U32(buf, pos + 1)[0], pos + 5, 0x10000
-    else:
-        n, end, floor = _U64(buf, pos + 1)[0], pos + 9, 0x100000000
-    if n < floor:
-        raise _NonCanonical
-    return n, end
-
-
-def _count(buf: bytes, pos: int, min_item: int) -> tuple[int, int]:
-    """A CompactSize count at ``pos`` whose items (``min_item`` bytes or more each) can fit
-    in what is left; returns it and the position after it."""
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
-    if n * min_item > len(buf) - pos:
-        raise IndexError
-    return n, pos
 
 
 class _Ctx:
@@ -113,69 +86,47 @@ class _Ctx:
         return self.hexed[2 * pos : 2 * pos + 64]
 
 
-def _span(buf: bytes, pos: int) -> tuple[int, int]:
-    """Start and end of the CompactSize-prefixed byte string at ``pos``."""
-    n = buf[pos]
-    pos += 1
-    if n >= 0xFD:
-        n, pos = _big_compact(buf, pos - 1)
-    end = pos + n
-    if end > len(buf):
-        raise IndexError
-    return pos, end
-
-
 def _tx(c: _Ctx, pos: int) -> tuple[dict[str, Any], int]:
+    """A transaction as Core's parser prints it, cut out where the one walk
+    (:func:`~msgcap.parser.txwalk.walk_tx`) marks its parts."""
     buf, hexed = c.buf, c.hexed
-    version = _U32(buf, pos)[0]
-    n, pos = _count(buf, pos + 4, 41)
-    flags = 0
-    if n == 0:
-        flags = buf[pos]
-        pos += 1
-        if flags:
-            n, pos = _count(buf, pos, 41)
+    marks: list[int] = []
+    end, flags, _, _, n_in, n_out = walk_tx(buf, pos, "tx", marks)
     vin = []
-    for _ in range(n):
-        prev = c.hash(pos)
-        index = _U32(buf, pos + 32)[0]
-        start, end = _span(buf, pos + 36)
+    for i in range(0, 3 * n_in, 3):
+        p, s, e = marks[i], marks[i + 1], marks[i + 2]
         vin.append(
             {
-                "nSequence": _U32(buf, end)[0],
-                "prevout": {"hash": prev, "n": index},
-                "scriptSig": hexed[2 * start : 2 * end],
+                "nSequence": _U32(buf, e)[0],
+                "prevout": {"hash": c.hash(p), "n": _U32(buf, p + 32)[0]},
+                "scriptSig": hexed[2 * s : 2 * e],
             }
         )
-        pos = end + 4
     vout = []
-    if n or flags:
-        n_out, pos = _count(buf, pos, 9)
-        for _ in range(n_out):
-            value = _I64(buf, pos)[0]
-            start, pos = _span(buf, pos + 8)
-            vout.append({"nValue": value, "scriptPubKey": hexed[2 * start : 2 * pos]})
+    for i in range(3 * n_in, 3 * (n_in + n_out), 3):
+        p, s, e = marks[i], marks[i + 1], marks[i + 2]
+        vout.append({"nValue": _I64(buf, p)[0], "scriptPubKey": hexed[2 * s : 2 * e]})
     wit = []
     if flags:
-        for _ in range(len(vin)):
-            items, pos = _count(buf, pos, 1)
+        i = 3 * (n_in + n_out)
+        for _ in range(n_in):
+            j = i + 1 + 2 * marks[i]
             stack = []
-            for _ in range(items):
-                start, pos = _span(buf, pos)
-                stack.append(hexed[2 * start : 2 * pos])
+            for k in range(i + 1, j, 2):
+                stack.append(hexed[2 * marks[k] : 2 * marks[k + 1]])
             wit.append({"scriptWitness": {"stack": stack}})
-    lock_time = _U32(buf, pos)[0]
+            i = j
     return {
-        "nLockTime": lock_time,
-        "version": version,
+        "nLockTime": _U32(buf, end - 4)[0],
+        "version": _U32(buf, pos)[0],
         "vin": vin,
         "vout": vout,
         "wit": {"vtxinwit": wit},
-    }, pos + 4
+    }, end
 
 
 def _txs(c: _Ctx, pos: int) -> tuple[list[dict[str, Any]], int]:
-    n, pos = _count(c.buf, pos, 10)
+    n, pos = count(c.buf, pos, 10)
     out = []
     for _ in range(n):
         tx, pos = _tx(c, pos)
@@ -197,7 +148,7 @@ def _header(c: _Ctx, pos: int) -> dict[str, Any]:
 
 def _inventory(c: _Ctx, pos: int) -> tuple[list[dict[str, Any]], int]:
     buf = c.buf
-    n, pos = _count(buf, pos, 36)
+    n, pos = count(buf, pos, 36)
     out = []
     for p in range(pos, pos + 36 * n, 36):
         out.append({"hash": c.hash(p + 4), "type": _U32(buf, p)[0]})
@@ -218,7 +169,7 @@ def block_body(c: _Ctx) -> tuple[Any, int]:
 
 def headers_body(c: _Ctx) -> tuple[Any, int]:
     buf = c.buf
-    n, pos = _count(buf, 0, 81)
+    n, pos = count(buf, 0, 81)
     out = []
     for _ in range(n):
         out.append(_header(c, pos))
@@ -232,16 +183,16 @@ def cmpctblock_body(c: _Ctx) -> tuple[Any, int]:
     buf = c.buf
     header = _header(c, 0)
     nonce = _U64(buf, 80)[0]
-    n, pos = _count(buf, 88, 6)
+    n, pos = count(buf, 88, 6)
     end = pos + 6 * n
     short_ids = [int.from_bytes(buf[p : p + 6], "little") for p in range(pos, end, 6)]
-    n, pos = _count(buf, end, 11)
+    n, pos = count(buf, end, 11)
     prefilled = []
     for _ in range(n):
         index = buf[pos]
         pos += 1
         if index >= 0xFD:
-            index, pos = _big_compact(buf, pos - 1)
+            index, pos = big_compact(buf, pos - 1)
         tx, pos = _tx(c, pos)
         prefilled.append({"index": index, "tx": tx})
     return {
@@ -309,7 +260,7 @@ def python_body(msgtype: str, payload: bytes, reverse: bool) -> Any:
     c = _Ctx(payload, reverse)
     try:
         body, pos = FAST_BODIES[msgtype](c)
-    except (IndexError, struct.error, _NonCanonical):
+    except (IndexError, struct.error, DecodeError):
         raise _rejection(msgtype, payload) from None
     if pos != len(payload):
         raise _rejection(msgtype, payload)

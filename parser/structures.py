@@ -12,12 +12,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import socket
+import struct
 from base64 import b32encode
 from dataclasses import dataclass
 from typing import Any, Final
 
 from msgcap.capture.framing import hash256
 from msgcap.parser import wire
+from msgcap.parser.txwalk import walk_tx
 from msgcap.parser.wire import HashHex, Reader
 
 JsonDict = dict[str, Any]
@@ -312,9 +314,8 @@ class TxOut:
         return {"nValue": self.value, "scriptPubKey": self.script_pubkey.hex()}
 
 
-# The smallest serialized input (36 outpoint + 1 script length + 4 sequence) and output.
-_MIN_TXIN: Final = 41
-_MIN_TXOUT: Final = 9
+_U32: Final = struct.Struct("<I").unpack_from
+_I64: Final = struct.Struct("<q").unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,27 +339,33 @@ class Transaction:
 
     @classmethod
     def read(cls, r: Reader) -> Transaction:
-        # Same reading as Core's test framework and UnserializeTransaction: an empty
-        # input vector followed by a non-zero byte is the segwit marker.
-        version = r.u32()
-        inputs = tuple(TxIn.read(r) for _ in range(r.count(_MIN_TXIN)))
-        flags = 0
-        outputs: tuple[TxOut, ...] = ()
-        if not inputs:
-            flags = r.u8()
-            if flags:
-                inputs = tuple(TxIn.read(r) for _ in range(r.count(_MIN_TXIN)))
-                outputs = tuple(TxOut.read(r) for _ in range(r.count(_MIN_TXOUT)))
-        else:
-            outputs = tuple(TxOut.read(r) for _ in range(r.count(_MIN_TXOUT)))
-        witnesses: tuple[tuple[bytes, ...], ...] = ()
-        if flags:
-            stacks = []
-            for _ in inputs:
-                n = r.count(1)
-                stacks.append(tuple(r.var_bytes() for _ in range(n)))
-            witnesses = tuple(stacks)
-        return cls(version, inputs, outputs, witnesses, r.u32(), flags)
+        # The one transaction walk (parser/txwalk.py) says where the parts are; the
+        # objects are cut out there.
+        buf, start = r.buf, r.pos
+        m: list[int] = []
+        end, flags, _, _, n_in, n_out = walk_tx(buf, start, r.msgtype, m)
+        inputs = tuple(
+            TxIn(
+                OutPoint(buf[m[i] : m[i] + 32], _U32(buf, m[i] + 32)[0]),
+                buf[m[i + 1] : m[i + 2]],
+                _U32(buf, m[i + 2])[0],
+            )
+            for i in range(0, 3 * n_in, 3)
+        )
+        outputs = tuple(
+            TxOut(_I64(buf, m[i])[0], buf[m[i + 1] : m[i + 2]])
+            for i in range(3 * n_in, 3 * (n_in + n_out), 3)
+        )
+        stacks = []
+        i = 3 * (n_in + n_out)
+        for _ in range(n_in if flags else 0):
+            j = i + 1 + 2 * m[i]
+            stacks.append(tuple(buf[m[k] : m[k + 1]] for k in range(i + 1, j, 2)))
+            i = j
+        r.pos = end
+        return cls(
+            _U32(buf, start)[0], inputs, outputs, tuple(stacks), _U32(buf, end - 4)[0], flags
+        )
 
     def encode(self, with_witness: bool = True) -> bytes:
         parts = [wire.u32(self.version)]

@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import struct
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ duckdb = pytest.importorskip("duckdb")
 
 import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: E402
 
-from msgcap.capture.errors import UsageError  # noqa: E402
 from msgcap.capture.records import Direction, encode_record, read_records  # noqa: E402
 from msgcap.parser import dataset  # noqa: E402
 from msgcap.parser.messages import GetData, Inv, Ping, decode_message  # noqa: E402
@@ -47,37 +45,13 @@ DATA = ROOT / "tests" / "data" / "core-v30-pair"
 T0 = 1_795_000_000_000_000  # 2026-11-18T...Z, in µs
 
 
-def _cli() -> argparse.ArgumentParser:
-    """``msgcap``'s parser when it has the dataset commands, else the same wiring locally."""
+def msgcap(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run a msgcap command in-process, as the command line does (failures said in one
+    line by its dispatcher): (exit status, stdout, stderr)."""
     from msgcap import cli
 
-    top = cli.build_parser()
-    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-    if "sql" in sub.choices:
-        return top
-    top = argparse.ArgumentParser(prog="msgcap")
-    subs = top.add_subparsers(dest="command", required=True)
-    export = subs.add_parser("export")
-    export.add_argument("paths", nargs="+")
-    kind = export.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--pcap")
-    dataset.add_export_parquet_args(export, kind)
-    export.set_defaults(run=dataset.run_export_parquet)
-    sql = subs.add_parser("sql")
-    dataset.add_sql_args(sql)
-    sql.set_defaults(run=dataset.run_sql)
-    return top
-
-
-def msgcap(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run a msgcap command in-process: (exit status, stdout, stderr)."""
     capsys.readouterr()
-    args = _cli().parse_args(list(argv))
-    try:
-        status = int(args.run(args))
-    except UsageError as e:
-        print(f"msgcap: error: {e}", file=sys.stderr)
-        status = 2
+    status = cli.main(list(argv))
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -514,10 +488,10 @@ def test_bounded_buffers_many_partitions_and_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Small row groups, few open files and a small budget: every row still once."""
-    monkeypatch.setattr(dataset, "ROW_GROUP_ROWS", 7)
-    monkeypatch.setattr(dataset, "ROW_GROUP_BYTES", 500)
-    monkeypatch.setattr(dataset, "MEMORY_BUDGET", 3000)
-    monkeypatch.setattr(dataset, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(dataset.writing, "ROW_GROUP_ROWS", 7)
+    monkeypatch.setattr(dataset.writing, "ROW_GROUP_BYTES", 500)
+    monkeypatch.setattr(dataset.writing, "MEMORY_BUDGET", 3000)
+    monkeypatch.setattr(dataset.writing, "MAX_OPEN_FILES", 2)
     root = tmp_path / "cap"
     hour = 3600 * 10**6
     for i in range(3):
@@ -546,12 +520,12 @@ def test_interrupted_run_is_cleaned_up_and_one_export_at_a_time(
         raise KeyboardInterrupt
 
     # Dies while writing: nothing of the run stays, and the next run exports everything.
-    original = dataset._DatasetWriter.commit
-    monkeypatch.setattr(dataset._DatasetWriter, "commit", boom)
+    original = dataset.DatasetWriter.commit
+    monkeypatch.setattr(dataset.DatasetWriter, "commit", boom)
     with pytest.raises(KeyboardInterrupt):
         dataset.export_parquet([root], out)
     assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(dataset._DatasetWriter, "commit", original)
+    monkeypatch.setattr(dataset.DatasetWriter, "commit", original)
     # Killed after renaming its files, before recording the run: the next run removes them.
     manifest = dataset.read_manifest(out)
     assert manifest is not None
