@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from msgcap.capture.conversation import CaptureFile
 from msgcap.capture.errors import (
     ConfigError,
     MsgcapError,
@@ -29,7 +28,7 @@ from msgcap.capture.errors import (
     describe_exception,
     describe_os_error,
 )
-from msgcap.capture.records import Damage
+from msgcap.capture.report import Warnings
 from msgcap.parser.cli import add_parse_args, add_selection_args, run_parse, run_stats
 from msgcap.parser.dataset import add_export_parquet_args, add_sql_args, run_export_parquet, run_sql
 from msgcap.proxy.config import (
@@ -546,19 +545,19 @@ def run_export(args: argparse.Namespace) -> int:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"{missing[0]}: no such file or folder")
-    damage = _DamageWarnings()
+    damage = Warnings()
     if args.fuzz:
         out = Path(args.fuzz)
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: not a folder")
-        result = export_fuzz(paths, out, magic, payloads=args.payloads, on_damage=damage)
+        result = export_fuzz(paths, out, magic, payloads=args.payloads, on_damage=damage.damage)
         print(f"{result.messages} messages, {result.distinct} distinct, "
               f"{result.written} new files in {args.fuzz}")  # fmt: skip
     else:
         _check_pcap_names(paths)
-        n = export_pcap(paths, Path(args.pcap), magic, on_damage=damage)
+        n = export_pcap(paths, Path(args.pcap), magic, on_damage=damage.damage)
         print(f"{n} messages written to {args.pcap}")
-    return 1 if damage.count else 0
+    return damage.exit_status
 
 
 def _run_export_functional_test(args: argparse.Namespace) -> int:
@@ -569,27 +568,14 @@ def _run_export_functional_test(args: argparse.Namespace) -> int:
         raise UsageError(f"--functional-test {out}: give a file name ending in .py")
     if not out.parent.is_dir():
         raise UsageError(f"--functional-test {out}: no such folder {out.parent}")
-    damage = _DamageWarnings()
+    damage = Warnings()
     try:
-        test, data, plan = export_functional_test(args.paths, out, on_damage=damage)
+        test, data, plan = export_functional_test(args.paths, out, on_damage=damage.damage)
     except ExportError as e:
         raise UsageError(str(e)) from None
     print(f"{test}: plays the recorded peer ({len(plan.script)} messages unasked, "
           f"{len(plan.expected)} requests answered); data in {data}")  # fmt: skip
-    return 1 if damage.count else 0
-
-
-class _DamageWarnings:
-    """Damaged input of an export: a warning each (file and byte offset), and exit
-    status 1 after everything readable was exported (as ``parse`` does)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, source: CaptureFile, damage: Damage) -> None:
-        self.count += 1
-        print(f"msgcap: warning: {source.path}: offset {damage.offset}: {damage.reason}",
-              file=sys.stderr)  # fmt: skip
+    return damage.exit_status
 
 
 def _check_pcap_names(paths: list[Path]) -> None:

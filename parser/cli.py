@@ -20,10 +20,11 @@ import time
 from collections import Counter
 from typing import IO
 
+from msgcap.capture import report
 from msgcap.capture.conversation import CaptureFile, Item, expand_paths, merged_batches
 from msgcap.capture.errors import UsageError
 from msgcap.capture.framing import HEADER_SIZE, MsgType
-from msgcap.capture.records import Damage, RecordFilter
+from msgcap.capture.records import RecordFilter
 from msgcap.parser.render import BatchRenderer, Problem
 
 _MAX_WARNINGS_PER_KIND = 10
@@ -74,42 +75,17 @@ def add_parse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--no-progress-bar", action="store_true", help="never show progress")
 
 
-class Warnings:
-    """Per-file warnings on stderr, at most a few per kind and file, then a count."""
+class Warnings(report.Warnings):
+    """``parse`` and ``stats``: at most a few warnings per kind and file, then a count;
+    invalid input (a problem with a message as recorded) counts as damage does."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.skipped = 0
-        self.invalid = 0
-        self._counts: Counter[tuple[str, str]] = Counter()
-
-    def damage(self, source: CaptureFile, d: Damage) -> None:
-        self.skipped += 1
-        self.emit(source, "damage", f"offset {d.offset}: {d.reason} ({d.skipped} bytes skipped)")
+        super().__init__(stream, per_kind=_MAX_WARNINGS_PER_KIND)
 
     def problem(self, item: Item, p: Problem) -> None:
         if not p.valid_input:
-            self.invalid += 1
-        self.emit(item.source, p.kind, f"offset {item.record.offset}: {p.detail}")
-
-    def emit(self, source: CaptureFile, kind: str, text: str) -> None:
-        key = (str(source.path), kind)
-        self._counts[key] += 1
-        if self._counts[key] <= _MAX_WARNINGS_PER_KIND:
-            print(f"msgcap: warning: {source.path}: {text}", file=self.stream)
-
-    def summary(self) -> None:
-        for (path, kind), n in self._counts.items():
-            if n > _MAX_WARNINGS_PER_KIND:
-                print(
-                    f"msgcap: warning: {path}: {n - _MAX_WARNINGS_PER_KIND} more like the above "
-                    f"({kind})",
-                    file=self.stream,
-                )
-
-    @property
-    def exit_status(self) -> int:
-        return 1 if self.skipped or self.invalid else 0
+            self.failed += 1
+        self.emit(item.source.path, p.kind, f"offset {item.record.offset}: {p.detail}")
 
 
 def select_files(args: argparse.Namespace, files: list[CaptureFile]) -> list[CaptureFile]:
@@ -243,4 +219,4 @@ def run_stats(args: argparse.Namespace) -> int:
         print(f"{left}  {right}")
     print(f"(bytes are payload bytes; each message adds a {HEADER_SIZE}-byte header on the wire)")
     warn.summary()
-    return 1 if warn.skipped else 0
+    return 1 if warn.damaged else 0

@@ -35,6 +35,7 @@ from msgcap.capture.records import (
     RecordChunks,
     scan,
 )
+from msgcap.capture.report import Warnings
 from msgcap.parser.dataset.decode import INV_ENTRY, INV_MESSAGES, block_row, inv_span, tx_row
 from msgcap.parser.dataset.manifest import (
     MANIFEST_NAME,
@@ -61,30 +62,20 @@ _NULL_PARTITION: Final = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and every engin
 _ROW_OVERHEAD: Final = 300  # estimated bytes of Python objects per buffered row
 
 
-class Report:
-    """What an export says on stderr, and its exit status."""
+class Report(Warnings):
+    """What an export says on stderr, and its exit status: every damaged stretch, the first
+    undecodable payload per table (the rest are counted at the end)."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.damaged = 0
+        super().__init__(stream)
         self.undecodable: dict[str, int] = {}
-
-    def warn(self, text: str) -> None:
-        print(f"msgcap: warning: {text}", file=self.stream)
-
-    def note(self, text: str) -> None:
-        print(f"msgcap: note: {text}", file=self.stream)
-
-    def damage(self, source: CaptureFile, d: Damage) -> None:
-        """The damage report of :mod:`msgcap.capture.conversation`'s shape."""
-        self.damaged += 1
-        self.warn(f"{source.path}: offset {d.offset}: {d.reason} ({d.skipped} bytes skipped)")
 
     def undecodable_payload(
         self, table: str, source: CaptureFile, offset: int, e: Exception
     ) -> None:
         n = self.undecodable.get(table, 0)
         self.undecodable[table] = n + 1
+        self.failed += 1
         if n == 0:
             self.warn(
                 f"{source.path}: offset {offset}: {e}: not in {table} (the message is in "
@@ -94,10 +85,6 @@ class Report:
     def summary(self) -> None:
         for table, n in self.undecodable.items():
             self.warn(f"{n} undecodable payload(s) left out of {table}")
-
-    @property
-    def exit_status(self) -> int:
-        return 1 if self.damaged or self.undecodable else 0
 
 
 @dataclass(slots=True)
