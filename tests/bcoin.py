@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from msgcap.capture.framing import hash256
 from tests.conftest import free_port, wait_until
 
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -53,7 +54,7 @@ _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 def regtest_p2pkh_address(seed: bytes) -> str:
     """A base58 P2PKH address in bcoin's regtest format (version byte 0x3c)."""
     payload = b"\x3c" + hashlib.new("ripemd160", hashlib.sha256(seed).digest()).digest()
-    raw = payload + hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
+    raw = payload + hash256(payload)[:4]
     n = int.from_bytes(raw, "big")
     out = ""
     while n:

@@ -1,6 +1,7 @@
-"""Shared test constants and helpers: frames, scripted peers (v1 and BIP324), the proxy
-in-process and as a process, event-log readers, and waiting on a condition instead of
-sleeping.
+"""Shared test constants and helpers: frames, the recorded Core pair, a chain of our own
+and the requests for it, scripted peers (v1 and BIP324, and a node facing the replayer),
+the proxy in-process and as a process, event-log readers, and waiting on a condition
+instead of sleeping.
 
 Test modules import these as ``from tests.conftest import ...`` (``tests`` is a package);
 no test module imports from another test module.
@@ -12,17 +13,30 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from msgcap.capture.bip324 import V2Message, V2Session
+from msgcap.capture.bip324 import V2Error, V2Message, V2Session
 from msgcap.capture.framing import Network, encode_frame
+from msgcap.parser.messages import BlockMsg, GetData, GetHeaders
+from msgcap.parser.structures import (
+    MSG_WITNESS_FLAG,
+    Block,
+    BlockHeader,
+    BlockLocator,
+    Inventory,
+    InvType,
+)
+from msgcap.parser.wire import Reader
 from msgcap.proxy.config import config_from_dict
+from msgcap.proxy.replay import _StreamIO
 from msgcap.proxy.server import Proxy
+from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
 from tests import bitcoind
+from tests.vectors import VECTORS
 
 T = TypeVar("T")
 
@@ -32,6 +46,46 @@ VERSION = encode_frame(MAGIC, "version", b"\x01" * 100)
 PEER_VERSION = encode_frame(MAGIC, "version", b"\x02" * 100)
 """The peer's (scripted) version frame."""
 PING = encode_frame(MAGIC, "ping", b"12345678")
+
+PAIR = Path(__file__).parent / "data" / "core-v30-pair"
+"""Two Bitcoin Core v30 nodes' own captures of their one connection (a mined 102 blocks,
+b mined two; both reached block 104)."""
+PAIR_A = PAIR / "a" / "127.0.0.1_39912"
+"""Node a's capture of its inbound peer b."""
+PAIR_B = PAIR / "b" / "127.0.0.1_28444"
+"""Node b's capture of its outbound peer a."""
+VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
+"""A real ``version`` payload (tests/vectors.py), as scripted nodes of replay tests say it."""
+
+
+# --- a chain of our own (no proof of work checked) -----------------------------------------
+
+
+GENESIS = bytes.fromhex("0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206")[::-1]
+"""Regtest's genesis block hash (internal byte order)."""
+TXS = BlockMsg.read(Reader(bytes.fromhex(VECTORS["block"]))).block.transactions
+"""The transactions of the ``block`` vector (one of them segwit): every block of
+:func:`make_chain` holds them."""
+
+
+def make_chain(n: int, base: bytes = GENESIS) -> list[Block]:
+    """``n`` blocks on top of ``base``, block ``i`` with nonce ``i``, each holding TXS."""
+    blocks, prev = [], base
+    for i in range(1, n + 1):
+        header = BlockHeader(0x20000000, prev, bytes([i]) * 32, 1_700_000_000 + i, 0x207FFFFF, i)
+        blocks.append(Block(header, TXS))
+        prev = header.hash
+    return blocks
+
+
+def getheaders(*locator: bytes, stop: bytes = bytes(32)) -> bytes:
+    """A ``getheaders`` payload (protocol version 70016)."""
+    return GetHeaders(BlockLocator(70016, locator), stop).encode()
+
+
+def getdata(*hashes: bytes, kind: int = InvType.MSG_BLOCK | MSG_WITNESS_FLAG) -> bytes:
+    """A ``getdata`` payload asking for ``hashes``, witness blocks by default."""
+    return GetData(tuple(Inventory(kind, h) for h in hashes)).encode()
 
 
 # --- waiting on a condition ------------------------------------------------------------
@@ -241,6 +295,65 @@ class V2End:
 
     def close(self) -> None:
         self.w.close()
+
+
+async def live_node(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    transport: str = "v1",
+    dial: bool = False,
+    requests: Sequence[Message] = (),
+    pong: bool = True,
+    close_after_verack: bool = False,
+) -> list[str]:
+    """A scripted node facing the replayer, over v1 or BIP324 (``transport``): its
+    handshake (its ``version`` first if it dialed), pongs (unless not ``pong``), then
+    ``requests`` after ``verack`` (or, with ``close_after_verack``, it hangs up there).
+    Returns the types it received, in order; gives up quietly when the other side goes
+    away or breaks the BIP324 handshake."""
+    got: list[str] = []
+    try:
+        leg: Leg
+        early: list[Message] = []
+        if transport == "v2":
+            session = V2Session(initiator=dial, magic=MAGIC)
+            early = await handshake(_StreamIO(reader, writer), session)
+            leg = V2Leg(session)
+        else:
+            leg = V1Leg(MAGIC)
+
+        def send(msgtype: str, payload: bytes | memoryview) -> None:
+            writer.write(leg.encode([(msgtype, bytes(payload))]))
+
+        def on(messages: list[Message]) -> bool:
+            """Answer ``messages``; False once the node hangs up."""
+            for msgtype, payload in messages:
+                got.append(msgtype)
+                if msgtype == "version":
+                    if not dial:
+                        send("version", VERSION_PAYLOAD)
+                    send("verack", b"")
+                elif msgtype == "verack":
+                    if close_after_verack:
+                        return False
+                    for request in requests:
+                        send(*request)
+                elif msgtype == "ping" and pong:
+                    send("pong", payload)
+            return True
+
+        if dial:
+            send("version", VERSION_PAYLOAD)
+        going = on(early)
+        while going and (data := await reader.read(1 << 16)):
+            messages, _, fatal = leg.receive(data)
+            going = on(messages) and fatal is None
+    except (OSError, V2Error):
+        pass
+    finally:
+        writer.close()
+    return got
 
 
 # --- the proxy as a process ------------------------------------------------------------

@@ -23,9 +23,7 @@ from pathlib import Path
 import pytest
 
 from msgcap.cli import main
-from tests.conftest import free_port
-
-DATA = Path(__file__).parent / "data" / "core-v30-pair" / "a" / "127.0.0.1_39912"
+from tests.conftest import PAIR_A, free_port
 
 
 @dataclass(frozen=True)
@@ -213,7 +211,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (mode 000), ``read-only`` (a folder, mode 555), ``unreadable`` (a capture folder, one
     file mode 000) and ``locked`` (a capture folder, mode 000)."""
     w = tmp_path_factory.mktemp("bad-input")
-    shutil.copytree(DATA, w / "cap", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(PAIR_A, w / "cap", ignore=shutil.ignore_patterns("*.json"))
     shutil.copytree(w / "cap", w / "10.0.0.5_99999")
     (w / "empty").mkdir()
     (w / "file").write_text("not a capture, not TOML, not a folder\n")

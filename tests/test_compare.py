@@ -16,6 +16,9 @@ from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.cli import main
 from tests.conftest import (
     MAGIC,
+    PAIR_A,
+    PAIR_B,
+    PEER_VERSION,
     VERSION,
     Upstream,
     logged,
@@ -25,9 +28,7 @@ from tests.conftest import (
     wait_until_async,
 )
 
-PAIR = Path(__file__).parent / "data" / "core-v30-pair"
-A = PAIR / "a" / "127.0.0.1_39912"  # node a's capture of b
-B = PAIR / "b" / "127.0.0.1_28444"  # node b's capture of a
+A, B = PAIR_A, PAIR_B  # node a's capture of b, node b's capture of a
 
 
 def test_two_ends_of_a_real_core_connection_agree(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,7 +105,7 @@ async def test_two_proxies_in_a_row_capture_the_same_session(tmp_path: Path) -> 
         encode_frame(MAGIC, rng.choice(["inv", "tx", "ping"]), rng.randbytes(rng.randrange(2000)))
         for _ in range(300)
     )
-    peer_says = encode_frame(MAGIC, "version", b"\x02" * 100) + b"".join(
+    peer_says = PEER_VERSION + b"".join(
         encode_frame(MAGIC, "block", rng.randbytes(rng.randrange(300_000))) for _ in range(20)
     )
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from msgcap.capture.errors import ConfigError
 from msgcap.capture.layout import Layout
 from msgcap.cli import add_proxy_args, build_parser, main, proxy_config
 from msgcap.proxy.config import (
     DEFAULT_CONFIG,
     CaptureErrorPolicy,
-    ConfigError,
     HostPort,
     V2Policy,
     config_from_dict,

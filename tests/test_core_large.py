@@ -22,10 +22,8 @@ captured ``tx``/``block`` payloads are byte for byte what ``getrawtransaction`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,15 +31,22 @@ from typing import Any
 
 import pytest
 
+from msgcap.capture.framing import hash256
 from tests.bitcoind import (
+    BURN,
+    CAPTURE,
+    FAST_RELAY,
+    MATURITY,
     BitcoinNode,
     CaptureRecord,
+    Laps,
     NodeFactory,
     ProxyProcess,
     capture_folder_name,
     compare_captures,
     free_port,
     handshaken,
+    only_capture_folder,
     only_peer,
     read_capture,
     wait_quiet,
@@ -50,14 +55,8 @@ from tests.bitcoind import (
 
 pytestmark = pytest.mark.e2e
 
-CAPTURE = "-capturemessages"
-# Loopback peers get `noban` (as in Core's functional tests): transactions are announced
-# at once instead of on the trickle timer.
-FAST_RELAY = "-whitelist=noban,in,out@127.0.0.1"
-MATURITY = 101  # blocks before the first coinbase can be spent
 V2_BIG = 1 << 16  # 65,536: the payload size past which v2 packets once broke
 FEE_RATE = 2  # sat/vB, well above Core's minimum relay fee
-BURN = "bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqdku202"  # mined coins go nowhere
 
 # Near-1 MB blocks: TXS_PER_BLOCK transactions of DATA_PER_TX bytes of OP_RETURN data. A
 # 95 kB data output is a 95,006-byte script (OP_RETURN OP_PUSHDATA4 len data), under
@@ -102,7 +101,7 @@ def raw_tx(node: BitcoinNode, txid: str) -> bytes:
 
 def block_hash(payload: bytes) -> str:
     """The hash of a serialized block (its 80-byte header), as RPC prints it."""
-    return hashlib.sha256(hashlib.sha256(payload[:80]).digest()).digest()[::-1].hex()
+    return hash256(payload[:80])[::-1].hex()
 
 
 # --- the proxied pair -------------------------------------------------------------------
@@ -235,14 +234,27 @@ def check_captures(
         [proxy_folder, "events.jsonl"]
     )
     for node, mirror, expected in ((near, False, near_folder), (far, True, None)):
-        folders = [p for p in node.capture_dir.iterdir() if p.is_dir()]
-        assert len(folders) == 1, (node.name, folders)
+        folder = only_capture_folder(node)
         if expected is not None:
-            assert folders[0].name == expected, (node.name, folders)
-        rc, results, text = compare_captures(folders[0], ours, mirror=mirror)
+            assert folder.name == expected, (node.name, folder)
+        rc, results, text = compare_captures(folder, ours, mirror=mirror)
         assert rc == 0 and all(r["identical"] for r in results), f"{node.name}: {text}"
         assert all(r["a_count"] == r["b_count"] > 0 for r in results), f"{node.name}: {text}"
     return ours
+
+
+def publish(
+    record_property: Callable[[str, object], None],
+    key: str,
+    what: str,
+    laps: Laps,
+    **sizes: list[int],
+) -> None:
+    """The test's sizes and the seconds each phase took: a property ``key`` (in the JUnit
+    XML) and a line printed as ``what``."""
+    report = {**sizes, "seconds": laps.total()}
+    record_property(key, report)
+    print(f"\n{what}: {json.dumps(report)}")
 
 
 def by_type(records: list[CaptureRecord], msgtype: str) -> list[bytes]:
@@ -258,8 +270,7 @@ def test_large_transactions_relay(
     record_property: Callable[[str, object], None],
 ) -> None:
     """A (the proxy's node) and B relay a > 64 KiB transaction each way under decrypt."""
-    started = time.monotonic()
-    took: dict[str, float] = {}
+    laps = Laps()
     b = nodes("b", CAPTURE, FAST_RELAY)
     a, proxy, listen = proxied_pair(nodes, start_proxy, b, "a", FAST_RELAY)
     wait_connected(proxy, a, b)
@@ -267,16 +278,16 @@ def test_large_transactions_relay(
     b.create_wallet()
     a.mine(MATURITY)
     wait_proxied(proxy, at_tip([b], a.tip()), 30, "b at a's tip")
-    took["setup"] = round(time.monotonic() - started, 2)
+    laps.lap("setup")
 
     # A -> B: 90 kB of data, and 1 BTC to B so that B can send one back; B mines it, so
     # the block goes B -> A.
     tx_ab, raw_ab, block_ab = relay_and_mine(proxy, a, b, 90_000, pay={b.new_address(): 1.0})
-    took["tx_a_to_b"] = round(time.monotonic() - started - sum(took.values()), 2)
+    laps.lap("tx_a_to_b")
 
     # B -> A: 70 kB of data, from the coin A sent (one confirmation); A mines it.
     tx_ba, raw_ba, block_ba = relay_and_mine(proxy, b, a, 70_000)
-    took["tx_b_to_a"] = round(time.monotonic() - started - sum(took.values()), 2)
+    laps.lap("tx_b_to_a")
 
     # Each transaction is in its block on both nodes.
     for node in (a, b):
@@ -296,10 +307,8 @@ def test_large_transactions_relay(
     assert sent_txs == [raw_ab], [len(t) for t in sent_txs]
     assert recv_txs == [raw_ba], [len(t) for t in recv_txs]
 
-    took["total"] = round(time.monotonic() - started, 2)
-    report = {"tx_sizes": [len(raw_ab), len(raw_ba)], "seconds": took}
-    record_property("large_tx", report)
-    print(f"\nlarge transactions: {json.dumps(report)}")
+    publish(record_property, "large_tx", "large transactions", laps,
+            tx_sizes=[len(raw_ab), len(raw_ba)])  # fmt: skip
 
 
 def test_sync_near_1mb_blocks(
@@ -309,8 +318,7 @@ def test_sync_near_1mb_blocks(
 ) -> None:
     """M builds a chain ending in near-1 MB blocks alone; then S, started only then,
     syncs it from M through the proxy under decrypt."""
-    started = time.monotonic()
-    took: dict[str, float] = {}
+    laps = Laps()
     m = nodes("m", CAPTURE)
     m.create_wallet()
     # TXS_PER_BLOCK mature coinbases; each block's change outputs fund the next one.
@@ -334,12 +342,12 @@ def test_sync_near_1mb_blocks(
         big.append(block)
     tip, height = m.tip(), m.height()
     assert tip == big[-1]
-    took["build_chain"] = round(time.monotonic() - started, 2)
+    laps.lap("build_chain")
 
     s, proxy, listen = proxied_pair(nodes, start_proxy, m, "s")
     wait_proxied(proxy, at_tip([s], tip), 60, f"{s.name} at {m.name}'s tip {tip}")
     assert s.height() == height
-    took["sync"] = round(time.monotonic() - started - took["build_chain"], 2)
+    laps.lap("sync")
     check_v2_peers(s, m, proxy, listen)
     raw_blocks = {h: bytes.fromhex(m.rpc("getblock", h, 0, timeout=60)) for h in big}
     stop_all(proxy, s, m)
@@ -354,7 +362,5 @@ def test_sync_near_1mb_blocks(
         assert len(raw) >= MIN_BLOCK_SIZE
         assert received[h] == raw, (h, len(received[h]), len(raw))
 
-    took["total"] = round(time.monotonic() - started, 2)
-    report = {"block_sizes": [len(r) for r in raw_blocks.values()], "seconds": took}
-    record_property("near_1mb_blocks", report)
-    print(f"\nnear-1 MB blocks: {json.dumps(report)}")
+    publish(record_property, "near_1mb_blocks", "near-1 MB blocks", laps,
+            block_sizes=[len(r) for r in raw_blocks.values()])  # fmt: skip

@@ -5,33 +5,28 @@ are never captured into one file."""
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.bitcoind import MSGCAP, BitcoinNode, NodeFactory, ProxyProcess, wait_synced
+from tests.bitcoind import (
+    BURN,
+    NodeFactory,
+    ProxyProcess,
+    compare_captures,
+    msgcap,
+    only_capture_folder,
+    wait_synced,
+)
 
 pytestmark = pytest.mark.e2e
-BURN = "bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqdku202"  # mined coins go nowhere
-
-
-def compare(core_folder: Path, ours: Path) -> tuple[int, str]:
-    res = subprocess.run([str(MSGCAP), "compare", str(core_folder), str(ours)],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    return res.returncode, res.stdout + res.stderr
-
-
-def only_folder(node: BitcoinNode) -> Path:
-    (folder,) = [f for f in node.capture_dir.iterdir() if f.is_dir()]
-    return folder
 
 
 def sent_versions(folder: Path) -> int:
-    res = subprocess.run([str(MSGCAP), "parse", "--jsonl", "--direction", "sent",
-                          "--type", "version", str(folder / "msgs_sent.dat")],
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    res = msgcap("parse", "--jsonl", "--direction", "sent", "--type", "version",
+                 str(folder / "msgs_sent.dat"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
     return len(res.stdout.splitlines())
 
 
@@ -69,7 +64,7 @@ def test_named_nodes_equal_their_own_captures(
     peer = f"localhost_{n0.port}" if route == "socks5" else f"127.0.0.1_{n0.port}"
     for name, node in (("n1", n1), ("n2", n2)):
         ours = proxy.capture_dir / name / peer
-        rc, text = compare(only_folder(node), ours)
+        rc, _, text = compare_captures(only_capture_folder(node), ours)
         assert rc == 0, text
     events = proxy.events()
     opens = [e for e in events if e["event"] == "open"]
@@ -100,7 +95,7 @@ def test_unnamed_nodes_to_one_peer_are_captured_apart(
     (apart,) = [e for e in proxy.events() if e["event"] == "capture_apart"]
     assert apart["live_capture"] == str(main) and Path(apart["capture"]) in folders
     for node in (n1, n2):  # each node's own capture equals one of the two folders
-        results = [compare(only_folder(node), f)[0] for f in folders]
+        results = [compare_captures(only_capture_folder(node), f)[0] for f in folders]
         assert sorted(results) == [0, 1], (node, results)
 
 

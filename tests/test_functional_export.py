@@ -12,22 +12,16 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.bitcoind import MSGCAP, NodeFactory, require_bitcoind, wait_until
+from tests.bitcoind import BURN, NodeFactory, Recording, msgcap, record_sync, require_bitcoind
+from tests.conftest import PAIR_A, PAIR_B
 
-PAIR = Path(__file__).parent / "data" / "core-v30-pair"
-PAIR_A = PAIR / "a" / "127.0.0.1_39912"
-"""Node a's capture of its inbound peer b (a mined 102 blocks, b mined two)."""
-PAIR_B = PAIR / "b" / "127.0.0.1_28444"
-"""Node b's capture of its outbound peer a."""
 PAIR_TIP = "1ff0eaaee6265c7f316434a30c650fb524140a69f880fef8a54c45c1bdca7018"
 """Block 104, the tip both nodes of the pair reached."""
 BLOCKS = 200
@@ -64,11 +58,9 @@ def functional_dir(root: Path, bitcoind: Path) -> Path:
     return functional
 
 
-def export(capture: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(MSGCAP), "export", "--functional-test", str(out), str(capture)],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+def export(capture: Path, out: Path) -> None:
+    res = msgcap("export", "--functional-test", str(out), str(capture))
     assert res.returncode == 0, res.stderr
-    return res
 
 
 def run_test(test: Path, bitcoind: Path) -> tuple[int, str, float]:
@@ -91,22 +83,22 @@ def bitcoind() -> Path:
 
 
 @pytest.fixture(scope="module")
-def sync_capture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """A Core node syncs BLOCKS blocks from a Core miner and captures it (the miner's
-    capture folder, and the tip)."""
+def sync_recording(tmp_path_factory: pytest.TempPathFactory) -> Recording:
+    """A Core node syncs BLOCKS blocks from a Core miner and captures it."""
     work = tmp_path_factory.mktemp("ft-recording")
-    nodes = NodeFactory(work / "nodes")
-    try:
+    with NodeFactory(work / "nodes") as nodes:
         miner = nodes("miner")
-        tip = miner.mine(BLOCKS, "bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqdku202")[-1]
-        syncer = nodes("syncer", "-capturemessages", f"-connect={miner.address}")
-        wait_until(lambda: syncer.tip() == tip, 60, "the recording node did not sync")
-        syncer.stop()
-        (folder,) = [f for f in syncer.capture_dir.iterdir() if f.is_dir()]
-        copy = Path(shutil.copytree(folder, work / folder.name))
-    finally:
-        nodes.close()
-    yield copy, tip
+        miner.mine(BLOCKS, BURN)
+        recorded, _ = record_sync(nodes, miner, work)
+    return recorded
+
+
+@pytest.fixture
+def sync_test(sync_recording: Recording, tmp_path: Path, bitcoind: Path) -> Path:
+    """The sync recording exported as ``functional/sync.py`` (its data in ``sync.json``)."""
+    test = functional_dir(tmp_path, bitcoind) / "sync.py"
+    export(sync_recording.folder, test)
+    return test
 
 
 def test_generated_file_imports_only_the_framework(tmp_path: Path) -> None:
@@ -164,29 +156,22 @@ def test_pair_becomes_a_passing_test(capture: Path, tmp_path: Path, bitcoind: Pa
 
 
 def test_sync_becomes_a_passing_test(
-    sync_capture: tuple[Path, str], tmp_path: Path, bitcoind: Path
+    sync_recording: Recording, sync_test: Path, bitcoind: Path
 ) -> None:
-    capture, tip = sync_capture
-    functional = functional_dir(tmp_path, bitcoind)
-    export(capture, functional / "sync.py")
-    data = json.loads((functional / "sync.json").read_text())
+    tip = sync_recording.tip
+    data = json.loads(sync_test.with_suffix(".json").read_text())
     assert len(data["blocks"]) == BLOCKS and data["chain"][-1] == tip
-    assert f'node.getbestblockhash() == "{tip}"' in (functional / "sync.py").read_text()
-    status, out, _ = run_test(functional / "sync.py", bitcoind)
+    assert f'node.getbestblockhash() == "{tip}"' in sync_test.read_text()
+    status, out, _ = run_test(sync_test, bitcoind)
     assert status == 0 and "Tests successful" in out, out[-3000:]
 
 
-def test_one_block_removed_fails_naming_it(
-    sync_capture: tuple[Path, str], tmp_path: Path, bitcoind: Path
-) -> None:
-    capture, _ = sync_capture
-    functional = functional_dir(tmp_path, bitcoind)
-    export(capture, functional / "sync.py")
-    data_file = functional / "sync.json"
+def test_one_block_removed_fails_naming_it(sync_test: Path, bitcoind: Path) -> None:
+    data_file = sync_test.with_suffix(".json")
     data = json.loads(data_file.read_text())
     removed = data["chain"][56]
     del data["blocks"][removed]
     data_file.write_text(json.dumps(data))
-    status, out, _ = run_test(functional / "sync.py", bitcoind)
+    status, out, _ = run_test(sync_test, bitcoind)
     assert status == 1, out[-3000:]
     assert f"the node asked for block {removed}, which the recording does not hold" in out

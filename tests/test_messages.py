@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from io import BytesIO
 
 import pytest
@@ -10,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from verystable.core import messages as vm
 
-from msgcap.capture.framing import KNOWN_MSGTYPES
+from msgcap.capture.framing import KNOWN_MSGTYPES, hash256
 from msgcap.parser import messages as m
 from msgcap.parser.messages import MESSAGES, Unknown, Version, decode_message
 from msgcap.parser.structures import AddressV2, Inventory, InvType, Net
@@ -347,4 +346,4 @@ def test_block_hash_of_regtest_genesis() -> None:
     assert display_hash(header.hash) == (
         "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
     )
-    assert hashlib.sha256(hashlib.sha256(genesis).digest()).digest() == header.hash
+    assert hash256(genesis) == header.hash

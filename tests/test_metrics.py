@@ -11,7 +11,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import encode_frame
-from tests.conftest import MAGIC, Upstream, echo, logged, read_all, running_proxy, wait_until_async
+from tests.conftest import (
+    MAGIC,
+    Upstream,
+    echo,
+    logged,
+    read_all,
+    route_to,
+    running_proxy,
+    wait_until_async,
+)
 
 
 def scrape(host: str, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -31,9 +40,8 @@ async def test_metrics_count_what_is_captured(tmp_path: Path) -> None:
     bad[20] ^= 1  # a bad checksum: an anomaly, not a message
     async with (
         Upstream(echo) as up,
-        running_proxy(tmp_path, metrics="127.0.0.1:0",
-                      route=[{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{up.port}"}]) as px,
-    ):  # fmt: skip
+        running_proxy(tmp_path, metrics="127.0.0.1:0", route=route_to(up.port)) as px,
+    ):
         assert px.metrics_address is not None
         r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
         data = b"".join(encode_frame(MAGIC, t, p) for t, p in frames) + bytes(bad)

@@ -21,12 +21,12 @@ from msgcap.capture.framing import MsgType
 from msgcap.capture.records import Record, RecordFilter, encode_record, read_records
 from msgcap.cli import main
 from msgcap.parser.render import BatchRenderer, render
+from tests.conftest import PAIR, PAIR_A, PAIR_B
 from tests.core_reference import parse_files
 from tests.oracle import correct_message
 from tests.vectors import VECTORS
 
-DATA = Path(__file__).parent / "data" / "core-v30-pair"
-FOLDERS = [DATA / "a" / "127.0.0.1_39912", DATA / "b" / "127.0.0.1_28444"]
+FOLDERS = [PAIR_A, PAIR_B]
 
 
 def run(tmp_path: Path, *args: str) -> tuple[int, Any, str]:
@@ -144,7 +144,7 @@ def test_display_hashes(tmp_path: Path) -> None:
 
 
 def test_merging_two_peers_keeps_peer_names(tmp_path: Path) -> None:
-    _, merged, _ = run(tmp_path, "parse", "--with-peer", str(DATA))
+    _, merged, _ = run(tmp_path, "parse", "--with-peer", str(PAIR))
     assert len(merged) == 290
     assert {m["peer"] for m in merged} == {"127.0.0.1_39912", "127.0.0.1_28444"}
     times = [m["time"] for m in merged]
@@ -233,7 +233,7 @@ def test_stats_table(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     rows = [line.split() for line in text.splitlines()]
     cmpct = next(r for r in rows if r[1:3] == ["sent", "cmpctblock"])
-    literal = json.loads((DATA / "a" / "127.0.0.1_39912.json").read_text())
+    literal = json.loads((PAIR / "a" / "127.0.0.1_39912.json").read_text())
     sent_cmpct = [m for m in literal if m["direction"] == "sent" and m["msgtype"] == "cmpctblock"]
     assert cmpct[0] == "127.0.0.1_39912"
     assert int(cmpct[3]) == len(sent_cmpct)
@@ -445,7 +445,7 @@ def test_pure_python_gives_the_same_bytes(tmp_path: Path) -> None:
     outputs = []
     for pure in ("", "1"):
         res = subprocess.run(
-            [sys.executable, "-m", "msgcap", "parse", "--with-peer", str(DATA)],
+            [sys.executable, "-m", "msgcap", "parse", "--with-peer", str(PAIR)],
             capture_output=True, check=True, env={**os.environ, "MSGCAP_PURE_PYTHON": pure},
         )  # fmt: skip
         outputs.append(res.stdout)

@@ -6,16 +6,15 @@ wait is bounded and that a listener counts only connections that sent their vers
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from msgcap.capture.framing import Frame, FrameDecoder, encode_frame
+from msgcap.capture.framing import encode_frame, hash256
 from msgcap.capture.records import Direction, encode_record
 from msgcap.parser.messages import (
     BlockMsg,
@@ -23,8 +22,6 @@ from msgcap.parser.messages import (
     CmpctBlock,
     GetBlocks,
     GetBlockTxn,
-    GetData,
-    GetHeaders,
     Headers,
     Inv,
     NotFound,
@@ -33,9 +30,6 @@ from msgcap.parser.messages import (
     decode_message,
 )
 from msgcap.parser.structures import (
-    MSG_WITNESS_FLAG,
-    Block,
-    BlockHeader,
     BlockLocator,
     BlockTransactionsRequest,
     HeaderAndShortIDs,
@@ -46,25 +40,20 @@ from msgcap.parser.structures import (
 from msgcap.proxy.replay import replay_listen, replay_to
 from msgcap.proxy.replay_conversation import Conversation, Kind, Report, benign
 from msgcap.proxy.replay_plan import Recording, Step, load_conversation
-from tests.conftest import MAGIC
+from tests.conftest import (
+    GENESIS,
+    MAGIC,
+    TXS,
+    VERSION_PAYLOAD,
+    getdata,
+    getheaders,
+    live_node,
+    make_chain,
+)
 from tests.vectors import VECTORS
 
 RECV, SENT = Direction.RECV, Direction.SENT
-VERSION = bytes.fromhex(VECTORS["version"])
-TXS = decode_message("block", bytes.fromhex(VECTORS["block"])).block.transactions  # type: ignore[union-attr]
-GENESIS = bytes.fromhex("0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206")[::-1]
 ZERO = bytes(32)
-
-
-def make_chain(n: int, base: bytes = GENESIS) -> list[Block]:
-    blocks, prev = [], base
-    for i in range(1, n + 1):
-        header = BlockHeader(0x20000000, prev, bytes([i]) * 32, 1_700_000_000 + i, 0x207FFFFF, i)
-        blocks.append(Block(header, TXS))
-        prev = header.hash
-    return blocks
-
-
 BLOCKS = make_chain(5)
 H = [b.hash for b in BLOCKS]
 """H[i] is the hash of block i + 1."""
@@ -78,20 +67,12 @@ def item(kind: int, h: bytes) -> Inventory:
     return Inventory(kind, h)
 
 
-def getdata(*hashes: bytes, kind: int = InvType.MSG_BLOCK | MSG_WITNESS_FLAG) -> bytes:
-    return GetData(tuple(item(kind, h) for h in hashes)).encode()
-
-
-def getheaders(*locator: bytes, stop: bytes = ZERO) -> bytes:
-    return GetHeaders(BlockLocator(70016, locator), stop).encode()
-
-
 def sync_steps() -> list[Step]:
     """A node syncing five blocks from the peer, as the node recorded it."""
     t = iter(range(1, 1000))
     steps = [
-        Step(next(t), SENT, "version", VERSION),
-        Step(next(t), RECV, "version", VERSION),
+        Step(next(t), SENT, "version", VERSION_PAYLOAD),
+        Step(next(t), RECV, "version", VERSION_PAYLOAD),
         Step(next(t), SENT, "verack", b""),
         Step(next(t), RECV, "verack", b""),
         Step(next(t), SENT, "getaddr", b""),
@@ -138,7 +119,7 @@ def test_blocks_are_found_by_hash_in_any_order() -> None:
     conv = Conversation(Recording(sync_steps(), "peer"))
     got = answers_of(conv, "getdata", getdata(H[4], H[0], H[2]))
     assert [t for t, _ in got] == ["block"] * 3
-    assert [hashlib.sha256(hashlib.sha256(p[:80]).digest()).digest() for _, p in got] == [
+    assert [hash256(p[:80]) for _, p in got] == [
         H[4], H[0], H[2]
     ]  # fmt: skip
     assert conv.answered == {"getdata": 1} and conv.requests == 1
@@ -242,7 +223,7 @@ def test_divergence_is_classified() -> None:
     rec = Recording(sync_steps(), "peer")
     conv = Conversation(rec)
     for msgtype, payload in [
-        ("version", VERSION), ("verack", b""), ("sendcmpct", b"\x00" + bytes(8)),
+        ("version", VERSION_PAYLOAD), ("verack", b""), ("sendcmpct", b"\x00" + bytes(8)),
         ("getheaders", getheaders(GENESIS)), ("ping", Ping(1).encode()),
         ("getdata", getdata(*H[:4])),
     ]:  # fmt: skip
@@ -293,48 +274,10 @@ def write_capture(folder: Path, steps: list[Step]) -> Path:
     return folder
 
 
-async def live_side(
-    r: asyncio.StreamReader,
-    w: asyncio.StreamWriter,
-    *,
-    dial: bool = False,
-    after_verack: Sequence[tuple[str, bytes]] = (),
-    pong: bool = True,
-    close_after_verack: bool = False,
-) -> list[str]:
-    """A node: version and verack, pongs (unless not ``pong``), then ``after_verack``."""
-    got: list[str] = []
-    dec = FrameDecoder(MAGIC)
-
-    def send(msgtype: str, payload: bytes) -> None:
-        w.write(encode_frame(MAGIC, msgtype, payload))
-
-    if dial:
-        send("version", VERSION)
-    while data := await r.read(1 << 16):
-        dec.receive_data(data)
-        while isinstance(ev := dec.next_event(), Frame):
-            got.append(ev.msgtype)
-            if ev.msgtype == "version":
-                if not dial:
-                    send("version", VERSION)
-                send("verack", b"")
-            elif ev.msgtype == "verack":
-                if close_after_verack:
-                    w.close()
-                    return got
-                for msgtype, payload in after_verack:
-                    send(msgtype, payload)
-            elif ev.msgtype == "ping" and pong:
-                send("pong", ev.payload)
-    w.close()
-    return got
-
-
 def serve_once(**behaviour: object) -> Callable[[], Awaitable[tuple[asyncio.Server, int]]]:
     async def start() -> tuple[asyncio.Server, int]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await live_side(r, w, **behaviour)  # type: ignore[arg-type]
+            await live_node(r, w, **behaviour)  # type: ignore[arg-type]
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         return server, server.sockets[0].getsockname()[1]
@@ -357,7 +300,7 @@ def run_to(tmp_path: Path, timeout: float, **behaviour: object) -> tuple[Report,
 
 def test_a_faithful_live_side_is_served_and_the_replay_ends_at_once(tmp_path: Path) -> None:
     requests = [("getheaders", getheaders(GENESIS)), ("getdata", getdata(*H))]
-    report, seconds = run_to(tmp_path, 5, after_verack=requests)
+    report, seconds = run_to(tmp_path, 5, requests=requests)
     assert not report.diverged and report.reached, report.summary()
     assert report.sent_types["block"] == 5 and report.sent_types["headers"] == 1
     assert seconds < 2  # settled by a ping round trip, not by a timeout
@@ -378,7 +321,7 @@ def test_an_unanswerable_request_ends_the_replay_within_the_timeout(tmp_path: Pa
 
             task = asyncio.create_task(nag())
             try:
-                await live_side(r, w, after_verack=requests)
+                await live_node(r, w, requests=requests)
             finally:
                 task.cancel()
 
@@ -420,7 +363,7 @@ def test_the_listener_serves_n_connections_and_probes_do_not_count(tmp_path: Pat
         probe.close()
         clients = [await asyncio.open_connection(host, port) for _ in range(2)]
         got = await asyncio.gather(
-            *(live_side(r, w, dial=True, after_verack=requests) for r, w in clients)
+            *(live_node(r, w, dial=True, requests=requests) for r, w in clients)
         )
         assert all(g.count("block") == 5 for g in got)
         return await replaying
@@ -447,7 +390,7 @@ def test_strict_ignores_benign_divergence(tmp_path: Path, strict: bool) -> None:
                 ("getdata", getdata(*H)), ("addr", b"\x00")]  # fmt: skip
 
     async def main() -> subprocess.CompletedProcess[str]:
-        server, port = await serve_once(after_verack=requests)()
+        server, port = await serve_once(requests=requests)()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "msgcap", "replay", str(folder), "--to", f"127.0.0.1:{port}",
             "--timeout", "2", *(["--strict"] if strict else []),

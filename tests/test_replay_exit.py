@@ -24,38 +24,37 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import msgcap.proxy.replay as replay_mod
-from msgcap.capture.bip324 import V2Error, V2Session
+from msgcap.capture.bip324 import V2Session
 from msgcap.capture.framing import v1_version_prefix
 from msgcap.capture.records import encode_record
 from msgcap.cli import main
-from msgcap.parser.messages import GetData, GetHeaders, Headers
-from msgcap.parser.structures import (
-    MSG_WITNESS_FLAG,
-    BlockLocator,
-    Inventory,
-    InvType,
-)
+from msgcap.parser.messages import Headers
 from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
-from tests.conftest import MAGIC, free_port
-from tests.test_replay_causal import GENESIS, make_chain
+from tests.conftest import (
+    GENESIS,
+    MAGIC,
+    VERSION_PAYLOAD,
+    free_port,
+    getdata,
+    getheaders,
+    live_node,
+    make_chain,
+)
 from tests.vectors import VECTORS
 
-VERSION = bytes.fromhex(VECTORS["version"])
 FAULT = "injected fault"
 
 BLOCKS = make_chain(3)
 HASHES = [b.hash for b in BLOCKS]
-GETHEADERS = GetHeaders(BlockLocator(70016, (GENESIS,)), bytes(32)).encode()
-GETDATA = GetData(
-    tuple(Inventory(InvType.MSG_BLOCK | MSG_WITNESS_FLAG, h) for h in HASHES)
-).encode()
+GETHEADERS = getheaders(GENESIS)
+GETDATA = getdata(*HASHES)
 REQUESTS: list[Message] = [("getheaders", GETHEADERS), ("getdata", GETDATA)]
 """What the live node asks for after verack: everything the recording answers."""
 
@@ -63,11 +62,11 @@ REQUESTS: list[Message] = [("getheaders", GETHEADERS), ("getdata", GETDATA)]
 def write_recording(folder: Path) -> Path:
     """A node syncing three blocks from the peer, as the node recorded it (the replayer
     plays the peer)."""
-    recv = [(1, "version", VERSION), (3, "verack", b""),
+    recv = [(1, "version", VERSION_PAYLOAD), (3, "verack", b""),
             (5, "sendcmpct", bytes.fromhex(VECTORS["sendcmpct"])),
             (7, "headers", Headers(tuple(b.header for b in BLOCKS)).encode())]  # fmt: skip
     recv += [(9 + i, "block", b.encode()) for i, b in enumerate(BLOCKS)]
-    sent = [(2, "version", VERSION), (4, "verack", b""), (6, "getheaders", GETHEADERS),
+    sent = [(2, "version", VERSION_PAYLOAD), (4, "verack", b""), (6, "getheaders", GETHEADERS),
             (8, "getdata", GETDATA)]  # fmt: skip
     folder.mkdir(parents=True)
     (folder / "msgs_recv.dat").write_bytes(b"".join(encode_record(*r) for r in recv))
@@ -75,64 +74,7 @@ def write_recording(folder: Path) -> Path:
     return folder
 
 
-# --- a live node, v1 or BIP324 -------------------------------------------------------------
-
-
-_Stream = replay_mod._StreamIO
-"""A stream pair as the BIP324 handshake reads and writes it (the replayer's own)."""
-
-
-async def live_node(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    transport: str,
-    dial: bool,
-    requests: Sequence[Message] = REQUESTS,
-) -> list[str]:
-    """The node under test: its handshake (as the side that dialed, or not), pongs, and
-    ``requests`` after verack; returns the types it received. Gives up quietly when the
-    replayer goes away."""
-    got: list[str] = []
-    try:
-        leg: Leg
-        early: list[Message] = []
-        if transport == "v2":
-            session = V2Session(initiator=dial, magic=MAGIC)
-            early = await handshake(_Stream(reader, writer), session)
-            leg = V2Leg(session)
-        else:
-            leg = V1Leg(MAGIC)
-
-        def send(msgtype: str, payload: bytes | memoryview) -> None:
-            writer.write(leg.encode([(msgtype, bytes(payload))]))
-
-        def on(messages: list[Message]) -> None:
-            for msgtype, payload in messages:
-                got.append(msgtype)
-                if msgtype == "version":
-                    if not dial:
-                        send("version", VERSION)
-                    send("verack", b"")
-                elif msgtype == "verack":
-                    for request in requests:
-                        send(*request)
-                elif msgtype == "ping":
-                    send("pong", payload)
-
-        if dial:
-            send("version", VERSION)
-        on(early)
-        while data := await reader.read(1 << 16):
-            messages, _, fatal = leg.receive(data)
-            on(messages)
-            if fatal is not None:
-                break
-    except (OSError, V2Error):
-        pass
-    finally:
-        writer.close()
-    return got
+# --- a live node (tests.conftest.live_node), v1 or BIP324 ----------------------------------
 
 
 async def connect_when_listening(
@@ -153,7 +95,7 @@ async def connect_when_listening(
 async def dial_node(port: int, transport: str) -> list[str]:
     """A node that dials the listening replayer (retrying until it listens)."""
     reader, writer = await connect_when_listening(port)
-    return await live_node(reader, writer, transport=transport, dial=True)
+    return await live_node(reader, writer, transport=transport, dial=True, requests=REQUESTS)
 
 
 # --- faults --------------------------------------------------------------------------------
@@ -252,7 +194,7 @@ def run_command(
                 if node is not None:
                     await node(r, w)
                 else:
-                    await live_node(r, w, transport=transport, dial=False)
+                    await live_node(r, w, transport=transport, requests=REQUESTS)
 
             server = await asyncio.start_server(handle, "127.0.0.1", 0)
             port = int(server.sockets[0].getsockname()[1])
@@ -367,9 +309,9 @@ async def _client_closes_after_version(port: int, transport: str) -> None:
     leg: Leg = V1Leg(MAGIC)
     if transport == "v2":
         session = V2Session(initiator=True, magic=MAGIC)
-        await handshake(_Stream(r, w), session)
+        await handshake(replay_mod._StreamIO(r, w), session)
         leg = V2Leg(session)
-    w.write(leg.encode([("version", VERSION)]))
+    w.write(leg.encode([("version", VERSION_PAYLOAD)]))
     await w.drain()
     w.close()
 
