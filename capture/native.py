@@ -26,8 +26,8 @@ def pure_python() -> bool:
 
 
 def load(name: str) -> ModuleType | None:
-    """The compiled module ``name`` (a full name, given by the layer it belongs to:
-    ``load(f"{__package__}._fastjson")``), or None when it was not built or
+    """The compiled module ``name`` (a full name, named by the layer it belongs to:
+    ``load("msgcap.parser._fastjson")``), or None when it was not built or
     :func:`pure_python` is set."""
     if pure_python():
         return None

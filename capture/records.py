@@ -341,10 +341,3 @@ def read_record_headers(f: BinaryIO) -> Iterator[tuple[int, int] | Damage]:
         yield offset, time_us
         offset = end
         f.seek(offset)
-
-
-def read_record_at(f: BinaryIO, offset: int) -> Record:
-    """The complete record at a known-good offset (from :func:`read_record_headers`)."""
-    f.seek(offset)
-    time_us, raw_type, length = RECORD_HEADER.unpack(f.read(RECORD_HEADER_SIZE))
-    return Record(time_us, raw_type, f.read(length), offset)

@@ -228,8 +228,9 @@ class CaptureWriter:
         return self.write_parts(direction, [encode_record(time_us, msgtype, payload)])
 
     def write_parts(self, direction: Direction, parts: Sequence[bytes | memoryview]) -> int:
-        """Append the concatenation of ``parts`` (whole records) with one ``writev()``; on
-        failure the file is left as it was."""
+        """Append the concatenation of ``parts`` (whole records), with as few ``writev()``
+        calls as the system allows (:func:`~msgcap.capture.batch.write_all`); on failure the
+        file is left as it was."""
         return write_all(self.fd(direction), parts)
 
     def close(self) -> None:

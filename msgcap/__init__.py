@@ -2,8 +2,8 @@
 
 The packages: :mod:`msgcap.capture` (framing, BIP324 and Core's capture format, no I/O
 framework), :mod:`msgcap.parser` (typed messages and Core-compatible JSON),
-:mod:`msgcap.proxy` (the asyncio proxy and replayer); this package holds the command line,
-the pytest plugin and the errors they share.
+:mod:`msgcap.proxy` (the asyncio proxy and replayer); this package, on top of them, holds
+the command line, the test API (:mod:`msgcap.testing`) and its pytest plugin.
 """
 
 __version__ = "0.1.0"

@@ -11,12 +11,12 @@ msgcap installed costs other projects' pytest runs next to nothing.
 - :func:`load_capture` (fixture ``msgcap_capture(path, ...)``): a capture folder or files
   as a time-ordered list of :class:`CapturedMessage` with typed messages.
 - :func:`replay` (fixture ``msgcap_replay(path, to="HOST:PORT", ...)``): play one side of
-  a capture against a live node and return the :class:`proxy.replay.Report`:
+  a capture against a live node and return the :class:`msgcap.proxy.replay.Report`:
   ``.diverged`` (substantive divergence only), ``.substantive`` and ``.benign`` (lists of
   ``Divergence``), ``.reached``, ``.answered``, ``.summary()``. Usable from sync and async
   tests alike (it runs its own event loop in a thread). With several targets
   (``to=[A, B]``, or ``listen=`` with ``connections=N``) it plays the same recording into
-  each and returns a :class:`proxy.diff.DiffReport` of how the nodes differ.
+  each and returns a :class:`msgcap.proxy.diff.DiffReport` of how the nodes differ.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 Transactions, blocks, headers, compact blocks and inventories carry nearly all the bytes
 of a capture. For these, rendering straight from the payload is several times faster
-than decoding into the typed classes of :mod:`parser.messages` and calling ``json()``.
+than decoding into the typed classes of :mod:`msgcap.parser.messages` and calling ``json()``.
 The output is the same: ``tests/test_fastjson.py`` checks both paths agree, value for
 value and on which payloads are rejected, for every vector and for random payloads.
 
 A native twin, ``parser/_fastjson.c``, renders the same JSON text an order of magnitude
 faster (and every other message type too, whole batches of records at a time: see
-:class:`~parser.render.BatchRenderer`); it is used when it was built (``pip install``
+:class:`~msgcap.parser.render.BatchRenderer`); it is used when it was built (``pip install``
 compiles it where a C compiler is available). Set ``MSGCAP_PURE_PYTHON=1`` to use the
 Python code regardless.
 
@@ -16,9 +16,9 @@ Hex strings are cut out of one ``payload.hex()`` per message; a transaction's, w
 the one transaction walk (:func:`~msgcap.parser.txwalk.walk_tx`, which the typed codec
 builds on too) marks its parts. Any read past the end shows up as an IndexError,
 struct.error or DecodeError, or as a final position past the end, and becomes a
-:class:`~parser.wire.DecodeError`. That error is the typed codec's, with its reason and
+:class:`~msgcap.parser.wire.DecodeError`. That error is the typed codec's, with its reason and
 payload offset: the Python renderer does not track where it stopped, so a rejected
-payload is decoded again with :func:`~parser.messages.decode_message` (only rejected
+payload is decoded again with :func:`~msgcap.parser.messages.decode_message` (only rejected
 payloads pay for it). The native renderer tracks the offset itself.
 """
 
@@ -65,8 +65,6 @@ _U32 = struct.Struct("<I").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
 _I64 = struct.Struct("<q").unpack_from
 _HEADER = struct.Struct("<i32s32sIII").unpack_from
-
-JsonRender = Callable[[bytes, bool], Any]
 
 
 class _Ctx:

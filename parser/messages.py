@@ -1,7 +1,7 @@
 """One typed class per P2P message type, and the registry from type to class.
 
 ``decode_message(msgtype, payload)`` gives a message object or raises
-:class:`~parser.wire.DecodeError`; types not in :data:`MESSAGES` become a lossless
+:class:`~msgcap.parser.wire.DecodeError`; types not in :data:`MESSAGES` become a lossless
 :class:`Unknown`. For every well-formed payload ``m.encode() == payload``.
 
 Its length is that of one cohesive protocol: Bitcoin Core's set of P2P messages (the

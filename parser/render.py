@@ -92,7 +92,7 @@ ProblemReport = Callable[[Item, Problem], None]
 
 
 class BatchRenderer:
-    """Batches of records (:class:`~capture.conversation.Batch`) to JSON text on ``out``:
+    """Batches of records (:class:`~msgcap.capture.conversation.Batch`) to JSON text on ``out``:
     the elements of a JSON array, comma-separated, or JSON lines. Each record's text is
     byte for byte ``orjson.dumps`` of :func:`render`'s dict (plus ``node`` and ``peer`` of
     its file with ``with_peer``), and each problem goes to ``on_problem`` as

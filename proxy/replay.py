@@ -340,8 +340,9 @@ class Replayer:
         return await self.run(reader, writer, initiator=False, leg=leg, early=early, first=first)
 
 
-class _StreamIO:
-    """A stream pair as :func:`msgcap.proxy.v2.handshake` reads and writes it."""
+class StreamIO:
+    """An asyncio stream pair as :func:`msgcap.proxy.v2.handshake` reads and writes it (the
+    replayer's, and a test's scripted node's)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -395,7 +396,7 @@ async def _play_to(
     session = V2Session(initiator=True, magic=replayer.magic)
     try:
         async with asyncio.timeout(replayer.timeout or None):
-            early = await handshake(_StreamIO(reader, writer), session)
+            early = await handshake(StreamIO(reader, writer), session)
     except (V2Error, ConnectionError, TimeoutError) as e:  # what the node did
         writer.close()
         replayer.report.transport = "v2"
@@ -420,7 +421,7 @@ async def _accept_transport(
         if first == prefix:
             return V1Leg(replayer.magic), [], first
         session = V2Session(initiator=False, magic=replayer.magic)
-        early = await handshake(_StreamIO(reader, writer), session, first)
+        early = await handshake(StreamIO(reader, writer), session, first)
     return V2Leg(session), early, b""
 
 

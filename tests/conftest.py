@@ -32,7 +32,7 @@ from msgcap.parser.structures import (
 )
 from msgcap.parser.wire import Reader
 from msgcap.proxy.config import config_from_dict
-from msgcap.proxy.replay import _StreamIO
+from msgcap.proxy.replay import StreamIO
 from msgcap.proxy.server import Proxy
 from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
 from tests import bitcoind
@@ -318,7 +318,7 @@ async def live_node(
         early: list[Message] = []
         if transport == "v2":
             session = V2Session(initiator=dial, magic=MAGIC)
-            early = await handshake(_StreamIO(reader, writer), session)
+            early = await handshake(StreamIO(reader, writer), session)
             leg = V2Leg(session)
         else:
             leg = V1Leg(MAGIC)

@@ -88,7 +88,8 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 def imports_of(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
-    """(line, module name) for each msgcap module ``source`` imports or names as a string."""
+    """(line, module name) for each module ``source`` imports (and each name it imports
+    from one), or msgcap module it names as a string."""
     tree = ast.parse(source)
     package = module if is_package else module.rpartition(".")[0]
     found: list[tuple[int, str]] = []
@@ -115,6 +116,30 @@ def imports_of(source: str, module: str, is_package: bool) -> list[tuple[int, st
     return found
 
 
+def modules_imported(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, module) for each ``import M`` and ``from M import ...`` of ``source``."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            name = ".".join([*base, node.module or ""]) if node.level else node.module or ""
+            found.append((node.lineno, name.rstrip(".")))
+    return found
+
+
+def resolves(module: str) -> bool:
+    """Whether ``module`` (a msgcap module) is a file of the tree: Python, or a native
+    module's stub (``.pyi``: it may not be built here)."""
+    floor = floor_of(module)
+    parts = module.split(".")[1:] if floor == "app" else module.split(".")[2:]
+    base = FOLDERS[floor or "app"].joinpath(*parts)
+    return any(p.exists() for p in (base.with_suffix(".py"), base.with_suffix(".pyi"),
+                                     base / "__init__.py"))  # fmt: skip
+
+
 def violations(path: Path, source: str | None = None) -> list[str]:
     module = module_name(path)
     floor = floor_of(module)
@@ -128,6 +153,9 @@ def violations(path: Path, source: str | None = None) -> list[str]:
             out.append(f"{where}: {floor} reaches up to {name} ({target})")
         if floor in NO_ASYNCIO and name.split(".")[0] in ("asyncio", "uvloop"):
             out.append(f"{where}: {floor} imports {name}")
+    for line, name in modules_imported(text, module, path.name == "__init__.py"):
+        if floor_of(name) is not None and name != "msgcap" and not resolves(name):
+            out.append(f"{path.relative_to(ROOT)}:{line}: imports {name}, which does not exist")
     return out
 
 
@@ -148,6 +176,8 @@ def test_no_floor_imports_a_floor_above_it() -> None:
         ("parser", "from msgcap import cli\n", "reaches up to msgcap.cli"),
         ("parser", "import asyncio\n", "imports asyncio"),
         ("proxy", "from msgcap.testing import replay\n", "reaches up to msgcap.testing"),
+        ("proxy", "from msgcap.capture._v2 import Pipe\n", "msgcap.capture._v2, which does not"),
+        ("proxy", "from ..capture.gone import x\n", "msgcap.capture.gone, which does not"),
     ],
 )  # fmt: skip
 def test_the_check_catches_what_it_is_for(floor: str, source: str, caught: str) -> None:

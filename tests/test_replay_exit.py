@@ -309,7 +309,7 @@ async def _client_closes_after_version(port: int, transport: str) -> None:
     leg: Leg = V1Leg(MAGIC)
     if transport == "v2":
         session = V2Session(initiator=True, magic=MAGIC)
-        await handshake(replay_mod._StreamIO(r, w), session)
+        await handshake(replay_mod.StreamIO(r, w), session)
         leg = V2Leg(session)
     w.write(leg.encode([("version", VERSION_PAYLOAD)]))
     await w.drain()

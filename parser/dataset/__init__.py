@@ -54,75 +54,46 @@ from msgcap.parser.dataset.cli import (
 from msgcap.parser.dataset.decode import (
     INV_MESSAGES,
     bip34_height,
-    block_row,
     check_payload,
     inv_entries,
     tx_row,
     txs_end,
 )
-from msgcap.parser.dataset.export import ExportResult, Report, export_parquet, node_of
+from msgcap.parser.dataset.export import Report, export_parquet
 from msgcap.parser.dataset.manifest import (
     FORMAT_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
-    FileState,
-    Manifest,
     read_manifest,
     write_manifest,
 )
-from msgcap.parser.dataset.schema import (
-    BLOCKS,
-    INV_ITEMS,
-    MESSAGES,
-    PARTITION_COLUMNS,
-    SCHEMA_VERSION,
-    TABLES,
-    TRANSACTIONS,
-    Column,
-    DatasetError,
-    Table,
-    partition_value,
-)
-from msgcap.parser.dataset.sql import connect, print_result, run_query, view_sql
+from msgcap.parser.dataset.schema import MESSAGES, SCHEMA_VERSION, TABLES, DatasetError
+from msgcap.parser.dataset.sql import connect, print_result
 from msgcap.parser.dataset.writing import DatasetWriter
 
 __all__ = [
-    "BLOCKS",
     "FORMAT_NAME",
-    "INV_ITEMS",
     "INV_MESSAGES",
     "LOCK_NAME",
     "MANIFEST_NAME",
     "MESSAGES",
-    "PARTITION_COLUMNS",
     "SCHEMA_VERSION",
     "TABLES",
-    "TRANSACTIONS",
-    "Column",
     "DatasetError",
     "DatasetWriter",
-    "ExportResult",
-    "FileState",
-    "Manifest",
     "Report",
-    "Table",
     "add_export_parquet_args",
     "add_sql_args",
     "bip34_height",
-    "block_row",
     "check_payload",
     "connect",
     "export_parquet",
     "inv_entries",
-    "node_of",
-    "partition_value",
     "print_result",
     "read_manifest",
     "run_export_parquet",
-    "run_query",
     "run_sql",
     "tx_row",
     "txs_end",
-    "view_sql",
     "write_manifest",
 ]

@@ -83,6 +83,7 @@ class Report(Warnings):
             )
 
     def summary(self) -> None:
+        super().summary()
         for table, n in self.undecodable.items():
             self.warn(f"{n} undecodable payload(s) left out of {table}")
 
