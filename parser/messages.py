@@ -13,7 +13,7 @@ them would meet again in the registry at the bottom.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar, cast
 
 from msgcap.parser import wire
 from msgcap.parser.structures import (
@@ -327,59 +327,57 @@ class Headers:
         return {"headers": [h.json(hx) for h in self.headers]}
 
 
+class _OneStructure:
+    """A message that is one structure (``block`` is a :class:`Block`): read, encoded and
+    shown as that structure, under the name of the message's one field (Core's)."""
+
+    __slots__ = ()
+    msgtype: ClassVar[str]
+    structure: ClassVar[Any]
+    """The structure's class (with ``read``, ``encode`` and ``json``)."""
+    field: ClassVar[str]
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        make: Any = cls
+        return cast(Self, make(cls.structure.read(r)))
+
+    def encode(self) -> bytes:
+        return cast(bytes, getattr(self, self.field).encode())
+
+    def json(self, hx: HashHex) -> JsonDict:
+        return {self.field: getattr(self, self.field).json(hx)}
+
+
 @dataclass(frozen=True, slots=True)
-class BlockMsg:
+class BlockMsg(_OneStructure):
     """The ``block`` message (Core's msg_block)."""
 
     msgtype: ClassVar[str] = "block"
+    structure: ClassVar[type[Block]] = Block
+    field: ClassVar[str] = "block"
 
     block: Block
 
-    @classmethod
-    def read(cls, r: Reader) -> BlockMsg:
-        return cls(Block.read(r))
-
-    def encode(self) -> bytes:
-        return self.block.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"block": self.block.json(hx)}
-
 
 @dataclass(frozen=True, slots=True)
-class Tx:
+class Tx(_OneStructure):
     msgtype: ClassVar[str] = "tx"
+    structure: ClassVar[type[Transaction]] = Transaction
+    field: ClassVar[str] = "tx"
 
     tx: Transaction
 
-    @classmethod
-    def read(cls, r: Reader) -> Tx:
-        return cls(Transaction.read(r))
-
-    def encode(self) -> bytes:
-        return self.tx.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"tx": self.tx.json(hx)}
-
 
 @dataclass(frozen=True, slots=True)
-class MerkleBlockMsg:
+class MerkleBlockMsg(_OneStructure):
     """The ``merkleblock`` message (Core's msg_merkleblock)."""
 
     msgtype: ClassVar[str] = "merkleblock"
+    structure: ClassVar[type[MerkleBlock]] = MerkleBlock
+    field: ClassVar[str] = "merkleblock"
 
     merkleblock: MerkleBlock
-
-    @classmethod
-    def read(cls, r: Reader) -> MerkleBlockMsg:
-        return cls(MerkleBlock.read(r))
-
-    def encode(self) -> bytes:
-        return self.merkleblock.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"merkleblock": self.merkleblock.json(hx)}
 
 
 # --- compact blocks (BIP152) ----------------------------------------------------------
@@ -405,54 +403,30 @@ class SendCmpct:
 
 
 @dataclass(frozen=True, slots=True)
-class CmpctBlock:
+class CmpctBlock(_OneStructure):
     msgtype: ClassVar[str] = "cmpctblock"
+    structure: ClassVar[type[HeaderAndShortIDs]] = HeaderAndShortIDs
+    field: ClassVar[str] = "header_and_shortids"
 
     header_and_shortids: HeaderAndShortIDs
 
-    @classmethod
-    def read(cls, r: Reader) -> CmpctBlock:
-        return cls(HeaderAndShortIDs.read(r))
-
-    def encode(self) -> bytes:
-        return self.header_and_shortids.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"header_and_shortids": self.header_and_shortids.json(hx)}
-
 
 @dataclass(frozen=True, slots=True)
-class GetBlockTxn:
+class GetBlockTxn(_OneStructure):
     msgtype: ClassVar[str] = "getblocktxn"
+    structure: ClassVar[type[BlockTransactionsRequest]] = BlockTransactionsRequest
+    field: ClassVar[str] = "block_txn_request"
 
     block_txn_request: BlockTransactionsRequest
 
-    @classmethod
-    def read(cls, r: Reader) -> GetBlockTxn:
-        return cls(BlockTransactionsRequest.read(r))
-
-    def encode(self) -> bytes:
-        return self.block_txn_request.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"block_txn_request": self.block_txn_request.json(hx)}
-
 
 @dataclass(frozen=True, slots=True)
-class BlockTxn:
+class BlockTxn(_OneStructure):
     msgtype: ClassVar[str] = "blocktxn"
+    structure: ClassVar[type[BlockTransactions]] = BlockTransactions
+    field: ClassVar[str] = "block_transactions"
 
     block_transactions: BlockTransactions
-
-    @classmethod
-    def read(cls, r: Reader) -> BlockTxn:
-        return cls(BlockTransactions.read(r))
-
-    def encode(self) -> bytes:
-        return self.block_transactions.encode()
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"block_transactions": self.block_transactions.json(hx)}
 
 
 # --- small control messages -----------------------------------------------------------
