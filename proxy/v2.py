@@ -7,9 +7,13 @@ keys, garbage and session id. Once both legs are set up, each direction decrypts
 de-frames, on a v1 leg) the messages of one leg, captures them exactly as Core captures
 v2 messages, and encrypts (or frames) them for the other leg.
 
-The cryptography and the state machine are :mod:`msgcap.capture.bip324` (sans-IO); this
-module only moves bytes and messages. Once both legs are v2 and their handshakes are over,
-each direction's ciphers go to the native step (``capture/_v2.c``, where it was built): one
+The cryptography and the state machine are :mod:`msgcap.capture.bip324` (sans-IO). Here
+are the two kinds of leg (bytes in, messages out, and back), the handshake of one leg
+(the only code here that awaits a connection), and :class:`MessageFlow`: the decisions
+of one direction, a plain object like every flow of :mod:`msgcap.proxy.flow`, which
+:class:`MessageRelay` runs on asyncio. Once both legs are v2 and their handshakes are
+over, each direction's ciphers go to the native step
+(:func:`~msgcap.capture.bip324.native_pipe`, ``capture/_v2.c`` where it was built): one
 call per read decrypts its complete packets, makes their capture records and re-encrypts
 them for the other leg; the capture thread writes the records as they come. A v1 leg, or
 a build without the native step (``MSGCAP_PURE_PYTHON=1``), keeps the Python path.
@@ -17,9 +21,8 @@ a build without the native step (``MSGCAP_PURE_PYTHON=1``), keeps the Python pat
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from msgcap.capture.bip324 import (
     HandshakeComplete,
@@ -41,15 +44,24 @@ from msgcap.capture.framing import (
     StreamError,
     encode_frame,
 )
-from msgcap.capture.records import record_messages
+from msgcap.proxy.budget import Waiter
 from msgcap.proxy.events import FrameError, V2Decoys, V2StreamError
-from msgcap.proxy.relay import Flow, Relay, Side
+from msgcap.proxy.flow import (
+    CaptureMessages,
+    CaptureRecords,
+    Close,
+    Command,
+    Flow,
+    Forward,
+    Log,
+    Message,
+    Origin,
+    Shared,
+)
+from msgcap.proxy.relay import Pump, Relay, Side
 
-if TYPE_CHECKING:
-    from msgcap.capture._v2 import Pipe
-
-Message = tuple[str, bytes | memoryview]
-"""A message type and its payload, whichever transport carried it."""
+__all__ = ["HandshakeClosed", "Leg", "Message", "MessageFlow", "MessageRelay", "V1Leg",
+           "V2Leg", "handshake"]  # fmt: skip
 
 Dropped = tuple[FrameProblem, str]
 """A packet or frame Core drops without disconnecting: why, described."""
@@ -188,17 +200,46 @@ async def handshake(conn: Stream, session: V2Session, first: bytes = b"") -> lis
         session.receive_data(data)
 
 
-class MessageFlow(Flow):
-    """The messages from ``src`` to ``dst``: read on one leg, captured, sent on the other.
+class Pipe(Protocol):
+    """What a flow uses of a native pipe (:func:`~msgcap.capture.bip324.native_pipe`'s)."""
 
-    With both legs on v2 and the native step built, a :class:`~msgcap.capture._v2.Pipe`
-    does a whole read at once (decrypt, capture records, re-encrypt: :meth:`_data_native`);
-    otherwise the legs' Python objects do it message by message."""
+    def feed(
+        self, data: bytes, t0: int, /
+    ) -> tuple[
+        int, bytes, bytes, list[tuple[int, bytes]] | None, tuple[int, int, int, int] | None
+    ]: ...
+
+    def discard(self) -> None: ...
+
+    @property
+    def incomplete(self) -> int: ...
+
+    @property
+    def decoys(self) -> int: ...
+
+
+class MessageFlow(Flow):
+    """The messages from ``src`` to ``dst``, as decisions: read on one leg, captured,
+    sent on the other (under ``stop``: once captured).
+
+    With both legs on v2 and the native step built, a native :class:`Pipe` does a whole
+    read at once (decrypt, capture records, re-encrypt: :meth:`_data_native`); otherwise
+    the legs' Python objects do it message by message. A fatal stream error (a bad AEAD
+    tag, an oversize packet, a v1 framing error) ends the relay once what came before it
+    is captured."""
 
     __slots__ = ("decoys_before", "decoys_reported", "dst_leg", "pipe", "src_leg")
 
-    def __init__(self, relay: MessageRelay, src: Side, dst: Side, src_leg: Leg, dst_leg: Leg):
-        super().__init__(relay, src, dst)
+    def __init__(
+        self,
+        origin: Origin,
+        shared: Shared,
+        src_leg: Leg,
+        dst_leg: Leg,
+        waiter: Waiter | None = None,
+        now: float = 0.0,
+    ) -> None:
+        super().__init__(origin, shared, waiter, now)
         self.src_leg = src_leg
         self.dst_leg = dst_leg
         self.decoys_reported = False
@@ -213,110 +254,103 @@ class MessageFlow(Flow):
             self.decoys_before = src.session.decoys_received
             self.pipe = native_pipe(src.session, dst.session)
 
-    def data(self, data: bytes) -> None:
-        relay = self.relay
-        if relay.finished:
-            return
-        if self.pipe is not None:
-            self._data_native(self.pipe, data)
-            return
-        relay.last_activity = time.monotonic()
-        self.src.stats.bytes += len(data)
-        messages, dropped, fatal = self.src_leg.receive(data)
-        if relay.budget is not None:
-            relay.budget.need(self.waiter, self.src_leg.incomplete)
-        assert isinstance(relay, MessageRelay)
-        if dropped:
-            relay.dropped(self.src, dropped)
-        if messages:
-            self.messages(messages)
+    def early(self, messages: list[Message]) -> list[Command]:
+        """The messages a handshake already read: relayed first."""
+        out = self.messages(messages) if messages else []
         if isinstance(self.src_leg, V2Leg):
-            self.check_decoys(self.src_leg.session)
+            out += self.check_decoys(self.src_leg.session.decoys_received)
+        return out
+
+    def data(self, data: bytes, now: float) -> list[Command]:
+        if self.done or self.halted:
+            return []
+        self.last_activity = now
+        self.stats.bytes += len(data)
+        if self.pipe is not None:
+            return self._data_native(self.pipe, data)
+        src = self.src_leg
+        messages, dropped, fatal = src.receive(data)
+        self.need_memory()
+        out = self.dropped(dropped) if dropped else []
+        if messages:
+            out += self.messages(messages)
+        if isinstance(src, V2Leg):
+            out += self.check_decoys(src.session.decoys_received)
         if fatal is not None:
-            self.fail(fatal)
-            return
-        self.pace_capture()
+            out += self.fail(fatal)
+        return out
 
-    def _data_native(self, pipe: Pipe, data: bytes) -> None:
-        """One read in one native call; then its capture is queued and its packets are
-        sent on (under ``stop``: once that capture is written)."""
-        relay = self.relay
-        assert isinstance(relay, MessageRelay)
-        relay.last_activity = time.monotonic()
-        self.src.stats.bytes += len(data)
-        clock = relay.clock
+    def _data_native(self, pipe: Pipe, data: bytes) -> list[Command]:
+        """One read in one native call: its capture, and its packets for the other leg
+        (under ``stop``: held until that capture is written)."""
+        clock = self.shared.clock
         t0 = clock.stamps(0)  # the next free stamp, max(now, last + 1); reserves none
-        count, records, out, dropped, error = pipe.feed(data, t0)
+        count, records, packets, dropped, error = pipe.feed(data, t0)
         clock.used(t0, count)
-        if relay.budget is not None:
-            relay.budget.need(self.waiter, pipe.incomplete)
+        self.need_memory()
+        out: list[Command] = []
         if dropped:
-            relay.dropped(
-                self.src, [(FrameProblem.INVALID_TYPE, d) for _, d in pipe_dropped(dropped)]
-            )
+            out += self.dropped([(FrameProblem.INVALID_TYPE, d) for _, d in pipe_dropped(dropped)])
         if count:
-            src, dst = self.src, self.dst.conn
-            if not relay.strict:  # forwarded first: then the capture thread is woken
-                dst.write(out)
-            relay.worker.submit(
-                lambda: relay.capture_records(src, t0, count, records), len(records)
-            )
-            if relay.strict:  # forwarded once captured
-                relay.after_capture(lambda: dst.write(out))
-        if not self.decoys_reported and self.decoys_before + pipe.decoys >= DECOY_WARNING:
-            self.report_decoys(self.decoys_before + pipe.decoys)
+            capture = CaptureRecords(records, count, t0)
+            if self.shared.strict:
+                out.append(self.capture(capture, self.hold_back(packets)))
+            else:  # forwarded first: then the capture thread is woken
+                out += (Forward(packets), capture)
+        if not self.decoys_reported:
+            out += self.check_decoys(self.decoys_before + pipe.decoys)
         if error is not None:
-            self.fail(pipe_error(error))
-            return
-        self.pace_capture()
+            out += self.fail(pipe_error(error))
+        return out
 
-    def fail(self, error: Exception) -> None:
-        """A fatal stream error: log it, then close once what came before is captured."""
-        relay = self.relay
-        assert isinstance(relay, MessageRelay)
-        relay.fatal(self.src, error)
-        self.src.conn.hold("framing error")
-
-        def close() -> None:  # after the capture of what came before, if strict
-            self.dst.conn.close()
-            self.src.conn.abort()
-            relay.finish("framing error")
-
-        relay.after_capture(close)
-
-    def messages(self, messages: list[Message]) -> None:
+    def messages(self, messages: list[Message]) -> list[Command]:
         """Capture ``messages`` (from ``src``) and send them on to ``dst``."""
-        relay = self.relay
-        assert isinstance(relay, MessageRelay)
-        t0 = relay.clock.stamps(len(messages))
-        src = self.src
-        size = sum(len(p) for _, p in messages)
-        # Submitted first, the capture can start while large packets are encrypted (the
-        # AEAD releases the GIL for them).
-        relay.worker.submit(lambda: relay.capture_messages(src, t0, messages), size)
+        t0 = self.shared.clock.stamps(len(messages))
+        capture = CaptureMessages(messages, t0, sum(len(p) for _, p in messages))
         encoded = self.dst_leg.encode(messages)
-        relay.after_capture(lambda: self.dst.conn.write(encoded))
+        if self.shared.strict:
+            return [self.capture(capture, self.hold_back(encoded))]
+        return [capture, Forward(encoded)]
+
+    def fail(self, error: Exception) -> list[Command]:
+        """A fatal stream error: log it, read no more, and close once what came before
+        it is captured."""
+        origin = self.origin
+        event: FrameError | V2StreamError
+        if isinstance(error, StreamError):
+            event = FrameError(reason=error.problem, conn=origin.conn, peer=origin.peer,
+                               direction=origin.direction, detail=str(error))  # fmt: skip
+        else:
+            reason = error.reason.value if isinstance(error, V2Error) else type(error).__name__
+            event = V2StreamError(conn=origin.conn, peer=origin.peer,
+                                  direction=origin.direction, reason=reason,
+                                  detail=str(error))  # fmt: skip
+        return [Log(event), *self.halt(lambda: self.stop(Close("framing error")))]
+
+    def dropped(self, dropped: list[Dropped]) -> list[Command]:
+        """Packets or frames Core drops without disconnecting: counted and logged."""
+        self.stats.invalid += len(dropped)
+        o = self.origin
+        return [Log(FrameError(reason=problem, conn=o.conn, peer=o.peer,
+                               direction=o.direction, detail=detail))
+                for problem, detail in dropped]  # fmt: skip
+
+    def check_decoys(self, count: int) -> list[Command]:
+        if self.decoys_reported or count < DECOY_WARNING:
+            return []
+        self.decoys_reported = True
+        o = self.origin
+        return [Log(V2Decoys(conn=o.conn, peer=o.peer, direction=o.direction, count=count))]
 
     @property
     def incomplete(self) -> int:
         return self.src_leg.incomplete if self.pipe is None else self.pipe.incomplete
 
     def discard(self) -> None:
-        super().discard()
         if self.pipe is not None:
             self.pipe.discard()
         else:
             self.src_leg.discard()
-
-    def check_decoys(self, session: V2Session) -> None:
-        if not self.decoys_reported and session.decoys_received >= DECOY_WARNING:
-            self.report_decoys(session.decoys_received)
-
-    def report_decoys(self, count: int) -> None:
-        self.decoys_reported = True
-        relay = self.relay
-        relay.events.emit(V2Decoys(conn=relay.conn_id, peer=relay.peer,
-                                   direction=self.src.direction, count=count))  # fmt: skip
 
 
 class MessageRelay(Relay):
@@ -333,60 +367,19 @@ class MessageRelay(Relay):
         self.legs = legs
         self.early = early
 
-    def flows(self, a: Side, b: Side) -> tuple[Flow, Flow]:
+    def flows(self, a: Side, b: Side, now: float) -> tuple[Flow, Flow]:
         la, lb = self.legs
-        return MessageFlow(self, a, b, la, lb), MessageFlow(self, b, a, lb, la)
-
-    def started(self, ab: Flow, ba: Flow) -> None:
-        """Relay what the handshakes already read."""
-        for flow, early in zip((ab, ba), self.early, strict=True):
-            assert isinstance(flow, MessageFlow)
-            if early:
-                flow.messages(early)
-            if isinstance(flow.src_leg, V2Leg):
-                flow.check_decoys(flow.src_leg.session)
-        for flow in (ab, ba):
-            assert isinstance(flow, MessageFlow)
-            flow.go_native()
-
-    def capture_records(self, src: Side, t0: int, count: int, records: bytes) -> None:
-        """In the capture thread: capture the records a native pipe made (``count``
-        messages, the i-th stamped ``t0 + i``)."""
-        captured = self.guarded(
-            lambda: self.capture.capture_records(src.direction, t0, count, records)
+        return (
+            MessageFlow(self.origin(a), self.shared, la, lb, self.waiter(a), now),
+            MessageFlow(self.origin(b), self.shared, lb, la, self.waiter(b), now),
         )
-        if captured is None:
-            return
-        src.stats.messages += count
-        src.stats.captured += captured
-        if self.live is not None:
-            for i, (msgtype, payload) in enumerate(record_messages(records)):
-                self.live.message(t0 + i, self.peer, src.direction, msgtype, len(payload))
 
-    def capture_messages(self, src: Side, t0: int, messages: list[Message]) -> None:
-        """In the capture thread: capture one direction's messages, the i-th at
-        ``t0 + i``."""
-        captured = self.guarded(lambda: self.capture.capture_messages(src.direction, t0, messages))
-        if captured is None:
-            return
-        src.stats.messages += len(messages)
-        src.stats.captured += captured
-        if self.live is not None:
-            for i, (msgtype, payload) in enumerate(messages):
-                self.live.message(t0 + i, self.peer, src.direction, msgtype, len(payload))
-
-    def dropped(self, src: Side, dropped: list[Dropped]) -> None:
-        src.stats.invalid += len(dropped)
-        for problem, detail in dropped:
-            self.events.emit(FrameError(reason=problem, conn=self.conn_id, peer=self.peer,
-                                        direction=src.direction, detail=detail))  # fmt: skip
-
-    def fatal(self, src: Side, error: Exception) -> None:
-        if isinstance(error, StreamError):
-            self.events.emit(FrameError(reason=error.problem, conn=self.conn_id, peer=self.peer,
-                                        direction=src.direction, detail=str(error)))  # fmt: skip
-        else:
-            reason = error.reason.value if isinstance(error, V2Error) else type(error).__name__
-            self.events.emit(V2StreamError(conn=self.conn_id, peer=self.peer,
-                                           direction=src.direction, reason=reason,
-                                           detail=str(error)))  # fmt: skip
+    def started(self, ab: Pump, ba: Pump) -> None:
+        """Relay what the handshakes already read, then hand the ciphers to the native
+        step (both directions' early messages are encrypted by then)."""
+        for pump, early in zip((ab, ba), self.early, strict=True):
+            assert isinstance(pump.flow, MessageFlow)
+            pump.run(pump.flow.early(early))
+        for pump in (ab, ba):
+            assert isinstance(pump.flow, MessageFlow)
+            pump.flow.go_native()

@@ -20,7 +20,8 @@ from typing import Final
 
 log = logging.getLogger("msgcap")
 
-Job = Callable[[], None]
+Job = Callable[[], object]
+"""Work for the capture thread (what it returns is ignored)."""
 
 MAX_QUEUED: Final = 32 << 20
 """Frame bytes waiting for the capture thread, over all connections, before reading

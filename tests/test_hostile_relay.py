@@ -228,6 +228,21 @@ def rss_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
+async def settled(value: Callable[[], int], floor: int, what: str, quiet: float = 0.2) -> None:
+    """Wait until ``value()`` is at least ``floor`` and has not changed for ``quiet``
+    seconds."""
+    deadline = asyncio.get_running_loop().time() + 30
+    last, since = value(), asyncio.get_running_loop().time()
+    while True:
+        await asyncio.sleep(0.02)
+        now = asyncio.get_running_loop().time()
+        if value() != last:
+            last, since = value(), now
+        elif last >= floor and now - since >= quiet:
+            return
+        assert now < deadline, f"timed out waiting for {what} ({last} of at least {floor})"
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 async def test_incomplete_frames_are_bounded_and_memory_returned(tmp_path: Path) -> None:
     """Waves of connections that each leave a 4 MB message incomplete (3.5 MB of it sent):
@@ -236,10 +251,13 @@ async def test_incomplete_frames_are_bounded_and_memory_returned(tmp_path: Path)
     budget = 32 << 20
     conns, waves, sent_each = 100, 3, 3_500_000
     closes = 0
+    forwarded = 0  # what the proxy read and passed on, over every connection
 
     async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal forwarded
         with contextlib.suppress(ConnectionError):
-            await read_all(r)
+            while chunk := await r.read(1 << 16):
+                forwarded += len(chunk)
 
     header = MAGIC + b"block".ljust(12, b"\0") + (4_000_000).to_bytes(4, "little") + bytes(4)
     version = encode_frame(MAGIC, "version", bytes(100))
@@ -258,11 +276,15 @@ async def test_incomplete_frames_are_bounded_and_memory_returned(tmp_path: Path)
             after: list[int] = []
             for _ in range(waves):
                 writers = []
+                before = forwarded
                 for _ in range(conns):
                     _r, w = await asyncio.open_connection("127.0.0.1", port)
                     w.write(version + header + payload)
                     writers.append(w)
-                await asyncio.sleep(1.5)  # the proxy reads what its budget lets it
+                # The proxy reads what its budget lets it: the whole of as many messages
+                # as the budget covers, then nothing more.
+                floor = before + budget // (len(header) + 4_000_000) * sent_each
+                await settled(lambda: forwarded, floor, "the proxy's reading to stop")
                 for w in writers:
                     w.close()
                 closes += conns
@@ -271,7 +293,9 @@ async def test_incomplete_frames_are_bounded_and_memory_returned(tmp_path: Path)
                     60,
                     "every connection closed",
                 )
-                await asyncio.sleep(0.5)  # the trim after large reservations end
+                # The trim after large reservations end (0.2 s after them): until the
+                # proxy's size stops changing.
+                await settled(lambda: -rss_kib(pid, "VmRSS"), -(1 << 40), "the trim", 0.4)
                 after.append(rss_kib(pid, "VmRSS"))
             peak = rss_kib(pid, "VmHWM")
         finally:
