@@ -27,6 +27,11 @@ MSGTYPE_SIZE: Final = 12
 
 _HEADER = struct.Struct("<4s12sI4s")
 
+Message = tuple[str, bytes | memoryview]
+"""A message type and its payload, whichever transport carried it (a v1 frame here, a
+BIP324 packet in :mod:`msgcap.capture.bip324`): what the proxy forwards and captures and
+what a replay sends and answers."""
+
 
 class Network(enum.Enum):
     """Networks Bitcoin Core knows, by the name used in configs and on the command line."""

@@ -35,14 +35,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, UncheckedFrame
+from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, Message, UncheckedFrame
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import Clock
 from msgcap.proxy.budget import FrameBudget, Waiter
 from msgcap.proxy.events import Event, FrameError, Timeout
-
-Message = tuple[str, bytes | memoryview]
-"""A message type and its payload, whichever transport carried it."""
 
 Data = bytes | bytearray | memoryview
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from msgcap.capture.framing import Frame, MsgType
+from msgcap.capture.framing import Frame, Message, MsgType
 from msgcap.capture.records import Direction, record_messages
 from msgcap.proxy.budget import FrameBudget, Waiter
 from msgcap.proxy.config import CaptureErrorPolicy
@@ -47,7 +47,6 @@ from msgcap.proxy.flow import (
     Forward,
     Hold,
     Log,
-    Message,
     Origin,
     Pair,
     PassEof,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from msgcap.capture.bip324 import V2Error, V2Session
 from msgcap.capture.errors import MsgcapError, describe_exception
-from msgcap.capture.framing import StreamError, v1_version_prefix
+from msgcap.capture.framing import Message, StreamError, v1_version_prefix
 from msgcap.parser import messages as m
 from msgcap.parser.chain import try_decode
 from msgcap.proxy.replay_conversation import Conversation, Divergence, Kind, Report, benign
@@ -38,7 +38,7 @@ from msgcap.proxy.replay_plan import (
     Step,
     load_conversation,
 )
-from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+from msgcap.proxy.v2 import Leg, V1Leg, V2Leg, handshake
 
 __all__ = [
     "ANSWERS",

@@ -16,8 +16,9 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from msgcap.capture.framing import Message
 from msgcap.parser import messages as m
 from msgcap.parser.chain import family, try_decode
 from msgcap.parser.structures import (
@@ -38,9 +39,6 @@ from msgcap.proxy.replay_plan import (
     delivered,
     describe,
 )
-
-if TYPE_CHECKING:  # (the type only: the plan imports nothing that does I/O)
-    from msgcap.proxy.v2 import Message
 
 SILENCE_ANSWERS = frozenset({"getaddr", "mempool"})
 """Requests that an empty answer (no message at all) answers."""

@@ -28,11 +28,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from msgcap.capture.conversation import DamageReport, conversation, warn_damage
 from msgcap.capture.errors import MsgcapError, UsageError
-from msgcap.capture.framing import hash256
+from msgcap.capture.framing import Message, hash256
 from msgcap.capture.records import Direction
 from msgcap.parser import messages as m
 from msgcap.parser.chain import (
@@ -45,9 +45,6 @@ from msgcap.parser.chain import (
 )
 from msgcap.parser.structures import MSG_WITNESS_FLAG, BlockHeader, InvType
 from msgcap.parser.wire import display_hash
-
-if TYPE_CHECKING:  # (the type only: the plan imports nothing that does I/O)
-    from msgcap.proxy.v2 import Message
 
 __all__ = [
     "ANSWERS",

@@ -189,14 +189,7 @@ class ConnectionCapture:
             count += 1
         if not parts:
             return 0
-        try:
-            self.writer.write_parts(direction, parts)
-        except Exception as e:  # any failure here is a capture failure
-            self.store.release(self.quota_key, size)
-            self.failed(f"cannot write capture: {type(e).__name__}: {e}")
-            return 0
-        self.bytes += size
-        return count
+        return self._append_reserved(direction, parts, size, count)
 
     def failed(self, reason: str) -> None:
         """Capture has failed: log it, stop capturing, and apply the policy (``stop``

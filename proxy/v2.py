@@ -41,6 +41,7 @@ from msgcap.capture.framing import (
     FrameDecoder,
     FrameProblem,
     InvalidFrame,
+    Message,
     StreamError,
     encode_frame,
 )
@@ -54,7 +55,6 @@ from msgcap.proxy.flow import (
     Flow,
     Forward,
     Log,
-    Message,
     Origin,
     Shared,
 )

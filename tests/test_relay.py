@@ -415,15 +415,14 @@ async def test_slow_capture_disk_slows_forwarding(
     """Frames waiting for the capture thread are bounded: forwarding waits for the disk."""
     import time as _time
 
-    from msgcap.capture.writer import CaptureWriter
+    real = batch.write_checked
 
-    real = CaptureWriter.write_parts
-
-    def slow(self: CaptureWriter, recv: bool, parts: list[bytes]) -> int:
+    def slow(fd: int, items: list[batch.BatchItem]) -> list[bool]:
         _time.sleep(0.02)
-        return real(self, recv, parts)
+        return real(fd, items)
 
-    monkeypatch.setattr(CaptureWriter, "write_parts", slow)
+    # The capture thread's write path (proxy/store.py) when no quota is within reach.
+    monkeypatch.setattr(batch, "write_checked", slow)
     received = bytearray()
     lead = []
 
