@@ -15,6 +15,7 @@ SIGKILL if that does not end it in time) is safe to call twice and from finalize
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -453,14 +454,11 @@ class NodeFactory:
         return node
 
     def close(self) -> None:
-        errors: list[BaseException] = []
-        for node in reversed(self.nodes):
-            try:
-                node.stop()
-            except Exception as e:  # keep stopping the others
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        """Stop every node, the last started first; a node that fails to stop does not
+        keep the others running (its error is raised once all are stopped)."""
+        with contextlib.ExitStack() as stack:
+            for node in self.nodes:
+                stack.callback(node.stop)
 
     def __enter__(self) -> NodeFactory:
         return self

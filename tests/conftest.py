@@ -1,7 +1,8 @@
-"""Shared test constants and helpers: frames, the recorded Core pair, a chain of our own
-and the requests for it, scripted peers (v1 and BIP324, and a node facing the replayer),
-the proxy in-process and as a process, event-log readers, and waiting on a condition
-instead of sleeping.
+"""Shared test constants and helpers: frames, the recorded Core pair (and a copy of it),
+hypothesis inputs for the decoder and native batch tests, a chain of our own and the
+requests for it, scripted peers (v1 and BIP324, an echoing BIP324 upstream, and a node
+facing the replayer), the proxy in-process and as a process, event-log and capture
+readers, and waiting on a condition instead of sleeping.
 
 Test modules import these as ``from tests.conftest import ...`` (``tests`` is a package);
 no test module imports from another test module.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -18,8 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import strategies as st
 
 from msgcap.capture.bip324 import V2Error, V2Message, V2Session
+from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import Network, encode_frame
 from msgcap.parser.messages import BlockMsg, GetData, GetHeaders
 from msgcap.parser.structures import (
@@ -54,8 +58,54 @@ PAIR_A = PAIR / "a" / "127.0.0.1_39912"
 """Node a's capture of its inbound peer b."""
 PAIR_B = PAIR / "b" / "127.0.0.1_28444"
 """Node b's capture of its outbound peer a."""
+
+
+def pair_tree(tmp: Path) -> Path:
+    """A copy of the recorded Core pair's captures (its notes left out) at
+    ``tmp / "captures"``: a capture root with node folders a and b, to export or add to."""
+    root = tmp / "captures"
+    shutil.copytree(PAIR, root, ignore=shutil.ignore_patterns("*.json", "*.md"))
+    return root
+
+
 VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
 """A real ``version`` payload (tests/vectors.py), as scripted nodes of replay tests say it."""
+
+
+# --- mutated payloads -------------------------------------------------------------------
+
+
+MUTATIONS: dict[str, st.SearchStrategy[Any]] = {
+    "flips": st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), max_size=3),
+    "cut": st.integers(0, 100_000),
+    "extra": st.binary(max_size=3),
+}
+"""Hypothesis strategies for :func:`mutated`'s arguments: ``@given(..., **MUTATIONS)``."""
+
+
+def mutated(payload: bytes, flips: Sequence[tuple[int, int]], cut: int, extra: bytes) -> bytes:
+    """``payload`` (not empty) with byte ``pos`` set to ``value`` for each of ``flips``,
+    cut to ``cut`` bytes and ``extra`` appended (positions and the cut wrap around): a
+    real payload damaged a little, as the tests that compare two decoders feed them."""
+    out = bytearray(payload)
+    for pos, value in flips:
+        out[pos % len(out)] = value
+    return bytes(out[: cut % (len(out) + 1)]) + extra
+
+
+BATCH_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
+    "chunks": st.lists(st.binary(max_size=120), min_size=1, max_size=3),
+    "plan": st.lists(st.integers(-3, 130), max_size=9),
+    "pos": st.integers(-1, 130),
+}
+"""Hypothesis strategies for the native batch functions' common arguments (chunks of
+bytes, a plan of offsets, a position), mostly not describing whole records: those
+functions must raise ValueError on them, nothing else."""
+
+
+def packed_plan(plan: Sequence[int]) -> bytes:
+    """A plan of offsets as the native batch functions take it: little-endian int64s."""
+    return struct.pack(f"<{len(plan)}q", *plan)
 
 
 # --- a chain of our own (no proof of work checked) -----------------------------------------
@@ -295,6 +345,53 @@ class V2End:
 
     def close(self) -> None:
         self.w.close()
+
+
+class EchoPeer:
+    """A scripted BIP324 responder (a handler for :class:`Upstream`) that answers every
+    message with the same type and payload. Its ends are kept in ``ends``, in the order
+    the connections came, so a test can see what each received."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.ends: list[V2End] = []
+
+    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        end = V2End(r, w, initiator=False, timeout=self.timeout)
+        self.ends.append(end)
+        try:
+            await end.handshake()
+            sent = 0
+            while True:
+                await end.receive(sent + 1)
+                if end.eof:
+                    return
+                for msgtype, payload in end.got[sent:]:
+                    end.send(msgtype, payload)
+                sent = len(end.got)
+                await w.drain()
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            w.close()
+
+
+async def v2_client(port: int, timeout: float = 30.0) -> V2End:
+    """A BIP324 initiator connected to 127.0.0.1:``port``, its handshake done."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    end = V2End(r, w, initiator=True, timeout=timeout)
+    await end.handshake()
+    return end
+
+
+def captured_messages(tmp: Path, port: int) -> list[tuple[str, str, bytes]]:
+    """The conversation :func:`running_proxy` captured with the peer at 127.0.0.1:``port``,
+    as (direction, message type, payload), in order."""
+    folder = tmp / "cap" / f"127.0.0.1_{port}"
+    return [
+        (i.direction.value, i.record.msgtype.label, bytes(i.record.payload))
+        for i in folder_conversation(folder)
+    ]
 
 
 async def live_node(

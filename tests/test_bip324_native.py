@@ -4,7 +4,7 @@ receiving, V2Session sending) on random streams."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import csv
 import itertools
 import os
@@ -29,6 +29,19 @@ from msgcap.capture.bip324 import (
     pipe_error,
 )
 from msgcap.capture.records import record_header
+from tests.conftest import (
+    EchoPeer,
+    Upstream,
+    captured_messages,
+    read_events,
+    route_to,
+    running_proxy,
+    v2_client,
+    wait_until_async,
+)
+
+TIMEOUT = 10.0
+"""Seconds for each read of the scripted BIP324 ends, and for the event awaited."""
 
 try:  # the step itself, also where MSGCAP_PURE_PYTHON keeps msgcap from loading it
     from msgcap.capture._capture import Pipe
@@ -291,11 +304,13 @@ async def test_relay_after_the_handshake(tmp_path: Path, case: str) -> None:
     holding a good packet and then a bad tag, an oversize length or a flood of decoys:
     the good message is captured and forwarded, then the stream ends (or the decoys are
     reported) as on the Python path."""
-    from tests.test_v2_relay import TIMEOUT, EchoPeer, captured, events, proxy_to, server, v2_client
-
-    peer = EchoPeer()
-    async with server(peer) as port, proxy_to(tmp_path, port) as proxy:
-        client = await v2_client(proxy.addresses[0][1])
+    peer = EchoPeer(TIMEOUT)
+    cap = tmp_path / "cap"
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, v2="decrypt", route=route_to(up.port)) as proxy,
+    ):
+        client = await v2_client(proxy.addresses[0][1], TIMEOUT)
         client.send("ping", b"first")
         assert await client.receive(1) == [("ping", b"first")]
         s = client.session
@@ -312,19 +327,17 @@ async def test_relay_after_the_handshake(tmp_path: Path, case: str) -> None:
             client.w.write(good + b"".join(s.encrypt_decoy(10) for _ in range(1000)))
             event = "v2_decoys"
 
-        def logged() -> bool:
+        def seen() -> bool:
             return any(e["event"] == event and (event != "v2_error" or case in e.get("reason", ""))
-                       for e in events(tmp_path))  # fmt: skip
+                       for e in read_events(cap))  # fmt: skip
 
-        for _ in range(int(TIMEOUT / 0.05)):
-            if logged() and len(peer.ends[0].received) >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert logged(), events(tmp_path)
-        assert peer.ends[0].received == [("ping", b"first"), ("ping", b"second")]
+        with contextlib.suppress(TimeoutError):
+            await wait_until_async(lambda: seen() and len(peer.ends[0].got) >= 2, TIMEOUT, event)
+        assert seen(), read_events(cap)
+        assert peer.ends[0].got == [("ping", b"first"), ("ping", b"second")]
         if case == "decoys":  # the connection goes on
             client.send("ping", b"after")
             assert (await client.receive(3))[-1] == ("ping", b"after")
         client.w.close()
-    sent = [m for m in captured(tmp_path, port) if m[0] == "sent"]
+    sent = [m for m in captured_messages(tmp_path, up.port) if m[0] == "sent"]
     assert sent[:2] == [("sent", "ping", b"first"), ("sent", "ping", b"second")]

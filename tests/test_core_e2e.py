@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +42,11 @@ from typing import Any
 import pytest
 
 from tests.bitcoind import (
+    CAPTURE,
+    FAST_RELAY,
+    MATURITY,
     BitcoinNode,
+    Laps,
     NodeFactory,
     ProxyProcess,
     capture_folder_name,
@@ -61,12 +64,6 @@ from tests.bitcoind import (
 
 pytestmark = pytest.mark.e2e
 
-CAPTURE = "-capturemessages"
-# Peers on loopback get `noban`, as in Core's functional tests: transactions are announced
-# to them at once instead of on the trickle timer (Poisson, 2–5 s mean, seen up to 23 s).
-# A SOCKS5 connection made by name has no address, so it matches only on B's side.
-FAST_RELAY = "-whitelist=noban,in,out@127.0.0.1"
-MATURITY = 101  # blocks before A's first coinbase can be spent
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -120,37 +117,28 @@ def wait_connected(*group: BitcoinNode, timeout: float = 30) -> None:
     wait_until(handshaken(*group), timeout, f"one handshaken peer on each of {group}", poll=0.1)
 
 
-def run_scenario(a: BitcoinNode, b: BitcoinNode) -> dict[str, float]:
+def run_scenario(a: BitcoinNode, b: BitcoinNode, laps: Laps) -> None:
     """Mine past maturity on A, pay B, mine on B, pay A back, mine on A; both synced.
-    Returns the seconds each step took."""
-    took: dict[str, float] = {}
-    start = time.monotonic()
-
-    def step(name: str) -> None:
-        nonlocal start
-        took[name] = round(time.monotonic() - start, 2)
-        start = time.monotonic()
-
+    Each step is a lap of ``laps``."""
     wait_connected(a, b)
-    step("connect")
+    laps.lap("connect")
     a.create_wallet()
     b.create_wallet()
     a.mine(MATURITY)
     wait_synced([a, b])
-    step("mine")
+    laps.lap("mine")
     to_b = [a.send(b.new_address(), 1.25) for _ in range(3)]
     wait_mempools([a, b], to_b)
-    step("relay_a_to_b")
+    laps.lap("relay_a_to_b")
     b.mine(1)  # confirms A's payments: B can spend them
     wait_synced([a, b])
     to_a = [b.send(a.new_address(), 0.5) for _ in range(2)]
     wait_mempools([a, b], to_a)
-    step("relay_b_to_a")
+    laps.lap("relay_b_to_a")
     a.mine(1)
     wait_synced([a, b])
-    step("final_block")
+    laps.lap("final_block")
     assert a.height() == b.height() == MATURITY + 2
-    return took
 
 
 def outbound_session(
@@ -185,7 +173,8 @@ def socks5_session(
     # A config file with no forward route at all (the flags cannot remove the default one).
     config = f'network = "regtest"\nv2 = "{policy.name}"\n\n[socks5]\nlisten = "{listen}"\n'
     proxy = start_proxy(config=config)
-    # Core dials loopback addresses directly even with -proxy: name the peer.
+    # Core dials loopback addresses directly even with -proxy: name the peer. (A connection
+    # made by name has no address, so FAST_RELAY's whitelist matches only on B's side.)
     a = nodes("a", CAPTURE, FAST_RELAY, f"-proxy={listen}", f"-connect=localhost:{b.port}")
     # Core's CNode for a connection made by name through a proxy has no address (`[::]:0`).
     return Session("socks5", policy, a, b, a, proxy, listen, f"localhost_{b.port}",
@@ -355,10 +344,11 @@ def test_core_through_proxy(
     record_property: Callable[[str, object], None],
 ) -> None:
     s = SESSIONS[route](nodes, start_proxy, policy)
-    s.report["seconds"] = run_scenario(s.a, s.b)
-    quiet = time.monotonic()
+    laps = Laps()
+    run_scenario(s.a, s.b, laps)
     wait_quiet(s.a, s.b)
-    s.report["seconds"]["quiet"] = round(time.monotonic() - quiet, 2)
+    laps.lap("quiet")
+    s.report["seconds"] = laps.took
     check_peers(s)
     # Stop the proxy first (the connection ends with nothing in flight), then the nodes.
     assert s.proxy.stop() == 0, s.proxy.stderr()

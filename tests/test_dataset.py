@@ -11,7 +11,6 @@ import io
 import json
 import random
 import re
-import shutil
 import struct
 from collections import Counter
 from pathlib import Path
@@ -39,9 +38,9 @@ from msgcap.parser.structures import (  # noqa: E402
     TxOut,
 )
 from msgcap.parser.wire import DecodeError, display_hash  # noqa: E402
+from tests.conftest import PAIR, PAIR_A, pair_tree  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-DATA = ROOT / "tests" / "data" / "core-v30-pair"
 T0 = 1_795_000_000_000_000  # 2026-11-18T...Z, in µs
 
 
@@ -70,11 +69,14 @@ def sql(out: Path, query: str) -> list[tuple[Any, ...]]:
         con.close()
 
 
-def core_tree(tmp_path: Path) -> Path:
-    """A copy of the real Core pair: a capture root with node folders a and b."""
-    root = tmp_path / "captures"
-    shutil.copytree(DATA, root, ignore=shutil.ignore_patterns("*.json", "*.md"))
-    return root
+def exported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The Core pair copied (``pair_tree``) and exported to ``tmp_path / "ds"``: the
+    capture root and the dataset."""
+    root = pair_tree(tmp_path)
+    out = tmp_path / "ds"
+    status, err = export(capsys, out, root)
+    assert status == 0, err
+    return root, out
 
 
 def file_records(root: Path) -> list[tuple[str, str, str, int, str, int, bytes]]:
@@ -120,10 +122,7 @@ MESSAGE_ROWS = (
 def test_every_record_appears_once_with_its_type_direction_and_payload(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = core_tree(tmp_path)
-    out = tmp_path / "ds"
-    status, err = export(capsys, out, root)
-    assert status == 0, err
+    root, out = exported(capsys, tmp_path)
     expected = file_records(root)
     assert len(expected) == 290
     got = sql(out, MESSAGE_ROWS)
@@ -140,9 +139,7 @@ def test_every_record_appears_once_with_its_type_direction_and_payload(
 def test_every_inventory_entry_appears_in_inv_items(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = core_tree(tmp_path)
-    out = tmp_path / "ds"
-    export(capsys, out, root)
+    root, out = exported(capsys, tmp_path)
     expected = []
     for node, peer, direction, offset, msgtype, t, payload in file_records(root):
         if msgtype in ("inv", "getdata", "notfound"):
@@ -166,8 +163,7 @@ def test_every_inventory_entry_appears_in_inv_items(
 def test_transactions_and_blocks_tables_agree_with_what_core_asked_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "ds"
-    export(capsys, out, core_tree(tmp_path))
+    _, out = exported(capsys, tmp_path)
     # Core's own getdata for witness transactions names wtxids; the answers' wtxids match.
     asked = set(
         sql(out, "select hash from inv_items where msgtype = 'getdata' and inv_type = 'MSG_WTX'")
@@ -195,8 +191,7 @@ def test_transactions_and_blocks_tables_agree_with_what_core_asked_for(
 def test_sql_command_answers_from_duckdb(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "ds"
-    export(capsys, out, core_tree(tmp_path))
+    _, out = exported(capsys, tmp_path)
     query = "select count(*) from messages where msgtype = 'ping'"
     status, stdout, _ = msgcap(capsys, "sql", str(out), query)
     assert status == 0
@@ -216,8 +211,7 @@ def test_sql_command_answers_from_duckdb(
 
 
 def test_sql_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "ds"
-    export(capsys, out, core_tree(tmp_path))
+    _, out = exported(capsys, tmp_path)
     status, _, err = msgcap(capsys, "sql", str(out), "select nonsense from messages")
     assert status == 2 and "nonsense" in err and err.count("\n") == 1
     status, _, err = msgcap(capsys, "sql", str(out), "selec 1")
@@ -258,8 +252,7 @@ def readme_questions() -> dict[str, str]:
 
 
 def test_readme_questions_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "ds"
-    export(capsys, out, core_tree(tmp_path))
+    _, out = exported(capsys, tmp_path)
     q = readme_questions()
     per_hour = sql(out, q["per hour"])
     assert sum(r[4] for r in per_hour) == 290 and sum(r[5] for r in per_hour) == 60072
@@ -286,7 +279,7 @@ def test_readme_sql_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
     if not lines:
         pytest.skip("the README has no msgcap sql examples yet")
     out = tmp_path / "OUT"
-    export(capsys, out, core_tree(tmp_path))
+    export(capsys, out, pair_tree(tmp_path))
     for query in lines:
         status, stdout, err = msgcap(capsys, "sql", str(out), query)
         assert status == 0, (query, err)
@@ -299,11 +292,9 @@ def test_readme_sql_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_second_export_adds_exactly_the_records_appended(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = core_tree(tmp_path)
-    out = tmp_path / "ds"
-    export(capsys, out, root)
+    root, out = exported(capsys, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
-    recv = root / "a" / "127.0.0.1_39912" / "msgs_recv.dat"
+    recv = root / PAIR_A.relative_to(PAIR) / "msgs_recv.dat"
     last = list(read_records(open(recv, "rb")))[-1]
     assert not hasattr(last, "reason")
     added = pings(5, t0=last.time + 10)  # type: ignore[union-attr]
@@ -461,7 +452,7 @@ def test_node_folders_under_a_root(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_no_payload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ds"
-    root = core_tree(tmp_path)
+    root = pair_tree(tmp_path)
     status, _, _ = msgcap(capsys, "export", "--parquet", str(out), "--no-payload", str(root))
     assert status == 0
     f = next((out / "messages").rglob("*.parquet"))
@@ -513,7 +504,7 @@ def test_bounded_buffers_many_partitions_and_files(
 def test_interrupted_run_is_cleaned_up_and_one_export_at_a_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = core_tree(tmp_path)
+    root = pair_tree(tmp_path)
     out = tmp_path / "ds"
 
     def boom(*args: Any) -> None:
@@ -550,7 +541,7 @@ def test_interrupted_run_is_cleaned_up_and_one_export_at_a_time(
 def test_refuses_a_folder_that_is_not_its_dataset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = core_tree(tmp_path)
+    root = pair_tree(tmp_path)
     out = tmp_path / "ds"
     (out / "messages").mkdir(parents=True)
     status, _, err = msgcap(capsys, "export", "--parquet", str(out), str(root))
@@ -667,7 +658,7 @@ def test_tx_row_agrees_with_the_typed_transaction(payload: bytes) -> None:
 
 
 def test_tx_row_on_real_transactions() -> None:
-    payloads = [r[6] for r in file_records(DATA) if r[4] == "tx"]
+    payloads = [r[6] for r in file_records(PAIR) if r[4] == "tx"]
     assert len(payloads) == 6
     for payload in payloads:
         assert dataset.tx_row(payload) == _reference_tx_row(payload)

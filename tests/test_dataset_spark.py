@@ -23,8 +23,8 @@ from msgcap.capture.records import encode_record
 from msgcap.parser import dataset
 from msgcap.parser.messages import Inv, Ping
 from msgcap.parser.structures import Inventory
+from tests.conftest import pair_tree
 
-DATA = Path(__file__).parent / "data" / "core-v30-pair"
 T0 = 1_795_000_000_000_000
 
 
@@ -75,8 +75,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Core captures (nodes a and b) and a second tree with a node folder, the session
     layout and records over three days, exported in two runs."""
     tmp = tmp_path_factory.mktemp("spark")
-    root = tmp / "captures"
-    shutil.copytree(DATA, root, ignore=shutil.ignore_patterns("*.json", "*.md"))
+    root = pair_tree(tmp)
     out = tmp / "ds"
     dataset.export_parquet([root], out)
     day = 86_400 * 10**6

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,9 +19,8 @@ from msgcap.parser.fastjson import FAST_BODIES, NATIVE, fast_body, native_body, 
 from msgcap.parser.messages import MESSAGES, AddrV2, decode_message
 from msgcap.parser.structures import ADDRV2_LENGTHS, AddressV2, Net
 from msgcap.parser.wire import DecodeError, display_hash, wire_hash
+from tests.conftest import BATCH_ARGUMENTS, MUTATIONS, PAIR_A, mutated, packed_plan
 from tests.vectors import VECTORS
-
-PAIR = Path(__file__).parent / "data" / "core-v30-pair" / "a" / "127.0.0.1_39912"
 
 _fastjson: Any
 try:
@@ -64,7 +62,7 @@ def _real_payloads() -> dict[str, list[bytes]]:
     size, the three largest), then the frozen vector (the only one for the types the
     session did not send, such as blocktxn and notfound)."""
     by_size: dict[str, dict[int, bytes]] = {t: {} for t in FAST_BODIES}
-    for path in sorted(PAIR.glob("msgs_*.dat")):
+    for path in sorted(PAIR_A.glob("msgs_*.dat")):
         with path.open("rb") as f:
             for rec in read_records(f):
                 if isinstance(rec, Record):
@@ -116,20 +114,11 @@ def test_vectors_agree(msgtype: str, reverse: bool) -> None:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(
-    msgtype=st.sampled_from(sorted(FAST_BODIES)),
-    flips=st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), max_size=3),
-    cut=st.integers(0, 100_000),
-    extra=st.binary(max_size=3),
-    reverse=st.booleans(),
-)
+@given(msgtype=st.sampled_from(sorted(FAST_BODIES)), reverse=st.booleans(), **MUTATIONS)
 def test_mutated_payloads_agree(
     msgtype: str, flips: list[tuple[int, int]], cut: int, extra: bytes, reverse: bool
 ) -> None:
-    payload = bytearray.fromhex(VECTORS[msgtype])
-    for pos, value in flips:
-        payload[pos % len(payload)] = value
-    data = bytes(payload[: cut % (len(payload) + 1)]) + extra
+    data = mutated(bytes.fromhex(VECTORS[msgtype]), flips, cut, extra)
     assert fast(msgtype, data, reverse) == typed(msgtype, data, reverse)
 
 
@@ -148,24 +137,19 @@ def test_real_payloads_cover_the_bulk_types() -> None:
 def test_truncated_real_payloads_fail_alike(msgtype: str) -> None:
     """Every cut of real payloads (and one trailing byte): the typed codec, the Python
     renderer and the native one reject it with the same reason at the same offset."""
+    renderers = {"Python": python_body} | ({"native": native_body} if NATIVE else {})
     for payload in REAL[msgtype]:
         cuts = [payload[:cut] for cut in range(len(payload))] + [payload + b"\0"]
         for data in cuts:
             want = typed(msgtype, data, False)
             assert want[:2] == ("error", msgtype), (len(data), want)
-            try:
-                python_body(msgtype, data, False)
-            except DecodeError as e:
-                assert rejection(e) == want, len(data)
-            else:
-                raise AssertionError(f"Python renderer accepted {len(data)} bytes: {want}")
-            if NATIVE:
+            for name, render in renderers.items():
                 try:
-                    native_body(msgtype, data, False)
+                    render(msgtype, data, False)
                 except DecodeError as e:
                     assert rejection(e) == want, len(data)
                 else:
-                    raise AssertionError(f"native renderer accepted {len(data)} bytes: {want}")
+                    raise AssertionError(f"{name} renderer accepted {len(data)} bytes: {want}")
 
 
 # --- the native renderer of every type (whole runs of records use it) --------------------
@@ -233,20 +217,12 @@ def test_native_leaves_unusual_text_to_python() -> None:
 
 @needs_native
 @settings(max_examples=3000, deadline=None)
-@given(
-    msgtype=st.sampled_from(ALL_TYPES),
-    flips=st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), max_size=3),
-    cut=st.integers(0, 100_000),
-    extra=st.binary(max_size=3),
-    reverse=st.booleans(),
-)
+@given(msgtype=st.sampled_from(ALL_TYPES), reverse=st.booleans(), **MUTATIONS)
 def test_native_mutated_payloads_agree(
     msgtype: str, flips: list[tuple[int, int]], cut: int, extra: bytes, reverse: bool
 ) -> None:
-    payload = bytearray.fromhex(VECTORS[msgtype]) or bytearray(b"\0")
-    for pos, value in flips:
-        payload[pos % len(payload)] = value
-    native_agrees(msgtype, bytes(payload[: cut % (len(payload) + 1)]) + extra, reverse)
+    payload = bytes.fromhex(VECTORS[msgtype]) or b"\0"
+    native_agrees(msgtype, mutated(payload, flips, cut, extra), reverse)
 
 
 @needs_native
@@ -284,13 +260,11 @@ def test_native_ip_addresses_agree(addrs: list[AddressV2], raw: list[bytes]) -> 
 @needs_native
 @settings(max_examples=1000, deadline=None)
 @given(
-    chunks=st.lists(st.binary(max_size=120), min_size=1, max_size=3),
-    plan=st.lists(st.integers(-3, 130), max_size=9),
     run=st.integers(-1, 4),
-    pos=st.integers(-1, 130),
     used=st.integers(-1, 20),
     limit=st.integers(-1, 100),
     first=st.booleans(),
+    **BATCH_ARGUMENTS,
 )
 def test_batch_functions_take_any_arguments_safely(
     chunks: list[bytes], plan: list[int], run: int, pos: int, used: int, limit: int, first: bool
@@ -298,9 +272,7 @@ def test_batch_functions_take_any_arguments_safely(
     """Arguments that do not describe whole records raise ValueError; nothing else
     happens (run under AddressSanitizer too: see the report of issue 11). The capture
     module's plan and tally: tests/test_records.py."""
-    import struct
-
-    packed = struct.pack(f"<{len(plan)}q", *plan)
+    packed = packed_plan(plan)
     out = bytearray(b"x" * 10)
     looks = [(b"{", b"}")] * len(chunks)
     opts = (b",", b"", False, 0, 2**64 - 1, None)

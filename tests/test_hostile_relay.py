@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from msgcap.capture import batch
-from msgcap.capture.bip324 import V2Message, V2Session
 from msgcap.capture.conversation import folder_conversation
 from msgcap.capture.framing import encode_frame
 from tests import bitcoind
 from tests.conftest import (
     MAGIC,
     Upstream,
+    V2End,
     free_port,
     logged,
     read_all,
@@ -143,35 +143,6 @@ async def test_stop_without_failure_forwards_everything(tmp_path: Path) -> None:
     assert captured_frames(cap, "recv") == peer_stream
 
 
-class V2End:
-    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, initiator: bool):
-        self.r, self.w = r, w
-        self.session = V2Session(initiator, MAGIC)
-        self.got: list[tuple[str, bytes]] = []
-
-    def pump(self) -> None:
-        for ev in self.session.next_events():
-            if isinstance(ev, V2Message):
-                self.got.append((ev.msgtype, bytes(ev.payload)))
-        if out := self.session.data_to_send():
-            self.w.write(out)
-
-    async def handshake(self) -> None:
-        self.pump()
-        while not (self.session.established and self.session.peer_version_received):
-            data = await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT)
-            if not data:
-                raise ConnectionError("closed during the handshake")
-            self.session.receive_data(data)
-            self.pump()
-
-    async def read_all(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT):
-                self.session.receive_data(data)
-                self.pump()
-
-
 @pytest.mark.parametrize("fail_at", [1, 10])
 async def test_stop_forwards_nothing_uncaptured_v2_decrypt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
@@ -180,7 +151,7 @@ async def test_stop_forwards_nothing_uncaptured_v2_decrypt(
     ends: list[V2End] = []
 
     async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        end = V2End(r, w, initiator=False)
+        end = V2End(r, w, initiator=False, timeout=TIMEOUT)
         ends.append(end)
         with contextlib.suppress(ConnectionError):
             await end.handshake()
@@ -196,7 +167,7 @@ async def test_stop_forwards_nothing_uncaptured_v2_decrypt(
         running_proxy(tmp_path, route=route_to(up.port), on_capture_error="stop") as px,
     ):
         r, w = await asyncio.open_connection("127.0.0.1", px.addresses[0][1])
-        client = V2End(r, w, initiator=True)
+        client = V2End(r, w, initiator=True, timeout=TIMEOUT)
         await client.handshake()
         with contextlib.suppress(ConnectionError):
             for t, p in msgs:

@@ -1,12 +1,12 @@
 """The README's example tests, as written there (keeps the README true)."""
 
-from pathlib import Path
-
 import pytest
 
 from tests.bitcoind import NodeFactory, wait_until
+from tests.conftest import PAIR_A
 
-CAPTURE = Path(__file__).parent / "data" / "core-v30-pair" / "a" / "127.0.0.1_39912"
+CAPTURE = PAIR_A
+"""The README's ``CAPTURE``: node a's capture of its peer b, written by Bitcoin Core."""
 
 
 def test_recorded_handshake(msgcap_capture):  # type: ignore[no-untyped-def]

@@ -38,12 +38,12 @@ from msgcap.capture.records import (
     walk_records,
 )
 from msgcap.capture.writer import CaptureWriter, Clock
+from tests.conftest import BATCH_ARGUMENTS, PAIR, packed_plan
 
-DATA = Path(__file__).parent / "data" / "core-v30-pair"
-CORE_FILES = sorted(DATA.rglob("*.dat"))
+CORE_FILES = sorted(PAIR.rglob("*.dat"))
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(DATA)))
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(PAIR)))
 def test_reencoding_core_files_is_byte_identical(path: Path) -> None:
     raw = path.read_bytes()
     with open(path, "rb") as f:
@@ -409,12 +409,7 @@ def whole_end(data: bytes) -> int:
 
 @needs_native
 @settings(max_examples=1000, deadline=None)
-@given(
-    chunks=st.lists(st.binary(max_size=120), min_size=1, max_size=3),
-    plan=st.lists(st.integers(-3, 130), max_size=9),
-    pos=st.integers(-1, 130),
-    time=st.integers(-1, 20),
-)
+@given(time=st.integers(-1, 20), **BATCH_ARGUMENTS)
 def test_batch_functions_take_any_arguments_safely(
     chunks: list[bytes], plan: list[int], pos: int, time: int
 ) -> None:
@@ -422,7 +417,7 @@ def test_batch_functions_take_any_arguments_safely(
     happens (run under AddressSanitizer too: see the report of issue 11). The parser's
     render_batch: tests/test_fastjson.py."""
     assert native_module is not None
-    packed = struct.pack(f"<{len(plan)}q", *plan)
+    packed = packed_plan(plan)
     try:
         native_module.tally([{} for _ in chunks], chunks, packed, 0, MAX_TIME, None)
     except ValueError:

@@ -22,7 +22,7 @@ from msgcap.parser.structures import MSG_WITNESS_FLAG, Inventory, InvType
 from msgcap.proxy.replay import Report
 from tests.bcoin import BcoinNode, require_bcoin, wait_listening
 from tests.bitcoind import Recording
-from tests.conftest import MAGIC, ProxyProcess, free_port, wait_until
+from tests.conftest import MAGIC, VERSION_PAYLOAD, ProxyProcess, free_port, wait_until
 from tests.vectors import VECTORS
 
 DATA = Path(__file__).parent / "data" / "core-v30-pair"
@@ -117,7 +117,6 @@ def _wait_bound(port: int, timeout: float = 20) -> None:
 
 # --- scripted peers: --strict --------------------------------------------------------
 
-VERSION_PAYLOAD = bytes.fromhex(VECTORS["version"])
 BLOCK = bytes.fromhex(VECTORS["block"])
 BLOCK_HASH = hash256(BLOCK[:80])
 INV = Inv((Inventory(InvType.MSG_BLOCK, BLOCK_HASH),)).encode()

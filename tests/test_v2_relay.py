@@ -12,134 +12,28 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from msgcap.capture.bip324 import V2Message, V2Session, session_id_hex
-from msgcap.capture.conversation import folder_conversation
-from msgcap.capture.framing import Network, encode_frame
-from msgcap.proxy.config import config_from_dict
-from msgcap.proxy.server import Proxy
+from msgcap.capture.bip324 import V2Session, session_id_hex
+from msgcap.capture.framing import encode_frame
+from tests.conftest import (
+    MAGIC,
+    EchoPeer,
+    Upstream,
+    V2End,
+    captured_messages,
+    logged,
+    read_events,
+    route_to,
+    running_proxy,
+    v2_client,
+    wait_until_async,
+)
 
-MAGIC = Network.REGTEST.magic
 TIMEOUT = 10.0
-
-
-class V2End:
-    """One scripted BIP324 end on a stream pair: handshake, then messages both ways."""
-
-    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, initiator: bool):
-        self.r, self.w = r, w
-        self.session = V2Session(initiator=initiator, magic=MAGIC)
-        self.received: list[tuple[str, bytes]] = []
-        self.eof = False
-
-    async def handshake(self) -> None:
-        s = self.session
-        while True:
-            self._take()
-            if s.established and s.peer_version_received:
-                return
-            data = await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT)
-            if not data:
-                raise ConnectionError("closed during the handshake")
-            s.receive_data(data)
-
-    def _take(self) -> None:
-        for ev in self.session.next_events():
-            if isinstance(ev, V2Message):
-                self.received.append((ev.msgtype, bytes(ev.payload)))
-        out = self.session.data_to_send()
-        if out:
-            self.w.write(out)
-
-    def send(self, msgtype: str, payload: bytes) -> None:
-        self.w.write(self.session.encrypt_message(msgtype, payload))
-
-    async def receive(self, n: int) -> list[tuple[str, bytes]]:
-        """Until ``n`` messages in all, or the end of the stream."""
-        while len(self.received) < n and not self.eof:
-            data = await asyncio.wait_for(self.r.read(1 << 16), TIMEOUT)
-            if not data:
-                self.eof = True
-                break
-            self.session.receive_data(data)
-            self._take()
-        return self.received
-
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def server(handler: Handler) -> AsyncIterator[int]:
-    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield int(srv.sockets[0].getsockname()[1])
-    finally:
-        srv.close()
-
-
-@contextlib.asynccontextmanager
-async def proxy_to(tmp: Path, port: int, **extra: Any) -> AsyncIterator[Proxy]:
-    proxy = Proxy(config_from_dict({
-        "network": "regtest", "capture_dir": str(tmp / "cap"), "v2": "decrypt",
-        "route": [{"listen": "127.0.0.1:0", "peer": f"127.0.0.1:{port}"}], **extra,
-    }))  # fmt: skip
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
-
-
-def events(tmp: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (tmp / "cap" / "events.jsonl").read_text().splitlines()]
-
-
-def captured(tmp: Path, port: int) -> list[tuple[str, str, bytes]]:
-    folder = tmp / "cap" / f"127.0.0.1_{port}"
-    return [
-        (i.direction.value, i.record.msgtype.label, i.record.payload)
-        for i in folder_conversation(folder)
-    ]
-
-
-class EchoPeer:
-    """A v2 responder that answers every message with the same type and payload."""
-
-    def __init__(self) -> None:
-        self.ends: list[V2End] = []
-        self.bytes_after_handshake: list[int] = []
-
-    async def __call__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        end = V2End(r, w, initiator=False)
-        self.ends.append(end)
-        try:
-            await end.handshake()
-            sent = 0
-            while True:
-                await end.receive(sent + 1)
-                if end.eof:
-                    return
-                for msgtype, payload in end.received[sent:]:
-                    end.send(msgtype, payload)
-                sent = len(end.received)
-                await w.drain()
-        except (ConnectionError, TimeoutError):
-            pass
-        finally:
-            w.close()
-
-
-async def v2_client(port: int) -> V2End:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    end = V2End(r, w, initiator=True)
-    await end.handshake()
-    return end
 
 
 MESSAGES = [("version", b"\x01" * 100), ("ping", b"12345678"), ("block", os.urandom(300_000)),
@@ -147,15 +41,18 @@ MESSAGES = [("version", b"\x01" * 100), ("ping", b"12345678"), ("block", os.uran
 
 
 async def test_v2_on_both_legs(tmp_path: Path) -> None:
-    peer = EchoPeer()
-    async with server(peer) as port, proxy_to(tmp_path, port) as proxy:
-        client = await v2_client(proxy.addresses[0][1])
+    peer = EchoPeer(TIMEOUT)
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, v2="decrypt", route=route_to(up.port)) as proxy,
+    ):
+        client = await v2_client(proxy.addresses[0][1], TIMEOUT)
         for msgtype, payload in MESSAGES:
             client.send(msgtype, payload)
         assert await client.receive(len(MESSAGES)) == MESSAGES  # echoed through both legs
-        assert peer.ends[0].received == MESSAGES
+        assert peer.ends[0].got == MESSAGES
         client.w.close()
-    cap = captured(tmp_path, port)
+    cap = captured_messages(tmp_path, up.port)
     # The node is the client: what it sent is "sent", the echo is "recv"; in order.
     assert sorted(cap, key=lambda m: m[0]) == sorted(
         [("sent", t, p) for t, p in MESSAGES] + [("recv", t, p) for t, p in MESSAGES],
@@ -163,7 +60,7 @@ async def test_v2_on_both_legs(tmp_path: Path) -> None:
     )
     assert [(t, p) for d, t, p in cap if d == "sent"] == MESSAGES
     assert [(t, p) for d, t, p in cap if d == "recv"] == MESSAGES
-    sessions = [e for e in events(tmp_path) if e["event"] == "v2_session"]
+    sessions = read_events(tmp_path / "cap", "v2_session")
     by_leg = {e["leg"]: e for e in sessions}
     client_sid = client.session.session_id
     upstream_sid = peer.ends[0].session.session_id
@@ -189,15 +86,21 @@ async def test_v1_only_upstream_gets_v1(tmp_path: Path) -> None:
         await r.read()
         w.close()
 
-    async with server(v1_peer) as port, proxy_to(tmp_path, port) as proxy:
-        client = await v2_client(proxy.addresses[0][1])
+    async with (
+        Upstream(v1_peer) as up,
+        running_proxy(tmp_path, v2="decrypt", route=route_to(up.port)) as proxy,
+    ):
+        client = await v2_client(proxy.addresses[0][1], TIMEOUT)
         client.send("version", b"\x02" * 50)
         assert await client.receive(1) == [("verack", b"")]
         client.w.close()
     assert got == [encode_frame(MAGIC, "version", b"\x02" * 50)]
-    kinds = [e["event"] for e in events(tmp_path)]
+    kinds = [e["event"] for e in read_events(tmp_path / "cap")]
     assert "v2_fallback" in kinds and kinds.count("v2_session") == 1
-    assert captured(tmp_path, port) == [("sent", "version", b"\x02" * 50), ("recv", "verack", b"")]
+    assert captured_messages(tmp_path, up.port) == [
+        ("sent", "version", b"\x02" * 50),
+        ("recv", "verack", b""),
+    ]
 
 
 # --- hostile v2 input ---------------------------------------------------------------------
@@ -247,17 +150,20 @@ PRE_HANDSHAKE = {"no garbage terminator", "stalled handshake"}
 @pytest.mark.parametrize("case", list(HOSTILE))
 async def test_hostile_v2(tmp_path: Path, case: str) -> None:
     act, event, detail = HOSTILE[case]
-    peer = EchoPeer()
+    peer = EchoPeer(TIMEOUT)
+    cap = tmp_path / "cap"
     async with (
-        server(peer) as port,
-        proxy_to(tmp_path, port, limits={"handshake_timeout": 2}) as proxy,
+        Upstream(peer) as up,
+        running_proxy(
+            tmp_path, v2="decrypt", route=route_to(up.port), limits={"handshake_timeout": 2}
+        ) as proxy,
     ):
         listen = proxy.addresses[0][1]
-        honest = await v2_client(listen)
+        honest = await v2_client(listen, TIMEOUT)
         honest.send("ping", b"honest-1")
         assert await honest.receive(1) == [("ping", b"honest-1")]
         r, w = await asyncio.open_connection("127.0.0.1", listen)
-        hostile = V2End(r, w, initiator=True)
+        hostile = V2End(r, w, initiator=True, timeout=TIMEOUT)
         if case in PRE_HANDSHAKE:
             await act(w, hostile.session)
             if case == "stalled handshake":
@@ -268,22 +174,20 @@ async def test_hostile_v2(tmp_path: Path, case: str) -> None:
         with contextlib.suppress(ConnectionError):  # the proxy may have closed on it
             await w.drain()
 
-        def logged() -> bool:
+        def seen() -> bool:
             return any(e["event"] == event and (not detail or detail in json.dumps(e))
-                       for e in events(tmp_path))  # fmt: skip
+                       for e in read_events(cap))  # fmt: skip
 
-        for _ in range(int(TIMEOUT / 0.05)):
-            if logged():
-                break
-            await asyncio.sleep(0.05)
-        assert logged(), events(tmp_path)
+        with contextlib.suppress(TimeoutError):
+            await wait_until_async(seen, TIMEOUT, f"{event} logged")
+        assert seen(), read_events(cap)
         honest.send("ping", b"honest-2")  # the honest connection is not disturbed
         assert await honest.receive(2) == [("ping", b"honest-1"), ("ping", b"honest-2")]
         w.close()
         honest.w.close()
     # Nothing of the hostile connection reached the upstream beyond the handshake.
     hostile_ends = [e for e in peer.ends if e is not peer.ends[0]]
-    assert all(e.received == [] for e in hostile_ends)
+    assert all(e.got == [] for e in hostile_ends)
 
 
 async def test_fifteen_of_sixteen_v1_bytes_is_v2(tmp_path: Path) -> None:
@@ -298,8 +202,10 @@ async def test_fifteen_of_sixteen_v1_bytes_is_v2(tmp_path: Path) -> None:
     prefix = bytearray(MAGIC + b"version\0\0\0\0\0")
     prefix[15] = 1
     async with (
-        server(peer) as port,
-        proxy_to(tmp_path, port, limits={"handshake_timeout": 1}) as proxy,
+        Upstream(peer) as up,
+        running_proxy(
+            tmp_path, v2="decrypt", route=route_to(up.port), limits={"handshake_timeout": 1}
+        ) as proxy,
     ):
         r, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
         w.write(bytes(prefix) + encode_frame(MAGIC, "verack", b""))
@@ -307,21 +213,23 @@ async def test_fifteen_of_sixteen_v1_bytes_is_v2(tmp_path: Path) -> None:
         assert await asyncio.wait_for(r.read(), TIMEOUT) != b""  # our responder's key
         w.close()
     assert not any(bytes(prefix[:15]) in g for g in got)  # no v1 bytes went upstream
-    kinds = {e["event"] for e in events(tmp_path)}
+    kinds = {e["event"] for e in read_events(tmp_path / "cap")}
     assert "timeout" in kinds and "open" not in kinds
 
 
 async def test_client_closing_during_the_handshake_is_a_close(tmp_path: Path) -> None:
-    peer = EchoPeer()
-    async with server(peer) as port, proxy_to(tmp_path, port) as proxy:
+    peer = EchoPeer(TIMEOUT)
+    cap = tmp_path / "cap"
+    async with (
+        Upstream(peer) as up,
+        running_proxy(tmp_path, v2="decrypt", route=route_to(up.port)) as proxy,
+    ):
         _, w = await asyncio.open_connection("127.0.0.1", proxy.addresses[0][1])
         w.write(V2Session(initiator=True, magic=MAGIC).data_to_send()[:40])  # part of a key
         await w.drain()
         w.close()
-        for _ in range(int(TIMEOUT / 0.05)):
-            if any(e["event"] == "close" for e in events(tmp_path)):
-                break
-            await asyncio.sleep(0.05)
-    closes = [e for e in events(tmp_path) if e["event"] == "close"]
-    assert closes and "BIP324 handshake" in closes[0]["reason"], events(tmp_path)
-    assert not [e for e in events(tmp_path) if e["event"] == "upstream_error"]
+        with contextlib.suppress(TimeoutError):
+            await wait_until_async(logged(cap, "close"), TIMEOUT, "close logged")
+    closes = read_events(cap, "close")
+    assert closes and "BIP324 handshake" in closes[0]["reason"], read_events(cap)
+    assert not read_events(cap, "upstream_error")
