@@ -45,6 +45,7 @@ from msgcap.parser.dataset import export as dataset_export
 from msgcap.parser.dataset import writing as dataset_writing
 from msgcap.parser.messages import MESSAGES, decode_message
 from msgcap.parser.wire import DecodeError
+from tests.conftest import MUTATIONS, mutated
 from tests.core_reference import parse_files
 from tests.vectors import VECTORS
 
@@ -729,20 +730,12 @@ def test_block_check_on_real_size_blocks(
 
 @needs_native
 @settings(max_examples=2000, deadline=None)
-@given(
-    msgtype=st.sampled_from(sorted(MESSAGES)),
-    flips=st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), max_size=3),
-    cut=st.integers(0, 100_000),
-    extra=st.binary(max_size=3),
-)
+@given(msgtype=st.sampled_from(sorted(MESSAGES)), **MUTATIONS)
 def test_native_check_accepts_what_render_renders(
     msgtype: str, flips: list[tuple[int, int]], cut: int, extra: bytes
 ) -> None:
     """check() is render() writing nothing: the same verdict on every type."""
-    payload = bytearray.fromhex(VECTORS[msgtype]) or bytearray(b"\0")
-    for pos, value in flips:
-        payload[pos % len(payload)] = value
-    data = bytes(payload[: cut % (len(payload) + 1)]) + extra
+    data = mutated(bytes.fromhex(VECTORS[msgtype]) or b"\0", flips, cut, extra)
     try:
         rendered: Any = _fastjson.render(msgtype, data, False) is not None
     except ValueError as e:
