@@ -13,7 +13,7 @@ them would meet again in the registry at the bottom.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol, Self, TypeVar, cast
+from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeVar, cast
 
 from msgcap.parser import wire
 from msgcap.parser.structures import (
@@ -182,40 +182,44 @@ class FilterClear(_Empty):
     msgtype: ClassVar[str] = "filterclear"
 
 
+_A = TypeVar("_A", AddressV1, AddressV2)
+
+
 @dataclass(frozen=True, slots=True)
-class Addr:
+class _AddrMessage(Generic[_A]):
+    """What ``addr`` and ``addrv2`` share: one list of addresses, in the message's format."""
+
+    msgtype: ClassVar[str]
+    entry: ClassVar[Any]
+    """The address class (its ``read`` and the fewest bytes one takes)."""
+    entry_size: ClassVar[int]
+
+    addrs: tuple[_A, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        n = r.count(cls.entry_size)
+        return cls(tuple(cls.entry.read(r) for _ in range(n)))
+
+    def encode(self) -> bytes:
+        return encode_list(self.addrs)
+
+    def json(self, hx: HashHex) -> JsonDict:
+        return {"addrs": [a.json(hx) for a in self.addrs]}
+
+
+class Addr(_AddrMessage[AddressV1]):
+    __slots__ = ()
     msgtype: ClassVar[str] = "addr"
-
-    addrs: tuple[AddressV1, ...]
-
-    @classmethod
-    def read(cls, r: Reader) -> Addr:
-        n = r.count(30)
-        return cls(tuple(AddressV1.read(r) for _ in range(n)))
-
-    def encode(self) -> bytes:
-        return encode_list(self.addrs)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"addrs": [a.json(hx) for a in self.addrs]}
+    entry: ClassVar[Any] = AddressV1
+    entry_size: ClassVar[int] = 30
 
 
-@dataclass(frozen=True, slots=True)
-class AddrV2:
+class AddrV2(_AddrMessage[AddressV2]):
+    __slots__ = ()
     msgtype: ClassVar[str] = "addrv2"
-
-    addrs: tuple[AddressV2, ...]
-
-    @classmethod
-    def read(cls, r: Reader) -> AddrV2:
-        n = r.count(9)
-        return cls(tuple(AddressV2.read(r) for _ in range(n)))
-
-    def encode(self) -> bytes:
-        return encode_list(self.addrs)
-
-    def json(self, hx: HashHex) -> JsonDict:
-        return {"addrs": [a.json(hx) for a in self.addrs]}
+    entry: ClassVar[Any] = AddressV2
+    entry_size: ClassVar[int] = 9
 
 
 # --- inventory ------------------------------------------------------------------------
