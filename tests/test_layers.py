@@ -190,6 +190,14 @@ def test_a_docstring_naming_a_module_is_no_import() -> None:
     assert violations(FOLDERS["capture"] / "planted.py", source) == []
 
 
+def python(code: str) -> str:
+    """What a fresh interpreter running ``code`` prints (it must succeed)."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 def _loaded_after_importing(floor: str) -> set[str]:
     package = "msgcap" if floor == "app" else f"msgcap.{floor}"
     code = (
@@ -200,10 +208,7 @@ def _loaded_after_importing(floor: str) -> set[str]:
         "    importlib.import_module(name)\n"
         "print('\\n'.join(sorted(sys.modules)))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    return set(res.stdout.split())
+    return set(python(code).split())
 
 
 @pytest.mark.parametrize("floor", ["capture", "parser", "proxy"])
@@ -254,10 +259,7 @@ def test_each_file_has_one_path_as_python_sees_it() -> None:
         "    for m in pkgutil.walk_packages(pkg.__path__, p + '.'):\n"
         "        print(m.name, importlib.import_module(m.name).__file__)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split(" ", 1) for line in res.stdout.splitlines()]
+    rows = [line.split(" ", 1) for line in python(code).splitlines()]
     assert len(rows) > 30
     for floor in ("capture", "parser", "proxy"):
         loaded = {
