@@ -50,15 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bench  # noqa: E402
-from msgcap.capture.bip324 import (  # noqa: E402
-    ELLSWIFT_LEN,
-    EXPANSION,
-    GARBAGE_TERMINATOR_LEN,
-    MSGTYPE_SIZE,
-    V2_SHORT_IDS,
-    V2Session,
-)
-from msgcap.capture.framing import Network, encode_frame  # noqa: E402
+from msgcap.capture.bip324 import GARBAGE_TERMINATOR_LEN, V2Session  # noqa: E402
+from msgcap.capture.bip324_cipher import ELLSWIFT_LEN, EXPANSION  # noqa: E402
+from msgcap.capture.bip324_events import V2_SHORT_IDS  # noqa: E402
+from msgcap.capture.framing import MSGTYPE_SIZE, Network, encode_frame  # noqa: E402
 from tests.bcoin import free_port, wait_listening  # noqa: E402
 
 MAGIC = Network.REGTEST.magic

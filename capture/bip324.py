@@ -22,13 +22,14 @@ again). Events complete before the error are still returned first (see
 :meth:`V2Session.take_events`).
 
 Under the proxy's ``decrypt`` policy, an established session can hand its receiving and
-sending ciphers over to the native per-read step (:func:`native_pipe`; ``capture/_v2.c``,
-built into ``msgcap.capture._capture``: OpenSSL's ChaCha20 and ChaCha20-Poly1305), which
-then does what this module's packet code does for a whole read at once.
+sending ciphers over to the native per-read step
+(:func:`~msgcap.capture.bip324_pipe.native_pipe`; ``capture/_v2.c``, built into
+``msgcap.capture._capture``: OpenSSL's ChaCha20 and ChaCha20-Poly1305), which then does
+what this module's packet code does for a whole read at once.
 
 The behaviour follows Bitcoin Core's ``V2Transport`` (src/net.cpp). BIP324 is four
-modules; this one, the session's state machine, re-exports the others' public names, so
-that ``msgcap.capture.bip324`` stays the one place to import BIP324 from:
+modules; this one is the session's state machine. Import each name from the module that
+defines it (this one does not re-export the others'):
 
 * :mod:`msgcap.capture.bip324_events`: short message type ids, events and errors;
 * :mod:`msgcap.capture.bip324_cipher`: ElligatorSwift, ECDH, key derivation and the
@@ -49,11 +50,9 @@ from cryptography.exceptions import InvalidTag
 
 from msgcap.capture.bip324_cipher import (
     ELLSWIFT_LEN,
-    EXPANSION,
     HEADER_LEN,
     IGNORE_BIT,
     LENGTH_LEN,
-    MAX_PACKET_CONTENTS,
     REKEY_INTERVAL,
     TAG_LEN,
     CipherState,
@@ -62,11 +61,9 @@ from msgcap.capture.bip324_cipher import (
     derive_keys,
     ecdh_secret,
     ellswift_create,
-    ellswift_decode,
     random_privkey,
 )
 from msgcap.capture.bip324_events import (
-    CORE_EMPTY_TYPE_IDS,
     MAX_CONTENTS_LEN,
     V2_MESSAGE_IDS,
     V2_SHORT_IDS,
@@ -81,32 +78,7 @@ from msgcap.capture.bip324_events import (
     bad_tag_message,
     oversize_message,
 )
-from msgcap.capture.bip324_pipe import (
-    NATIVE_PIPE,
-    NativePipe,
-    native_pipe,
-    pipe_dropped,
-    pipe_error,
-)
-from msgcap.capture.framing import (
-    MSGTYPE_SIZE,
-    NEED_DATA,
-    _NeedData,
-    encode_msgtype,
-    v1_version_prefix,
-)
-
-__all__ = [  # what other modules import from here (the others' names re-exported)
-    "CORE_EMPTY_TYPE_IDS", "ELLSWIFT_LEN", "EXPANSION", "GARBAGE_TERMINATOR_LEN", "HEADER_LEN",
-    "IGNORE_BIT", "LENGTH_LEN", "MAX_CONTENTS_LEN", "MAX_GARBAGE_LEN", "MAX_PACKET_CONTENTS",
-    "MSGTYPE_SIZE", "NATIVE_PIPE", "NEED_DATA", "REKEY_INTERVAL", "TAG_LEN",
-    "TRANSPORT_VERSION", "V1_PREFIX_LEN", "V2_MESSAGE_IDS", "V2_SHORT_IDS", "CipherState",
-    "Event", "HandshakeComplete", "InvalidMessageType", "NativePipe", "PacketCipher",
-    "SessionKeys", "UnknownShortId", "V2Error", "V2ErrorReason", "V2Message", "V2Session",
-    "VersionPacket", "classify_prefix", "derive_keys", "ecdh_secret", "ellswift_create",
-    "ellswift_decode", "looks_like_v1", "native_pipe", "pipe_dropped", "pipe_error",
-    "random_privkey", "session_id_hex", "v1_prefix"
-]  # fmt: skip
+from msgcap.capture.framing import NEED_DATA, _NeedData, encode_msgtype, v1_version_prefix
 
 GARBAGE_TERMINATOR_LEN: Final = 16
 MAX_GARBAGE_LEN: Final = 4095
@@ -353,10 +325,11 @@ class V2Session:
     # -- handing over to a native pipe ------------------------------------------------
 
     def take_receiver(self) -> tuple[CipherState, bytes, int]:
-        """Give up the receiving direction (to a :class:`NativePipe`): its cipher state,
-        the bytes buffered after the last complete packet (the start of the next one, its
-        length field included) and their stream offset. Only once the handshake is over
-        and every complete packet has been taken out; this session receives no more."""
+        """Give up the receiving direction (to a
+        :class:`~msgcap.capture.bip324_pipe.NativePipe`): its cipher state, the bytes
+        buffered after the last complete packet (the start of the next one, its length
+        field included) and their stream offset. Only once the handshake is over and every
+        complete packet has been taken out; this session receives no more."""
         recv = self._recv
         if (
             recv is None
@@ -389,8 +362,9 @@ class V2Session:
         return self._send is not None and not self._outgoing
 
     def take_sender(self) -> CipherState:
-        """Give up the sending direction (to a :class:`NativePipe`): its cipher state.
-        Only once every handshake byte has been drained; this session sends no more."""
+        """Give up the sending direction (to a
+        :class:`~msgcap.capture.bip324_pipe.NativePipe`): its cipher state. Only once every
+        handshake byte has been drained; this session sends no more."""
         send = self._send
         if not self.sender_ready or send is None:
             raise RuntimeError("the sending direction cannot be handed over now")

@@ -398,7 +398,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from msgcap.capture.framing import parse_magic
     from msgcap.proxy.config import HostPort
-    from msgcap.proxy.replay import ReplayError, load_conversation, replay_listen, replay_to
+    from msgcap.proxy.replay import replay_listen, replay_to
+    from msgcap.proxy.replay_plan import ReplayError, load_conversation
 
     flag, wheres = ("--to", args.to) if args.to else ("--listen", [args.listen])
     targets = []
@@ -461,7 +462,7 @@ def _replay_failures(doing: str) -> Iterator[None]:
     an ``OSError`` without an errno is ours (no client connected in time); any other
     says what could not be done (``doing``: ``connect to HOST:PORT``). ``ReplayFailed``,
     a failure of the replayer itself, goes on to :func:`main`."""
-    from msgcap.proxy.replay import ReplayError
+    from msgcap.proxy.replay_plan import ReplayError
 
     try:
         yield
@@ -561,7 +562,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _run_export_functional_test(args: argparse.Namespace) -> int:
-    from msgcap.parser.functional_test import ExportError, export_functional_test
+    from msgcap.parser.functional_plan import ExportError
+    from msgcap.parser.functional_test import export_functional_test
 
     out = Path(args.functional_test)
     if out.suffix != ".py":

@@ -11,9 +11,10 @@ msgcap installed costs other projects' pytest runs next to nothing.
 - :func:`load_capture` (fixture ``msgcap_capture(path, ...)``): a capture folder or files
   as a time-ordered list of :class:`CapturedMessage` with typed messages.
 - :func:`replay` (fixture ``msgcap_replay(path, to="HOST:PORT", ...)``): play one side of
-  a capture against a live node and return the :class:`msgcap.proxy.replay.Report`:
-  ``.diverged`` (substantive divergence only), ``.substantive`` and ``.benign`` (lists of
-  ``Divergence``), ``.reached``, ``.answered``, ``.summary()``. Usable from sync and async
+  a capture against a live node and return the
+  :class:`msgcap.proxy.replay_conversation.Report`: ``.diverged`` (substantive divergence
+  only), ``.substantive`` and ``.benign`` (lists of ``Divergence``), ``.reached``,
+  ``.answered``, ``.summary()``. Usable from sync and async
   tests alike (it runs its own event loop in a thread). With several targets
   (``to=[A, B]``, or ``listen=`` with ``connections=N``) it plays the same recording into
   each and returns a :class:`msgcap.proxy.diff.DiffReport` of how the nodes differ.
@@ -38,15 +39,9 @@ from msgcap.capture.records import Direction
 from msgcap.parser.messages import Message, Unknown, decode_message
 from msgcap.proxy.config import Config, HostPort, config_from_dict
 from msgcap.proxy.diff import DiffReport, compare, replay_many
-from msgcap.proxy.replay import (
-    Report,
-    Side,
-    Step,
-    Transport,
-    load_conversation,
-    replay_listen,
-    replay_to,
-)
+from msgcap.proxy.replay import Transport, replay_listen, replay_to
+from msgcap.proxy.replay_conversation import Report
+from msgcap.proxy.replay_plan import Side, Step, load_conversation
 from msgcap.proxy.server import Proxy
 
 T = TypeVar("T")

@@ -43,11 +43,9 @@ from msgcap.capture.conversation import DamageReport, warn_damage
 from msgcap.capture.framing import hash256
 from msgcap.parser import messages as m
 from msgcap.parser.chain import try_decode
-from msgcap.parser.functional_plan import ExportError, Plan, plan
+from msgcap.parser.functional_plan import Plan, plan
 from msgcap.parser.structures import MSG_WITNESS_FLAG, InvType
 from msgcap.parser.wire import display_hash
-
-__all__ = ["ExportError", "Plan", "constructor", "export_functional_test", "plan", "render"]
 
 NODE_BLOOM = 1 << 2
 NODE_COMPACT_FILTERS = 1 << 6

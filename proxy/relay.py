@@ -58,8 +58,6 @@ from msgcap.proxy.worker import CaptureWorker
 
 T = TypeVar("T")
 
-__all__ = ["DirectionStats", "Pump", "Relay", "Side"]
-
 
 @dataclass(slots=True)
 class Side:

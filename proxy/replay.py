@@ -3,8 +3,8 @@
 :mod:`msgcap.proxy.replay_plan` reads the recording as a plan (what to send unasked,
 what answers which request) and :mod:`msgcap.proxy.replay_conversation` answers the live
 side from it, both without I/O; :class:`Replayer` moves the bytes over one connection,
-:func:`replay_to` dials a node and :func:`replay_listen` waits for clients. The names of
-those modules that callers use are exported from here as well.
+:func:`replay_to` dials a node and :func:`replay_listen` waits for clients. Import
+each name from the module that defines it: this one does not re-export the others'.
 
 The end: once the live side has answered a ping of ours without making a new request in
 the meantime it has processed everything we sent (a node handles one peer's messages in
@@ -23,42 +23,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from msgcap.capture.bip324 import V2Error, V2Session
+from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324_events import V2Error
 from msgcap.capture.errors import MsgcapError, describe_exception
 from msgcap.capture.framing import Message, StreamError, v1_version_prefix
 from msgcap.parser import messages as m
 from msgcap.parser.chain import try_decode
-from msgcap.proxy.replay_conversation import Conversation, Divergence, Kind, Report, benign
-from msgcap.proxy.replay_plan import (
-    ANSWERS,
-    HANDSHAKE,
-    Recording,
-    ReplayError,
-    Side,
-    Step,
-    load_conversation,
-)
+from msgcap.proxy.replay_conversation import Conversation, Divergence, Kind, Report
+from msgcap.proxy.replay_plan import Recording, Side, Step
 from msgcap.proxy.v2 import Leg, V1Leg, V2Leg, handshake
-
-__all__ = [
-    "ANSWERS",
-    "HANDSHAKE",
-    "Conversation",
-    "Divergence",
-    "Kind",
-    "Recording",
-    "ReplayError",
-    "ReplayFailed",
-    "Replayer",
-    "Report",
-    "Side",
-    "Step",
-    "Transport",
-    "benign",
-    "load_conversation",
-    "replay_listen",
-    "replay_to",
-]
 
 Transport = Literal["v1", "v2"]
 """What the replayer speaks when it dials (``--transport``); listening, it takes either."""

@@ -46,25 +46,6 @@ from msgcap.parser.chain import (
 from msgcap.parser.structures import MSG_WITNESS_FLAG, BlockHeader, InvType
 from msgcap.parser.wire import display_hash
 
-__all__ = [
-    "ANSWERS",
-    "ANSWER_TYPES",
-    "BLOCK_TYPES",
-    "BY_PAYLOAD",
-    "HANDSHAKE",
-    "OPTIONAL_REQUESTS",
-    "SIDE_DIRECTION",
-    "Answer",
-    "Content",
-    "Recording",
-    "ReplayError",
-    "Side",
-    "Step",
-    "delivered",
-    "describe",
-    "load_conversation",
-]
-
 Side = Literal["peer", "node"]
 """Which recorded party the replayer plays: the peer said what the node received."""
 

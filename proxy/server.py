@@ -18,10 +18,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from msgcap.capture import bip324, native
-from msgcap.capture.bip324 import V2Error, V2Session, session_id_hex
+from msgcap.capture import native
+from msgcap.capture.bip324 import V2Session, session_id_hex
+from msgcap.capture.bip324_events import V2Error
+from msgcap.capture.bip324_pipe import NATIVE_PIPE
 from msgcap.capture.errors import MsgcapError
-from msgcap.capture.framing import v1_version_prefix
+from msgcap.capture.framing import Message, v1_version_prefix
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import LinkRefused
@@ -53,15 +55,15 @@ from msgcap.proxy.events import (
     V2SessionEvent,
     V2StreamError,
 )
+from msgcap.proxy.flow import DirectionStats
 from msgcap.proxy.listener import Listener, RateLimit, bind, is_exhaustion
 from msgcap.proxy.metrics import Metrics
 from msgcap.proxy.policy import Admission, FirstBytes, Opening, Verdict
-from msgcap.proxy.relay import DirectionStats, Relay, Side
+from msgcap.proxy.relay import Relay, Side
 from msgcap.proxy.store import CaptureStopped, CaptureStore
 from msgcap.proxy.v2 import (
     HandshakeClosed,
     Leg,
-    Message,
     MessageRelay,
     V1Leg,
     V2Leg,
@@ -188,7 +190,7 @@ class Proxy:
         if not self.store.writable and self.config.on_capture_error is CaptureErrorPolicy.STOP:
             await self.stop()
             raise StartupError(f"{self.store.problem} (on_capture_error is 'stop')")
-        if self.config.v2 is V2Policy.DECRYPT and not bip324.NATIVE_PIPE:
+        if self.config.v2 is V2Policy.DECRYPT and not NATIVE_PIPE:
             log.warning("native BIP324 step not in use (not built, or pure Python forced)")
         try:
             for route in self.config.routes:

@@ -13,7 +13,7 @@ are the two kinds of leg (bytes in, messages out, and back), the handshake of on
 of one direction, a plain object like every flow of :mod:`msgcap.proxy.flow`, which
 :class:`MessageRelay` runs on asyncio. Once both legs are v2 and their handshakes are
 over, each direction's ciphers go to the native step
-(:func:`~msgcap.capture.bip324.native_pipe`, ``capture/_v2.c`` where it was built): one
+(:func:`~msgcap.capture.bip324_pipe.native_pipe`, ``capture/_v2.c`` where it was built): one
 call per read decrypts its complete packets, makes their capture records and re-encrypts
 them for the other leg; the capture thread writes the records as they come. A v1 leg, or
 a build without the native step (``MSGCAP_PURE_PYTHON=1``), keeps the Python path.
@@ -24,17 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from msgcap.capture.bip324 import (
+from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324_events import (
     HandshakeComplete,
     UnknownShortId,
     V2Error,
     V2Message,
-    V2Session,
     VersionPacket,
-    native_pipe,
-    pipe_dropped,
-    pipe_error,
 )
+from msgcap.capture.bip324_pipe import native_pipe, pipe_dropped, pipe_error
 from msgcap.capture.errors import MsgcapError
 from msgcap.capture.framing import (
     Frame,
@@ -59,9 +57,6 @@ from msgcap.proxy.flow import (
     Shared,
 )
 from msgcap.proxy.relay import Pump, Relay, Side
-
-__all__ = ["HandshakeClosed", "Leg", "Message", "MessageFlow", "MessageRelay", "V1Leg",
-           "V2Leg", "handshake"]  # fmt: skip
 
 Dropped = tuple[FrameProblem, str]
 """A packet or frame Core drops without disconnecting: why, described."""
@@ -201,7 +196,7 @@ async def handshake(conn: Stream, session: V2Session, first: bytes = b"") -> lis
 
 
 class Pipe(Protocol):
-    """What a flow uses of a native pipe (:func:`~msgcap.capture.bip324.native_pipe`'s)."""
+    """What a flow uses of a native pipe (:func:`~msgcap.capture.bip324_pipe.native_pipe`'s)."""
 
     def feed(
         self, data: bytes, t0: int, /

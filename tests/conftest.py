@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import strategies as st
 
-from msgcap.capture.bip324 import V2Error, V2Message, V2Session
+from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324_events import V2Error, V2Message
 from msgcap.capture.conversation import folder_conversation
-from msgcap.capture.framing import Network, encode_frame
+from msgcap.capture.framing import Message, Network, encode_frame
 from msgcap.parser.messages import BlockMsg, GetData, GetHeaders
 from msgcap.parser.structures import (
     MSG_WITNESS_FLAG,
@@ -38,7 +39,7 @@ from msgcap.parser.wire import Reader
 from msgcap.proxy.config import config_from_dict
 from msgcap.proxy.replay import StreamIO
 from msgcap.proxy.server import Proxy
-from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+from msgcap.proxy.v2 import Leg, V1Leg, V2Leg, handshake
 from tests import bitcoind
 from tests.vectors import VECTORS
 

@@ -22,31 +22,35 @@ from verystable.core.v2_p2p import (  # type: ignore[import-untyped]
 )
 
 from msgcap.capture.bip324 import (
-    CORE_EMPTY_TYPE_IDS,
-    MAX_CONTENTS_LEN,
     MAX_GARBAGE_LEN,
-    NEED_DATA,
     V1_PREFIX_LEN,
-    V2_MESSAGE_IDS,
-    V2_SHORT_IDS,
-    Event,
-    HandshakeComplete,
-    PacketCipher,
-    UnknownShortId,
-    V2Error,
-    V2ErrorReason,
-    V2Message,
     V2Session,
-    VersionPacket,
     classify_prefix,
-    derive_keys,
-    ecdh_secret,
-    ellswift_create,
-    ellswift_decode,
     looks_like_v1,
     session_id_hex,
     v1_prefix,
 )
+from msgcap.capture.bip324_cipher import (
+    PacketCipher,
+    derive_keys,
+    ecdh_secret,
+    ellswift_create,
+    ellswift_decode,
+)
+from msgcap.capture.bip324_events import (
+    CORE_EMPTY_TYPE_IDS,
+    MAX_CONTENTS_LEN,
+    V2_MESSAGE_IDS,
+    V2_SHORT_IDS,
+    Event,
+    HandshakeComplete,
+    UnknownShortId,
+    V2Error,
+    V2ErrorReason,
+    V2Message,
+    VersionPacket,
+)
+from msgcap.capture.framing import NEED_DATA
 
 DATA = Path(__file__).parent / "data" / "bip324"  # copied from BIP324's repository
 MAINNET = bytes.fromhex("f9beb4d9")

@@ -15,19 +15,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from msgcap.capture import bip324
-from msgcap.capture.bip324 import (
+from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324_cipher import PacketCipher, derive_keys, ecdh_secret
+from msgcap.capture.bip324_events import (
     V2_SHORT_IDS,
-    PacketCipher,
     UnknownShortId,
     V2Error,
+    V2ErrorReason,
     V2Message,
-    V2Session,
-    derive_keys,
-    ecdh_secret,
-    pipe_dropped,
-    pipe_error,
 )
+from msgcap.capture.bip324_pipe import native_pipe, pipe_dropped, pipe_error
 from msgcap.capture.records import record_header
 from tests.conftest import (
     EchoPeer,
@@ -198,7 +195,7 @@ def python_path(
 def native_path(
     responder: V2Session, initiator: V2Session, chunks: list[bytes]
 ) -> tuple[list[bytes], list[bytes], list[str], V2Error | None, int]:
-    pipe = bip324.native_pipe(responder, initiator, Pipe)
+    pipe = native_pipe(responder, initiator, Pipe)
     assert pipe is not None
     records, outs, dropped = [], [], []
     for n, chunk in enumerate(chunks):
@@ -274,7 +271,7 @@ def test_native_equals_python(
 
 def test_oversize_and_incomplete() -> None:
     client, responder, initiator, _ = sessions(7)
-    pipe = bip324.native_pipe(responder, initiator, Pipe)
+    pipe = native_pipe(responder, initiator, Pipe)
     assert pipe is not None
     big = client.encrypt_message("block", bytes(4_000_000))
     for i in range(0, len(big) - 1, 65536):
@@ -291,7 +288,7 @@ def test_oversize_and_incomplete() -> None:
     over = client.encrypt_contents(b"\0" + b"foo".ljust(12, b"\0") + bytes(4_000_001))
     count, _, _, _, error = pipe.feed(over[:3], 10)
     assert count == 0 and error is not None
-    assert pipe_error(error).reason is bip324.V2ErrorReason.OVERSIZE
+    assert pipe_error(error).reason is V2ErrorReason.OVERSIZE
     assert pipe.feed(b"more", 11) == (0, b"", b"", None, None)
 
 

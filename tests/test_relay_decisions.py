@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from msgcap.capture import bip324
-from msgcap.capture.bip324 import V2Message, V2Session
+from msgcap.capture import bip324_pipe
+from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324_events import V2Message
 from msgcap.capture.framing import FrameProblem, encode_frame
 from msgcap.capture.records import Direction, record_messages
 from msgcap.proxy.budget import FREE, FrameBudget, Waiter
@@ -495,10 +496,10 @@ def test_v1_leg_frames_messages_and_drops_what_core_drops() -> None:
 
 
 def test_native_pipe_comes_from_the_capture_layers_loader() -> None:
-    """proxy/v2.py takes the native step from capture/bip324.py, not by module name."""
+    """proxy/v2.py takes the native step from capture/bip324_pipe.py, not by module name."""
     import inspect
 
     import msgcap.proxy.v2 as v2
 
-    assert v2.native_pipe is bip324.native_pipe
+    assert v2.native_pipe is bip324_pipe.native_pipe
     assert "capture._v2" not in inspect.getsource(v2)

@@ -19,7 +19,7 @@ from msgcap.capture.framing import Frame, FrameDecoder, encode_frame, hash256
 from msgcap.capture.records import Record, encode_record, read_records
 from msgcap.parser.messages import GetData, Inv
 from msgcap.parser.structures import MSG_WITNESS_FLAG, Inventory, InvType
-from msgcap.proxy.replay import Report
+from msgcap.proxy.replay_conversation import Report
 from tests.bcoin import BcoinNode, require_bcoin, wait_listening
 from tests.bitcoind import Recording
 from tests.conftest import MAGIC, VERSION_PAYLOAD, ProxyProcess, free_port, wait_until
@@ -216,7 +216,8 @@ def test_version_is_refreshed_unless_verbatim(tmp_path: Path) -> None:
 
             server = await asyncio.start_server(handle, "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
-            from msgcap.proxy.replay import load_conversation, replay_to
+            from msgcap.proxy.replay import replay_to
+            from msgcap.proxy.replay_plan import load_conversation
 
             await replay_to(load_conversation([folder]), "127.0.0.1", port, magic=MAGIC,
                             verbatim=verbatim, timeout=0.5)  # fmt: skip

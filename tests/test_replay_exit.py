@@ -32,11 +32,11 @@ import pytest
 
 import msgcap.proxy.replay as replay_mod
 from msgcap.capture.bip324 import V2Session
-from msgcap.capture.framing import v1_version_prefix
+from msgcap.capture.framing import Message, v1_version_prefix
 from msgcap.capture.records import encode_record
 from msgcap.cli import main
 from msgcap.parser.messages import Headers
-from msgcap.proxy.v2 import Leg, Message, V1Leg, V2Leg, handshake
+from msgcap.proxy.v2 import Leg, V1Leg, V2Leg, handshake
 from tests.conftest import (
     GENESIS,
     MAGIC,
