@@ -2,7 +2,8 @@
 in), loaded with ``msgcap.capture.native.load("msgcap.capture._capture")``; each function
 and the type ``Pipe`` have a Python twin.
 
-``write_checked``: checksum checks and capture writes without the GIL. A write that fails
+``write_checked``: checksum checks and capture writes without the GIL (twin:
+capture/batch.py's ``python_write_checked``). A write that fails
 part way (a full disk) is cut off again before OSError is raised: the file still ends on
 a whole record. ``scan``, ``plan``, ``tally``: walks over whole capture records
 (capture/records.py's ``python_scan``, capture/conversation.py's ``python_plan`` and
@@ -10,26 +11,18 @@ a whole record. ``scan``, ``plan``, ``tally``: walks over whole capture records
 ``V2Session``).
 """
 
+from msgcap.capture.batch import WriteChecked
 from msgcap.capture.bip324_cipher import CipherState
+from msgcap.capture.conversation import Plan, TallyPlan
+from msgcap.capture.records import Scan
 
 MAX_RECORD_PAYLOAD: int
 
-def write_checked(
-    fd: int, frames: list[tuple[bytes, tuple[bytes | memoryview, ...], bytes]], /
-) -> list[bool]: ...
-def scan(data: bytes, pos: int, limit: int, last: int, /) -> tuple[int, int | None, int]: ...
-def plan(
-    chunks: list[bytes], positions: list[int], times: list[int], /
-) -> tuple[bytes, list[int], list[int | None], int]: ...
-def tally(
-    counts: list[dict[bytes, tuple[int, int]]],
-    chunks: list[bytes],
-    plan: bytes,
-    since: int,
-    until: int,
-    types: tuple[bytes, ...] | None,
-    /,
-) -> None: ...
+# Each has its Python twin's type (the twins document the arguments and results).
+write_checked: WriteChecked
+scan: Scan
+plan: Plan
+tally: TallyPlan
 
 class Pipe:
     """BIP324 under ``decrypt``, a whole read per call: decrypt the complete packets, make

@@ -32,11 +32,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_records.h" /* the capture record's layout and Core's payload limit */
+
 #define REKEY_INTERVAL 224
 #define LENGTH_LEN 3
 #define TAG_LEN 16
-#define MAX_CONTENTS_LEN (1 + 12 + 4000000)
-#define RECORD_HEADER 24
+#define MAX_CONTENTS_LEN (1 + MSGTYPE_SIZE + MAX_RECORD_PAYLOAD)
 #define KS_LEN (LENGTH_LEN * REKEY_INTERVAL + 32)
 #define ERR_OVERSIZE 1
 #define ERR_BAD_TAG 2
@@ -238,7 +239,7 @@ static void process(Pipe *self, const packet_t *packets, size_t np, unsigned lon
         const packet_t *p = &packets[i];
         unsigned char head[2];
         unsigned char *rec = records + r->records_len;
-        unsigned char *payload = rec + RECORD_HEADER;
+        unsigned char *payload = rec + RECORD_HEADER_SIZE;
         /* Header and short id (or the long type's 0) to head, the rest straight to where
          * the record wants the payload (a long type is moved out of the way below). */
         size_t split = p->rlen >= 1 ? 2 : 1;
@@ -311,7 +312,7 @@ static void process(Pipe *self, const packet_t *packets, size_t np, unsigned lon
             return;
         }
         r->out_len += LENGTH_LEN + plen + n + TAG_LEN;
-        r->records_len += RECORD_HEADER + n;
+        r->records_len += RECORD_HEADER_SIZE + n;
         r->count++;
     }
 }
@@ -418,7 +419,7 @@ static PyObject *Pipe_feed(Pipe *self, PyObject *args)
                 if (!add_packet(&packets, &np, &cap, self->pending + LENGTH_LEN,
                                 (uint32_t)self->rlen, self->offset))
                     goto fail;
-                rec_bound += RECORD_HEADER + (size_t)self->rlen;
+                rec_bound += RECORD_HEADER_SIZE + (size_t)self->rlen;
                 out_bound += (size_t)self->rlen + 32;
                 pending_done = 1;
                 if (!len_advance(self->stream, &self->recv_len)) {
@@ -446,7 +447,7 @@ static PyObject *Pipe_feed(Pipe *self, PyObject *args)
             break;
         if (!add_packet(&packets, &np, &cap, in + pos + LENGTH_LEN, rl, base + pos))
             goto fail;
-        rec_bound += RECORD_HEADER + rl;
+        rec_bound += RECORD_HEADER_SIZE + rl;
         out_bound += (size_t)rl + 32;
         pos += size;
         if (!len_advance(self->stream, &self->recv_len)) {

@@ -474,16 +474,14 @@ class V2Session:
                 return
             buf = self._flatten()
             if state is _State.MAYBE_V1:
-                prefix = v1_prefix(self.magic)
-                head = buf[:V1_PREFIX_LEN]
-                if head != prefix[: len(head)]:
-                    self._state = _State.KEY
-                    self._outgoing.append(self.ellswift + self.garbage)
-                elif len(head) == V1_PREFIX_LEN:
+                transport = classify_prefix(buf, self.magic)
+                if transport is None:
+                    return
+                if transport == "v1":
                     self._fail(V2ErrorReason.V1_PEER, "peer sent a v1 version header", 0)
                     return
-                else:
-                    return
+                self._state = _State.KEY
+                self._outgoing.append(self.ellswift + self.garbage)
             elif state is _State.KEY:
                 if not self._process_key(buf):
                     return

@@ -3,8 +3,7 @@
 The vocabulary of :mod:`msgcap.capture.bip324` (whose :class:`~msgcap.capture.bip324.V2Session`
 makes these), kept apart so that the packet cipher (:mod:`msgcap.capture.bip324_cipher`)
 and the native pipe's glue (:mod:`msgcap.capture.bip324_pipe`) can raise and describe the
-same things without the session. Its events, errors and tables are re-exported by
-``bip324``.
+same things without the session.
 """
 
 from __future__ import annotations

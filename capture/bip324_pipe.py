@@ -6,7 +6,7 @@ for a whole read at once by the type ``Pipe`` of the capture layer's native modu
 (``msgcap.capture._capture``; its source is ``capture/_v2.c``: OpenSSL's ChaCha20 and
 ChaCha20-Poly1305), loaded with :func:`msgcap.capture.native.load`. This module gives it
 the two sessions' ciphers (:func:`native_pipe`) and words what it reports as the Python
-path does (:func:`pipe_error`, :func:`pipe_dropped`). Re-exported by ``bip324``.
+path does (:func:`pipe_error`, :func:`pipe_dropped`).
 """
 
 from __future__ import annotations

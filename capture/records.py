@@ -210,10 +210,7 @@ class RecordChunks:
 
     def whole_end(self) -> int:
         """Where the whole records from ``pos`` in ``data`` end."""
-        end, later, _ = scan(self.data, self.pos, MAX_TIME, 0)
-        while later is not None:  # stopped where time went back: walk on
-            end, later, _ = scan(self.data, end, MAX_TIME, 0)
-        return end
+        return whole_end(self.data, self.pos)
 
     def _stop(self, damage: Damage | None) -> bool:
         self.damage = damage
@@ -255,6 +252,15 @@ NATIVE: Final = _native is not None
 
 scan: Final[Scan] = python_scan if _native is None else _native.scan
 """See :func:`python_scan` (called with all four arguments)."""
+
+
+def whole_end(data: bytes | memoryview, pos: int) -> int:
+    """Where the whole records from ``pos`` in ``data`` (a chunk or a window of a
+    memory-mapped file) end, whatever their times."""
+    end, later, _ = scan(data, pos, MAX_TIME, 0)  # type: ignore[arg-type]
+    while later is not None:  # stopped where time went back: walk on
+        end, later, _ = scan(data, end, MAX_TIME, 0)  # type: ignore[arg-type]
+    return end
 
 
 def walk_records(data: bytes, start: int, end: int, base: int = 0) -> Iterator[Record]:

@@ -255,7 +255,6 @@ the node has made the requests the recording shows it made before it. Blocks,
 transactions and headers are in {data_name} beside this file.
 """
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -269,11 +268,6 @@ from test_framework.util import assert_equal
 
 DATA_FILE = Path(__file__).with_name("{data_name}")
 MAX_HEADERS = 2000
-
-
-def hash256_hex(data):
-    """A hash as RPC prints it (and as the framework's integer hashes read in hex)."""
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()[::-1].hex()
 
 
 def getheaders(locator, stop=0):

@@ -4,7 +4,9 @@ Every class is a frozen, slotted dataclass with ``read(Reader)`` (decode from a 
 ``encode()`` (the exact wire bytes) and ``json(hx)`` (the object as Core's
 message-capture-parser renders it: the field names and order of Core's test framework
 classes, with hashes rendered by ``hx``). Field names are ours, in snake_case; the
-docstrings give Core's name where it differs.
+docstrings give Core's name where it differs. A transaction's parts (outpoint, input,
+output) are cut out by :meth:`Transaction.read`, where the one transaction walk marks
+them, so they have no ``read`` of their own.
 """
 
 from __future__ import annotations
@@ -271,11 +273,6 @@ class TxIn:
     sequence: int
     """nSequence"""
 
-    @classmethod
-    def read(cls, r: Reader) -> TxIn:
-        prevout = OutPoint(r.hash(), r.u32())
-        return cls(prevout, r.var_bytes(), r.u32())
-
     def encode(self) -> bytes:
         return b"".join(
             (
@@ -302,10 +299,6 @@ class TxOut:
     """nValue (satoshis)"""
     script_pubkey: bytes
     """scriptPubKey"""
-
-    @classmethod
-    def read(cls, r: Reader) -> TxOut:
-        return cls(r.i64(), r.var_bytes())
 
     def encode(self) -> bytes:
         return wire.i64(self.value) + wire.var_bytes(self.script_pubkey)

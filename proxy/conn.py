@@ -1,7 +1,7 @@
 """One TCP connection of the proxy, on asyncio's transports and protocols.
 
 While a connection is being set up (SOCKS5 negotiation, the first bytes) it is read with
-awaitable :meth:`Conn.read` and :meth:`Conn.readexactly`. Once relaying, every received
+awaitable :meth:`Conn.read`. Once relaying, every received
 chunk goes straight to a :class:`Sink`, without the buffering and the two copies per
 chunk of asyncio streams: on loopback that halves the event loop's work per byte.
 
@@ -102,16 +102,6 @@ class Conn(asyncio.Protocol):
         if len(self._buffer) <= SETUP_BUFFER:
             self.release("setup buffer")
         return out
-
-    async def readexactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; raises asyncio.IncompleteReadError at end of stream."""
-        while len(self._buffer) < n:
-            if self._eof or self._lost:
-                partial = bytes(self._buffer)
-                self._buffer.clear()
-                raise asyncio.IncompleteReadError(partial, n)
-            await self._wait_readable()
-        return await self.read(n)
 
     async def _wait_readable(self) -> None:
         self._readable = asyncio.get_running_loop().create_future()

@@ -48,7 +48,7 @@ from msgcap.capture.framing import hash256
 from msgcap.parser import messages as m
 from msgcap.parser.chain import BLOCK_TYPES, HANDSHAKE, try_decode
 from msgcap.parser.structures import AddressV1, AddressV2
-from msgcap.parser.wire import DecodeError, display_hash
+from msgcap.parser.wire import display_hash
 from msgcap.proxy.replay import Transport, replay_to
 from msgcap.proxy.replay_conversation import Kind, Report, findings, findings_json, listed
 from msgcap.proxy.replay_plan import ANSWERS, Side, Step
@@ -158,9 +158,8 @@ def _short(payload: bytes) -> str:
 
 def _items(msgtype: str, payload: bytes, ends: dict[tuple[str, int], str]) -> list[str]:
     """A message as normalised items."""
-    try:
-        msg = m.decode_message(msgtype, payload)
-    except DecodeError:
+    msg = try_decode(msgtype, payload)
+    if msg is None:
         return [f"undecodable {_short(payload)}"]
     if isinstance(msg, m.Inv | m.GetData | m.NotFound):
         return [i.describe() for i in msg.inv] or ["empty"]
@@ -200,9 +199,8 @@ def behaviour(report: Report) -> Behaviour:
         ends[report.remote] = "node"
     for msgtype, payload, after_verack in report.live:
         if msgtype == "version" and out.version is None:
-            try:
-                v = m.decode_message("version", payload)
-            except DecodeError:
+            v = try_decode("version", payload)
+            if v is None:
                 out.version = {"undecodable": _short(payload)}
                 continue
             assert isinstance(v, m.Version)

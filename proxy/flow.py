@@ -31,11 +31,12 @@ its :class:`~msgcap.proxy.budget.Waiter` (whose callbacks the asyncio layer give
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, Message, UncheckedFrame
+from msgcap.capture.framing import HEADER_SIZE, FrameDecoder, FrameProblem, Message, UncheckedFrame
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import Clock
 from msgcap.proxy.budget import FrameBudget, Waiter
@@ -55,16 +56,18 @@ class DirectionStats:
 
 
 # --- commands -------------------------------------------------------------------------
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
+# and the relay makes a command or two per chunk read.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
     """Write these bytes to ``dst``."""
 
     data: Data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CaptureFrames:
     """In the capture thread: check v1 frames as Core would, capture the valid ones (the
     i-th stamped ``t0 + i``), count them and log the invalid ones."""
@@ -75,7 +78,7 @@ class CaptureFrames:
     """Their frames' total size (what the capture thread's queue counts)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CaptureMessages:
     """In the capture thread: capture messages that need no check (decrypted BIP324
     messages, or frames already checked), the i-th stamped ``t0 + i``."""
@@ -85,7 +88,7 @@ class CaptureMessages:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CaptureRecords:
     """In the capture thread: append ``count`` capture records a native BIP324 pipe
     made (the i-th stamped ``t0 + i``)."""
@@ -95,19 +98,19 @@ class CaptureRecords:
     t0: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hold:
     """Read no more from ``src`` (a fatal stream error: nothing after it is relayed)."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PassEof:
     """Half-close: pass the end of ``src``'s stream on to ``dst``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class End:
     """A command that ends the relay, for ``reason`` (the ``close`` event's); a flow
     answers nothing after one."""
@@ -133,7 +136,7 @@ class Finish(End):
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Log:
     """Write ``event`` to the event log."""
 
@@ -174,12 +177,13 @@ class Shared:
 Deferred = Callable[[], list[Command]]
 
 
-class Flow:
-    """One direction's decisions; subclasses say what :meth:`data` does with the bytes."""
+class Flow(ABC):
+    """One direction's decisions; subclasses say what :meth:`data` does with the bytes
+    and what they buffer (:attr:`incomplete`, :meth:`discard`)."""
 
     __slots__ = ("_deferred", "_end", "_marks", "completed", "done", "ended", "halted",
                  "held", "last_activity", "origin", "sent", "shared", "sibling", "stats",
-                 "submitted", "waiter")  # fmt: skip
+                 "waiter")  # fmt: skip
 
     def __init__(
         self, origin: Origin, shared: Shared, waiter: Waiter | None = None, now: float = 0.0
@@ -206,17 +210,16 @@ class Flow:
         """Stream offset of the end of :attr:`held`."""
         self._marks: deque[int] = deque()
         """For each capture not yet reported, the offset up to which it lets bytes go."""
-        self.submitted = 0
-        """Captures asked for that will be reported (strict relay only)."""
         self.completed = 0
+        """Captures reported written (strict relay only)."""
         self._deferred: deque[tuple[int, Deferred]] = deque()
         """Actions waiting for every capture asked for before them."""
 
     # --- events -------------------------------------------------------------------------
 
+    @abstractmethod
     def data(self, data: bytes, now: float) -> list[Command]:
         """``data`` was received from ``src`` (at monotonic time ``now``)."""
-        raise NotImplementedError
 
     def eof(self) -> list[Command]:
         """``src`` ended its stream: passed on once what came before is captured."""
@@ -254,14 +257,20 @@ class Flow:
         self._deferred.clear()
         self.discard()
 
+    @property
+    def submitted(self) -> int:
+        """Captures asked for that will be reported (strict relay only)."""
+        return self.completed + len(self._marks)
+
     # --- for subclasses -----------------------------------------------------------------
 
     @property
+    @abstractmethod
     def incomplete(self) -> int:
         """Bytes the message being received will hold once complete (see
         :class:`~msgcap.proxy.budget.FrameBudget`)."""
-        return 0
 
+    @abstractmethod
     def discard(self) -> None:
         """Drop what is buffered (the stream is over)."""
 
@@ -276,7 +285,6 @@ class Flow:
         """``command``, which on a strict relay lets the bytes up to stream offset
         ``mark`` go once it is reported done."""
         if self.shared.strict:
-            self.submitted += 1
             self._marks.append(mark)
         return command
 
@@ -310,7 +318,7 @@ class Flow:
     def after_captures(self, action: Deferred) -> list[Command]:
         """``action``'s commands now, or, on a strict relay, once every capture asked for
         so far is written (not at all if the relay ends first)."""
-        if self.completed >= self.submitted:
+        if not self._marks:
             return action()
         self._deferred.append((self.submitted, action))
         return []
@@ -320,6 +328,12 @@ class Flow:
         what came before the error is captured."""
         self.halted = True
         return [Hold("framing error"), *self.after_captures(close)]
+
+    def frame_error(self, reason: FrameProblem, detail: str) -> Log:
+        """Log a ``frame_error`` event (``reason``'s name) for a frame from ``src``."""
+        o = self.origin
+        return Log(FrameError(reason=reason, conn=o.conn, peer=o.peer,
+                              direction=o.direction, detail=detail))  # fmt: skip
 
     def stop(self, command: End) -> list[Command]:
         """A command that ends the relay: nothing more is answered."""
@@ -386,9 +400,7 @@ class ByteFlow(Flow):
                 out.append(Forward(data))
                 self.stats.bytes += len(data)
             return out
-        origin = self.origin
-        out.append(Log(FrameError(reason=fatal.problem, conn=origin.conn, peer=origin.peer,
-                                  direction=origin.direction, detail=str(fatal))))  # fmt: skip
+        out.append(self.frame_error(fatal.problem, str(fatal)))
         if not strict:  # what precedes the error in this chunk, then close
             before = max(0, min(len(data), fatal.offset - start))
             if before:

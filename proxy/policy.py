@@ -20,6 +20,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
+from msgcap.capture.bip324 import V1_PREFIX_LEN, classify_prefix
 from msgcap.proxy.config import V2Policy
 from msgcap.proxy.events import Close, ConnectionLimit, Event, Timeout, V2Downgrade, V2Passthrough
 
@@ -50,14 +51,16 @@ class FirstBytes:
     """Decides on a connection from the initiator's first bytes.
 
     Fed bytes (:meth:`receive_data`) it answers None while they still match the v1
-    ``prefix`` (the network magic and ``version``: 16 bytes) and a :class:`Verdict` once
-    they differ from it or make it whole; the initiator closing (:meth:`receive_eof`) or
-    ``handshake_timeout`` passing (:meth:`timed_out`) close the connection. A reader
+    prefix of the network ``magic`` (the magic and ``version``: 16 bytes) and a
+    :class:`Verdict` once they differ from it or make it whole, as Core's responder
+    decides (:func:`~msgcap.capture.bip324.classify_prefix`); the initiator closing
+    (:meth:`receive_eof`) or ``handshake_timeout`` passing (:meth:`timed_out`) close the
+    connection. A reader
     asking for :attr:`wanted` bytes at a time never reads past the prefix.
     """
 
-    def __init__(self, prefix: bytes, policy: V2Policy, conn: int, peer: str) -> None:
-        self.prefix = prefix
+    def __init__(self, magic: bytes, policy: V2Policy, conn: int, peer: str) -> None:
+        self.magic = magic
         self.policy = policy
         self.conn = conn
         self.peer = peer
@@ -67,18 +70,18 @@ class FirstBytes:
     @property
     def wanted(self) -> int:
         """Bytes still missing for the prefix (0 once decided)."""
-        return 0 if self.result is not None else len(self.prefix) - len(self._buffer)
+        return 0 if self.result is not None else V1_PREFIX_LEN - len(self._buffer)
 
     def receive_data(self, data: bytes) -> Verdict | None:
         if self.result is not None:
             raise ValueError("first bytes fed after the verdict")
         self._buffer += data
-        seen = self._buffer[: len(self.prefix)]
-        if seen == self.prefix:
-            return self._decide(Verdict(Opening.V1, self._buffer))
-        if self.prefix.startswith(seen):
-            return None  # so far, v1
         first = self._buffer
+        transport = classify_prefix(first, self.magic)
+        if transport is None:
+            return None  # so far, v1
+        if transport == "v1":
+            return self._decide(Verdict(Opening.V1, first))
         if self.policy is V2Policy.DOWNGRADE:
             return self._decide(Verdict(Opening.CLOSE, event=V2Downgrade(
                 conn=self.conn, peer=self.peer, first_bytes=first[:16].hex(),

@@ -166,10 +166,6 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
-    def finished(self) -> bool:
-        return self.pair is not None and self.pair.finished
-
-    @property
     def close_reason(self) -> str:
         return "eof" if self.pair is None else self.pair.close_reason
 

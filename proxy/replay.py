@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from msgcap.capture.bip324 import V2Session
+from msgcap.capture.bip324 import V1_PREFIX_LEN, V2Session, classify_prefix
 from msgcap.capture.bip324_events import V2Error
 from msgcap.capture.errors import MsgcapError, describe_exception
-from msgcap.capture.framing import Message, StreamError, v1_version_prefix
+from msgcap.capture.framing import Message, StreamError
 from msgcap.parser import messages as m
 from msgcap.parser.chain import try_decode
 from msgcap.proxy.replay_conversation import Conversation, Divergence, Kind, Report
@@ -383,15 +383,14 @@ async def _accept_transport(
 ) -> tuple[Leg, list[Message], bytes]:
     """Whichever transport the client speaks: v1 when its first 16 bytes are the v1
     ``version`` header (Core's rule), else a BIP324 handshake as responder."""
-    prefix = v1_version_prefix(replayer.magic)
     first = b""
     async with asyncio.timeout(replayer.timeout or None):
-        while len(first) < len(prefix) and prefix.startswith(first):
-            chunk = await reader.read(len(prefix) - len(first))
+        while (transport := classify_prefix(first, replayer.magic)) is None:
+            chunk = await reader.read(V1_PREFIX_LEN - len(first))
             if not chunk:
                 raise ConnectionError("the client closed before it said anything")
             first += chunk
-        if first == prefix:
+        if transport == "v1":
             return V1Leg(replayer.magic), [], first
         session = V2Session(initiator=False, magic=replayer.magic)
         early = await handshake(StreamIO(reader, writer), session, first)

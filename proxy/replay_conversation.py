@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from msgcap.capture.framing import Message
 from msgcap.parser import messages as m
 from msgcap.parser.chain import family, try_decode
+from msgcap.parser.functional_plan import full_block
 from msgcap.parser.structures import (
     MSG_WITNESS_FLAG,
-    Block,
     BlockTransactions,
     Inventory,
     InvType,
@@ -366,11 +366,7 @@ class Conversation:
     def _block_from_cmpct(self, h: bytes) -> bytes | None:
         """A full block from a recorded compact block that prefills every transaction."""
         payload = self.recording.cmpctblocks.get(h)
-        msg = try_decode("cmpctblock", payload) if payload is not None else None
-        if not isinstance(msg, m.CmpctBlock) or msg.header_and_shortids.short_ids:
-            return None
-        cb = msg.header_and_shortids
-        return Block(cb.header, tuple(p.tx for p in cb.prefilled)).encode()
+        return None if payload is None else full_block(payload, ())
 
     def _blocktxn(self, msg: m.GetBlockTxn) -> list[Message] | None:
         rec, req = self.recording, msg.block_txn_request

@@ -23,7 +23,7 @@ from msgcap.capture.bip324 import V2Session, session_id_hex
 from msgcap.capture.bip324_events import V2Error
 from msgcap.capture.bip324_pipe import NATIVE_PIPE
 from msgcap.capture.errors import MsgcapError
-from msgcap.capture.framing import Message, v1_version_prefix
+from msgcap.capture.framing import Message
 from msgcap.capture.layout import peer_folder_name
 from msgcap.capture.records import Direction
 from msgcap.capture.writer import LinkRefused
@@ -178,7 +178,6 @@ class Proxy:
         self.live = LiveView() if config.live else None
         self.worker = CaptureWorker()
         self.budget = FrameBudget(config.limits.frame_buffer_bytes)
-        self.v1_prefix = v1_version_prefix(config.magic)
         self.servers: list[Listener] = []
         self.exhaustion = RateLimit(EXHAUSTION_LOG_INTERVAL)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -491,7 +490,7 @@ class Proxy:
     ) -> Verdict | None:
         """How to relay, from the initiator's first bytes (``received``: those already
         read); None to close the connection (logged)."""
-        decision = FirstBytes(self.v1_prefix, self.config.v2, conn_id, peer)
+        decision = FirstBytes(self.config.magic, self.config.v2, conn_id, peer)
         verdict = decision.receive_data(received)
         try:
             async with asyncio.timeout(self.config.limits.handshake_timeout or None):

@@ -115,7 +115,7 @@ class Negotiation:
     @property
     def wanted(self) -> int:
         """Bytes still missing for the current step (0 once there is an outcome)."""
-        return 0 if self.result is not None else max(self._need - len(self._buffer), 1)
+        return 0 if self.result is not None else self._need - len(self._buffer)
 
     def receive_data(self, data: bytes) -> list[Command]:
         if self.result is not None:

@@ -44,8 +44,9 @@ from msgcap.capture.framing import (
     encode_frame,
 )
 from msgcap.proxy.budget import Waiter
-from msgcap.proxy.events import FrameError, V2Decoys, V2StreamError
+from msgcap.proxy.events import V2Decoys, V2StreamError
 from msgcap.proxy.flow import (
+    Capture,
     CaptureMessages,
     CaptureRecords,
     Close,
@@ -269,7 +270,7 @@ class MessageFlow(Flow):
         out = self.dropped(dropped) if dropped else []
         if messages:
             out += self.messages(messages)
-        if isinstance(src, V2Leg):
+        if not self.decoys_reported and isinstance(src, V2Leg):
             out += self.check_decoys(src.session.decoys_received)
         if fatal is not None:
             out += self.fail(fatal)
@@ -287,11 +288,7 @@ class MessageFlow(Flow):
         if dropped:
             out += self.dropped([(FrameProblem.INVALID_TYPE, d) for _, d in pipe_dropped(dropped)])
         if count:
-            capture = CaptureRecords(records, count, t0)
-            if self.shared.strict:
-                out.append(self.capture(capture, self.hold_back(packets)))
-            else:  # forwarded first: then the capture thread is woken
-                out += (Forward(packets), capture)
+            out += self.send(CaptureRecords(records, count, t0), packets)
         if not self.decoys_reported:
             out += self.check_decoys(self.decoys_before + pipe.decoys)
         if error is not None:
@@ -302,33 +299,32 @@ class MessageFlow(Flow):
         """Capture ``messages`` (from ``src``) and send them on to ``dst``."""
         t0 = self.shared.clock.stamps(len(messages))
         capture = CaptureMessages(messages, t0, sum(len(p) for _, p in messages))
-        encoded = self.dst_leg.encode(messages)
+        return self.send(capture, self.dst_leg.encode(messages))
+
+    def send(self, capture: Capture, encoded: bytes | bytearray) -> list[Command]:
+        """``capture`` and the bytes that carry its messages to ``dst`` (under ``stop``:
+        held until that capture is written; otherwise forwarded first, then the capture
+        thread is woken)."""
         if self.shared.strict:
             return [self.capture(capture, self.hold_back(encoded))]
-        return [capture, Forward(encoded)]
+        return [Forward(encoded), capture]
 
     def fail(self, error: Exception) -> list[Command]:
         """A fatal stream error: log it, read no more, and close once what came before
         it is captured."""
-        origin = self.origin
-        event: FrameError | V2StreamError
         if isinstance(error, StreamError):
-            event = FrameError(reason=error.problem, conn=origin.conn, peer=origin.peer,
-                               direction=origin.direction, detail=str(error))  # fmt: skip
+            log = self.frame_error(error.problem, str(error))
         else:
+            o = self.origin
             reason = error.reason.value if isinstance(error, V2Error) else type(error).__name__
-            event = V2StreamError(conn=origin.conn, peer=origin.peer,
-                                  direction=origin.direction, reason=reason,
-                                  detail=str(error))  # fmt: skip
-        return [Log(event), *self.halt(lambda: self.stop(Close("framing error")))]
+            log = Log(V2StreamError(conn=o.conn, peer=o.peer, direction=o.direction,
+                                    reason=reason, detail=str(error)))  # fmt: skip
+        return [log, *self.halt(lambda: self.stop(Close("framing error")))]
 
     def dropped(self, dropped: list[Dropped]) -> list[Command]:
         """Packets or frames Core drops without disconnecting: counted and logged."""
         self.stats.invalid += len(dropped)
-        o = self.origin
-        return [Log(FrameError(reason=problem, conn=o.conn, peer=o.peer,
-                               direction=o.direction, detail=detail))
-                for problem, detail in dropped]  # fmt: skip
+        return [self.frame_error(problem, detail) for problem, detail in dropped]
 
     def check_decoys(self, count: int) -> list[Command]:
         if self.decoys_reported or count < DECOY_WARNING:

@@ -153,7 +153,7 @@ def test_socks_reply_for_a_failed_connect(error: BaseException, code: Reply) -> 
 
 
 def first_bytes(policy: V2Policy = V2Policy.DECRYPT) -> FirstBytes:
-    return FirstBytes(PREFIX, policy, 7, "peer")
+    return FirstBytes(MAGIC, policy, 7, "peer")
 
 
 @pytest.mark.parametrize("policy", list(V2Policy))

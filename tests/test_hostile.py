@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from msgcap.capture.framing import Network, checksum, encode_frame, v1_version_prefix
+from msgcap.capture.framing import Network, checksum, encode_frame
 from msgcap.proxy.config import AllowEntry, HostPort, Socks5, V2Policy
 from msgcap.proxy.policy import FirstBytes, Opening
 from msgcap.proxy.server import Proxy
@@ -154,11 +154,8 @@ FIRST_BYTES_CASES: dict[str, tuple[list[Step], str, str]] = {
 @pytest.mark.parametrize("name", sorted(FIRST_BYTES_CASES))
 def test_first_bytes_case(name: str) -> None:
     script, event, text = FIRST_BYTES_CASES[name]
-    prefix = v1_version_prefix(MAGIC)
     for policy in V2Policy:
-        (verdict,) = play_every_way(
-            functools.partial(FirstBytes, prefix, policy, 1, "peer"), script
-        )
+        (verdict,) = play_every_way(functools.partial(FirstBytes, MAGIC, policy, 1, "peer"), script)
         assert verdict.opening is Opening.CLOSE and verdict.event is not None
         assert verdict.event.name == event
         assert text in json.dumps(verdict.event.fields(), separators=(",", ":"))

@@ -28,12 +28,11 @@ from msgcap.capture.framing import MsgType
 from msgcap.capture.layout import CapturePath
 from msgcap.capture.records import (
     MAX_RECORD_PAYLOAD,
-    MAX_TIME,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     Damage,
     RecordChunks,
-    scan,
+    whole_end,
 )
 from msgcap.capture.report import Warnings
 from msgcap.parser.dataset.decode import INV_ENTRY, INV_MESSAGES, block_row, inv_span, tx_row
@@ -176,10 +175,10 @@ def _mapped(mm: mmap.mmap, pos: int) -> Generator[tuple[Any, int, int, int], Non
     try:
         while pos < n:
             limit = min(pos + WINDOW, n)
-            end = _whole_end(whole[:limit], pos)
+            end = whole_end(whole[:limit], pos)
             if end == pos and limit < n:  # a record longer than the window
                 limit = min(pos + RECORD_HEADER_SIZE + MAX_RECORD_PAYLOAD, n)
-                end = _whole_end(whole[:limit], pos)
+                end = whole_end(whole[:limit], pos)
             if end == pos:
                 break
             window = whole[:end]
@@ -193,15 +192,6 @@ def _mapped(mm: mmap.mmap, pos: int) -> Generator[tuple[Any, int, int, int], Non
     finally:
         whole.release()
     return pos
-
-
-def _whole_end(data: memoryview, pos: int) -> int:
-    """Where the whole records from ``pos`` in ``data`` end (as
-    :meth:`~msgcap.capture.records.RecordChunks.whole_end` says for a chunk)."""
-    end, later, _ = scan(data, pos, MAX_TIME, 0)  # type: ignore[arg-type]
-    while later is not None:  # stopped where time went back: walk on
-        end, later, _ = scan(data, end, MAX_TIME, 0)  # type: ignore[arg-type]
-    return end
 
 
 def _export_file(

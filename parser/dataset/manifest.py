@@ -281,10 +281,8 @@ def resume_offset(path: str, state: FileState, warn: Callable[[str], None]) -> i
     found is said through ``warn``."""
     st = os.stat(path)
     with open(path, "rb") as f:
-        n = min(state.offset, FINGERPRINT_BYTES)
-        head_ok = st.st_size >= n and fingerprint(f, n)[0] == state.head_sha256
         if st.st_size >= state.offset:
-            if head_ok and fingerprint(f, state.offset)[1] == state.tail_sha256:
+            if fingerprint(f, state.offset) == (state.head_sha256, state.tail_sha256):
                 return state.offset
             warn(
                 f"{path}: replaced since the last export (its bytes before offset "
@@ -292,6 +290,8 @@ def resume_offset(path: str, state: FileState, warn: Callable[[str], None]) -> i
                 "from the earlier file stay in the dataset"
             )
             return 0
+        n = min(state.offset, FINGERPRINT_BYTES)
+        head_ok = st.st_size >= n and fingerprint(f, n)[0] == state.head_sha256
         first = bytes.fromhex(state.first_header)
         f.seek(0)
         if (st.st_size >= n and not head_ok) or f.read(len(first)) != first:
